@@ -1,0 +1,9 @@
+"""fastlm: train a GPT-style language model from scratch, with fused kernels.
+
+The public surface:
+  fastlm.ops        cross_entropy, linear_cross_entropy, causal_attention, available_backends
+  fastlm.optim      AdamW
+  fastlm.model      GPT, GPTConfig
+  python -m fastlm.train / fastlm.sample / fastlm.prepare / fastlm.bench
+"""
+__version__ = "0.1.0"
