@@ -30,6 +30,8 @@ def _current_source_hash():
 @functools.lru_cache(maxsize=None)
 def _load():
     """Return (module or None, reason it is unusable or None)."""
+    import torch  # noqa: F401  (fastlm._C links against libtorch, which must load first)
+
     try:
         from fastlm import _C  # noqa: F401  (importing registers torch.ops.fastlm.*)
     except ImportError as exc:
