@@ -1,0 +1,143 @@
+"""Causal self-attention: one public function, three backends.
+
+causal_attention(q, k, v) computes softmax(q k^T * scale + causal mask) v per head, with
+grouped-query attention: q has H heads, k and v have H_kv heads, H_kv divides H, and query
+head h reads key/value head h // (H // H_kv).
+
+Backends
+  torch   explicit float math (scores, mask, softmax in fp32 or wider, weighted sum); the oracle.
+  sdpa    torch.nn.functional.scaled_dot_product_attention(is_causal=True).
+  triton  FlashAttention-2 style kernels (fastlm/kernels/attention.py): O(T) memory, the
+          T x T matrix is never stored; forward and backward.
+  auto    triton on CUDA when usable (and D is one it supports), sdpa otherwise.
+There is no compiled C++/CUDA attention: "cpp" and "cuda" report why.
+"""
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from fastlm.ops._common import check_same_device, check_tensor, resolve_backend, triton_unusable_reason
+
+OP = "causal_attention"
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 is accepted by the torch and sdpa paths so tests can build a float64 oracle.
+DTYPES = TRITON_DTYPES + (torch.float64,)
+
+
+def backend_reasons(device):
+    """{backend: None if usable on `device`, else why not} (head size and dtype checked per call)."""
+    device = torch.device(device)
+    return {
+        "torch": None,
+        "sdpa": None,
+        "triton": _triton_reason(device),
+        "cpp": "no compiled C++ attention kernel exists; use sdpa or triton",
+        "cuda": "no compiled CUDA attention kernel exists; use triton (FlashAttention-2 style) or sdpa",
+    }
+
+
+def _triton_reason(device):
+    return "the triton attention kernels are not written yet"
+
+
+def causal_attention(q, k, v, *, scale=None, backend="auto"):
+    """Causal (GQA-capable) scaled dot-product attention.
+
+    q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0; same dtype (fp16, bf16, fp32;
+    fp64 on the torch/sdpa backends) and device. scale defaults to 1/sqrt(D).
+    Returns (B, H, T, D) in q's dtype. Differentiable in q, k and v on every backend.
+    """
+    scale = _check_inputs(q, k, v, scale)
+    name = _pick_backend(q, backend)
+    if name == "torch":
+        return attention_reference(q, k, v, scale)
+    if name == "sdpa":
+        return _sdpa(q, k, v, scale)
+    return _triton(q, k, v, scale)
+
+
+def _check_inputs(q, k, v, scale):
+    """Validate shapes/dtypes/devices; return the scale to use."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(OP, name, t, ndims=(4,), dtypes=DTYPES)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{OP}: q, k and v must share one dtype, got q {_dt(q)}, k {_dt(k)}, v {_dt(v)}")
+    check_same_device(OP, q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"{OP}: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    if (Bk, Tk, Dk) != (B, T, D):
+        raise ValueError(f"{OP}: k/v must be (B, H_kv, T, D) = ({B}, H_kv, {T}, {D}) to match q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{OP}: the number of q heads ({H}) must be a multiple of the number of "
+                         f"k/v heads ({Hkv}); q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if T == 0 or D == 0:
+        raise ValueError(f"{OP}: T and D must be >= 1, got q {tuple(q.shape)}")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"{OP}: scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _dt(t):
+    return str(t.dtype).replace("torch.", "")
+
+
+def _pick_backend(q, backend):
+    device = q.device
+    reasons = backend_reasons(device)
+    D = q.shape[-1]
+    if reasons["triton"] is None and D not in TRITON_HEAD_DIMS:
+        reasons["triton"] = f"head size D={D} is not one of {TRITON_HEAD_DIMS}"
+    if reasons["triton"] is None and q.dtype not in TRITON_DTYPES:
+        reasons["triton"] = f"dtype {_dt(q)} is not one of fp16, bf16, fp32"
+    preference = ("triton", "sdpa") if device.type == "cuda" else ("sdpa",)
+    if backend == "triton" and reasons["triton"] is not None and reasons["triton"].startswith(("head size", "dtype")):
+        # A bad input, not a missing backend: say so with the shape, as every other check does.
+        raise ValueError(f"{OP}: backend 'triton' supports D in {TRITON_HEAD_DIMS} and dtypes fp16/bf16/fp32, "
+                         f"got q {tuple(q.shape)} {_dt(q)}")
+    return resolve_backend(OP, backend, device, reasons, preference)
+
+
+def attention_reference(q, k, v, scale):
+    """Explicit math: scores = q k^T * scale, causal mask, softmax in fp32 (fp64 for fp64), @ v.
+
+    Runs with autocast off so the softmax really is fp32 under mixed precision; the result is
+    cast back to q's dtype. Materialises the (B, H, T, T) scores: a reference, not a fast path.
+    """
+    group = q.shape[1] // k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(q.device.type, enabled=False):
+        qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
+        if group > 1:
+            kf = kf.repeat_interleave(group, dim=1)
+            vf = vf.repeat_interleave(group, dim=1)
+        scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
+        T = q.shape[2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, vf)
+    return out.to(q.dtype)
+
+
+def _sdpa(q, k, v, scale):
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    try:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    except (RuntimeError, TypeError):
+        # Kernels without GQA support: repeat k/v per group (autograd sums dk/dv back).
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1),
+                                              v.repeat_interleave(group, dim=1), is_causal=True, scale=scale)
+
+
+def _triton(q, k, v, scale):
+    raise NotImplementedError("the triton attention backend is not written yet")
