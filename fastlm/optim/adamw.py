@@ -1,0 +1,350 @@
+"""AdamW with decoupled weight decay, global-norm clipping and GradScaler support fused in.
+
+A drop-in for torch.optim.AdamW: the same update, param groups, and state dict layout (per
+parameter: `step` as a float32 scalar tensor, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` with
+amsgrad), so each optimizer loads the other's state dict. Extras over torch:
+
+- `max_grad_norm`: the global L2 norm of all gradients is computed once and the clip factor
+  min(1, max_grad_norm / (norm + 1e-6)) is applied inside the update, so the gradients are
+  never rewritten. step() returns the pre-clip norm.
+- `master_weights=True`: bf16/fp16 parameters get an fp32 copy (state key `master_param`,
+  which torch ignores) that receives the update, so small updates are not lost to rounding.
+- Moments are always fp32, whatever the parameter dtype.
+- GradScaler: `scaler.step(opt)` hands the scale and the inf flag to the optimizer, which
+  unscales inside the kernel and skips the whole step (step counts included) on inf.
+
+The math lives in one function per backend, side by side:
+  adamw_torch  plain PyTorch loop over parameters, the reference
+  adamw_cpp    torch.ops.fastlm.adamw_step_ on CPU (csrc/adamw_cpu.cpp)
+  adamw_cuda   torch.ops.fastlm.adamw_step_ on CUDA, multi-tensor apply (csrc/adamw_cuda.cu)
+"""
+import math
+
+import torch
+
+from fastlm.ops._common import (FLOAT_DTYPES, BackendUnavailable, check_same_device,
+                                extension_op_unusable_reason, resolve_backend)
+
+OP = "AdamW"
+CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+MASTER_KEY = "master_param"
+_BACKEND_PREFERENCE = ("cuda", "cpp")
+
+
+def backend_reasons(device):
+    """{backend: None if usable for parameters on `device`, else why not}."""
+    device = torch.device(device)
+    return {
+        "torch": None,
+        "cpp": extension_op_unusable_reason("adamw_step_", device, ("cpu",)),
+        "cuda": extension_op_unusable_reason("adamw_step_", device, ("cuda",)),
+        "triton": "not offered for adamw",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Global gradient norm
+# --------------------------------------------------------------------------------------------
+
+def grad_norm_torch(grads, grad_scale=None):
+    """Global L2 norm of `grads` (any float dtypes, one device) as an fp32 scalar tensor.
+
+    With grad_scale (a GradScaler's scale), the grads are taken as scaled and the norm of the
+    unscaled grads is returned.
+    """
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+    norm = torch.linalg.vector_norm(norms).float()
+    if grad_scale is not None:
+        norm = norm / grad_scale.to(norm.device).float()
+    return norm
+
+
+def grad_norm_fused(grads, grad_scale=None):
+    """Global L2 norm via torch.ops.fastlm.adamw_grad_norm (deterministic, one read of grads)."""
+    return torch.ops.fastlm.adamw_grad_norm(grads, grad_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The update, one function per backend. All take lists of equal length (max_exp_avg_sqs empty
+# unless amsgrad, master_params empty or one per param), mutate params, moments, master params
+# and steps in place, and return nothing.
+# --------------------------------------------------------------------------------------------
+
+def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+                *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=None):
+    """Reference AdamW step: a readable loop over parameters in PyTorch.
+
+    grad_scale: the scale the grads carry (they are divided by it); found_inf: nonzero skips
+    the step entirely; grad_norm + max_grad_norm: the (unscaled) global norm and the clip
+    threshold, the grads are multiplied by min(1, max_grad_norm / (grad_norm + 1e-6)).
+    """
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    grad_factor = None
+    if max_grad_norm is not None:
+        grad_factor = (max_grad_norm / (grad_norm.double() + CLIP_EPS)).clamp(max=1.0)
+    if grad_scale is not None:
+        inv_scale = 1.0 / grad_scale.double()
+        grad_factor = inv_scale if grad_factor is None else grad_factor * inv_scale
+    for i, param in enumerate(params):
+        grad = grads[i].float()
+        if grad_factor is not None:
+            grad = grad * grad_factor.to(grad.device).float()
+        if maximize:
+            grad = -grad
+        weights = master_params[i] if master_params else param.float()
+        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
+        state_steps[i] += 1
+        step = state_steps[i].item()
+
+        weights.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
+            second_moment = max_exp_avg_sqs[i]
+        else:
+            second_moment = exp_avg_sq
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+        weights.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if master_params or param.dtype != torch.float32:
+            param.copy_(weights)
+
+
+def adamw_cpp(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+              *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+              grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=None):
+    """AdamW step by the C++ kernel: one pass per tensor, parallel over chunks of all tensors."""
+    torch.ops.fastlm.adamw_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+        grad_scale, found_inf, grad_norm, -1.0 if max_grad_norm is None else float(max_grad_norm))
+
+
+def adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+               *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+               grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=None):
+    """AdamW step by the CUDA kernel: multi-tensor apply, a few launches for all tensors.
+
+    Never synchronizes with the host: found_inf, grad_scale and grad_norm are read on the device.
+    """
+    torch.ops.fastlm.adamw_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+        grad_scale, found_inf, grad_norm, -1.0 if max_grad_norm is None else float(max_grad_norm))
+
+
+_STEP_FNS = {"torch": adamw_torch, "cpp": adamw_cpp, "cuda": adamw_cuda}
+_NORM_FNS = {"torch": grad_norm_torch, "cpp": grad_norm_fused, "cuda": grad_norm_fused}
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------------
+
+def _check_hyperparameters(lr, betas, eps, weight_decay, amsgrad, maximize, master_weights, where):
+    if isinstance(lr, torch.Tensor):
+        raise TypeError(f"{OP}: lr{where} must be a Python float, got a tensor")
+    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"{OP}: lr{where} must be a finite float >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{OP}: betas{where} must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) or not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"{OP}: betas[{i}]{where} must be a float in [0, 1), got {beta!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{OP}: eps{where} must be a finite float >= 0, got {eps!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"{OP}: weight_decay{where} must be a finite float >= 0, got {weight_decay!r}")
+    for name, flag in (("amsgrad", amsgrad), ("maximize", maximize), ("master_weights", master_weights)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{OP}: {name}{where} must be a bool, got {type(flag).__name__}")
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW, a drop-in for torch.optim.AdamW with clipping and mixed precision fused in.
+
+    params: an iterable of tensors or of param-group dicts (per-group lr, betas, eps,
+        weight_decay, amsgrad, maximize, master_weights). Parameters are fp32, bf16 or fp16
+        tensors on one device; their grads have the parameter's dtype and shape.
+    max_grad_norm: None, or the threshold for global L2 norm clipping over all groups.
+    master_weights: keep an fp32 copy of bf16/fp16 parameters (no effect on fp32 ones).
+    backend: "auto" (cuda for CUDA parameters, cpp on CPU when fastlm._C is built, else
+        torch), "torch", "cpp" or "cuda". An explicit backend that cannot run raises
+        BackendUnavailable.
+
+    step() returns the pre-clip global grad norm (fp32 scalar tensor, unscaled when a
+    GradScaler is in use) when max_grad_norm is set; otherwise the closure's loss, or None.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, maximize=False, max_grad_norm=None, master_weights=False,
+                 backend="auto"):
+        _check_hyperparameters(lr, betas, eps, weight_decay, amsgrad, maximize, master_weights, "")
+        if max_grad_norm is not None and not (
+                isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"{OP}: max_grad_norm must be None or a finite float > 0, got {max_grad_norm!r}")
+        if backend not in ("auto", "torch", "cpp", "cuda", "triton"):
+            raise ValueError(f"{OP}: unknown backend {backend!r}; choose one of "
+                             "['auto', 'torch', 'cpp', 'cuda', 'triton']")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, master_weights=master_weights)
+        super().__init__(params, defaults)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.backend = backend
+        # GradScaler.step sets self.grad_scale / self.found_inf instead of unscaling the grads.
+        self._step_supports_amp_scaling = True
+        self._check_params()
+        self._backend_for(self._device())
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f" (param group {len(self.param_groups) - 1})"
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                               group["amsgrad"], group["maximize"], group["master_weights"], where)
+        if hasattr(self, "backend"):
+            self._check_params()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # A state dict saved by torch.optim.AdamW has groups without our options.
+        for group in self.param_groups:
+            group.setdefault("master_weights", self.defaults.get("master_weights", False))
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _device(self):
+        params = self._params()
+        return params[0].device if params else torch.device("cpu")
+
+    def _check_params(self):
+        params = self._params()
+        for i, p in enumerate(params):
+            if p.dtype not in FLOAT_DTYPES:
+                names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+                raise TypeError(f"{OP}: parameter {i} must have dtype in ({names}), "
+                                f"got {str(p.dtype).replace('torch.', '')}")
+        if params:
+            check_same_device(OP, **{f"param {i}": p for i, p in enumerate(params)})
+
+    def _backend_for(self, device):
+        backend = self.backend
+        if backend == "triton":
+            raise BackendUnavailable(f"{OP}: backend 'triton' cannot run on {device.type}: not offered for adamw")
+        return resolve_backend(OP, backend, device, backend_reasons(device), _BACKEND_PREFERENCE)
+
+    def _init_state(self, p, group):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if group["master_weights"] and p.dtype != torch.float32 and MASTER_KEY not in state:
+            state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _step_device(p):
+        # The CUDA kernel reads and bumps the step on the device, so it never syncs with the host;
+        # on CPU this is torch's own layout (a CPU float32 scalar).
+        return p.device
+
+    def _group_lists(self, group):
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps = ([] for _ in range(7))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if g.is_sparse:
+                raise TypeError(f"{OP}: sparse gradients are not supported (parameter of shape "
+                                f"{tuple(p.shape)} has a {g.layout} grad)")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise ValueError(f"{OP}: grad must match its parameter, got grad {tuple(g.shape)} "
+                                 f"{str(g.dtype).replace('torch.', '')} for parameter {tuple(p.shape)} "
+                                 f"{str(p.dtype).replace('torch.', '')}")
+            state = self._init_state(p, group)
+            params.append(p)
+            grads.append(g)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            if MASTER_KEY in state:
+                masters.append(state[MASTER_KEY])
+            steps.append(state["step"])
+        if masters and len(masters) != len(params):
+            # Mixed fp32 / low-precision params in one group: give fp32 params a master view of themselves.
+            masters = [self.state[p].get(MASTER_KEY, p) for p in params]
+        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every parameter with a grad.
+
+        Returns the pre-clip global grad norm when max_grad_norm is set, else the closure's
+        loss (None without a closure).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        device = self._device()
+        backend = self._backend_for(device)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+
+        lists = [self._group_lists(group) for group in self.param_groups]
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            all_grads = [g for group_lists in lists for g in group_lists[1]]
+            grad_norm = _NORM_FNS[backend](all_grads, grad_scale)
+            if grad_norm.device != device:
+                grad_norm = grad_norm.to(device)
+        step_fn = _STEP_FNS[backend]
+        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps) in zip(
+                self.param_groups, lists):
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            step_fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps,
+                    lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
+                    maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+                    grad_norm=grad_norm, max_grad_norm=self.max_grad_norm)
+        return grad_norm if self.max_grad_norm is not None else loss
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict saved by this class or by torch.optim.AdamW.
+
+        torch casts every floating state tensor to its parameter's dtype on load; moments and
+        master weights are put back in fp32 here from the saved tensors, losing nothing.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        index_to_param = dict(enumerate(self._params()))
+        for index, saved in saved_state.items():
+            p = index_to_param.get(index)
+            if p is None or p not in self.state:
+                continue
+            state = self.state[p]
+            for key, value in saved.items():
+                if key == "step":
+                    state[key] = torch.as_tensor(value).detach().to(
+                        device=self._step_device(p), dtype=torch.float32).clone()
+                elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                    state[key] = value.detach().to(device=p.device, dtype=torch.float32).clone()
