@@ -1,0 +1,455 @@
+"""Cross-entropy over a vocabulary, and the fused lm_head matmul + cross-entropy.
+
+cross_entropy(logits, targets)            = F.cross_entropy(logits.float(), targets) (+ z-loss)
+linear_cross_entropy(hidden, weight, t)   = cross_entropy(hidden @ weight.T + bias, t),
+                                            without ever holding all N x V logits
+
+Backends:
+  torch   the reference: F.cross_entropy on fp32 logits; linear_cross_entropy in row chunks
+          with the per-chunk gradient written by plain PyTorch (bounded memory on any device).
+  triton  fastlm/kernels/cross_entropy.py: one pass over each row with an online softmax;
+          loss and log-sum-exp in the forward and, when a gradient is needed, the gradient
+          written in the same pass.
+  cpp     csrc/cross_entropy_cpu.cpp: the same single-pass algorithm for CPU tensors
+          (torch.ops.fastlm.cross_entropy_fwd).
+  auto    triton on CUDA, cpp on CPU when the extension has the kernel, else torch.
+
+z_loss (PaLM's auxiliary loss) adds z_loss * lse**2 to the loss of every non-ignored token
+before the reduction: "mean" adds z_loss * mean(lse**2) over non-ignored tokens, "sum" adds
+z_loss * sum(lse**2), "none" adds it per token (0 for ignored tokens).
+
+Memory: with a fused backend and a gradient required, the gradient is written into the logits
+buffer itself when the logits are an autograd intermediate (the usual `lm_head(x)` output), so
+no second N x V buffer exists; their values are gone after the forward. Leaf tensors (ones the
+caller created) are never overwritten: a separate gradient buffer is used. The version counter
+of overwritten logits is bumped so that any other op that saved them fails loudly in backward.
+The fused backward scales that buffer in place, so it can run only once (no retain_graph).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastlm.ops._common import (FLOAT_DTYPES, check_same_device, check_tensor,
+                                extension_op_unusable_reason, resolve_backend,
+                                triton_unusable_reason)
+
+OP = "cross_entropy"
+LINEAR_OP = "linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+CPP_OP_NAME = "cross_entropy_fwd"
+# float64 is accepted so that gradcheck can run on the torch and cpp paths.
+LOGIT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+# Largest vocabulary the fused kernels are tested for (Llama 3 has 128256).
+MAX_FUSED_VOCAB = 262144
+
+
+# --------------------------------------------------------------------------------------------
+# Backends and validation
+# --------------------------------------------------------------------------------------------
+
+def backend_reasons(device, linear=False):
+    """{backend: None if usable on `device`, else why not}, for cross_entropy or (linear=True)
+    linear_cross_entropy; both have the same backends."""
+    device = torch.device(device)
+    return {
+        "torch": None,
+        "triton": triton_unusable_reason(device),
+        "cpp": extension_op_unusable_reason(CPP_OP_NAME, device),
+        "cuda": f"{LINEAR_OP if linear else OP} has no hand-written CUDA kernel; "
+                "use backend='triton' on CUDA",
+    }
+
+
+def _pick_backend(op, backend, device, linear):
+    # The Triton interpreter is usable on CPU but far too slow to be picked automatically.
+    preference = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+    return resolve_backend(op, backend, device, backend_reasons(device, linear), preference)
+
+
+def _check_options(op, ignore_index, reduction, label_smoothing, z_loss):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not (math.isfinite(z_loss) and z_loss >= 0.0):
+        raise ValueError(f"{op}: z_loss must be a finite float >= 0, got {z_loss!r}")
+
+
+def _check_targets(op, targets, lead_shape, vocab, ignore_index):
+    check_tensor(op, "targets", targets, dtypes=(torch.int64,))
+    if tuple(targets.shape) != tuple(lead_shape):
+        raise ValueError(f"{op}: targets must have shape {tuple(lead_shape)} (the leading dims of the "
+                         f"input), got {tuple(targets.shape)}")
+    # One reduction over the targets (one device sync on CUDA), before any kernel runs.
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if targets.numel() and bool(bad.any()):
+        value = int(targets[bad].flatten()[0])
+        raise ValueError(f"{op}: targets must be in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"got {value}")
+
+
+def _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss):
+    check_tensor(OP, "logits", logits, ndims=(2, 3), dtypes=LOGIT_DTYPES)
+    check_same_device(OP, logits=logits, targets=targets)
+    _check_options(OP, ignore_index, reduction, label_smoothing, z_loss)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{OP}: logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
+    _check_targets(OP, targets, logits.shape[:-1], logits.shape[-1], ignore_index)
+
+
+def _check_linear(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
+                  chunk_size):
+    check_tensor(LINEAR_OP, "hidden", hidden, ndims=(2, 3), dtypes=LOGIT_DTYPES)
+    check_tensor(LINEAR_OP, "weight", weight, ndims=(2,), dtypes=LOGIT_DTYPES)
+    if bias is not None:
+        check_tensor(LINEAR_OP, "bias", bias, ndims=(1,), dtypes=LOGIT_DTYPES)
+    check_same_device(LINEAR_OP, hidden=hidden, weight=weight, targets=targets, bias=bias)
+    _check_options(LINEAR_OP, ignore_index, reduction, label_smoothing, z_loss)
+    vocab, dim = weight.shape
+    if vocab == 0 or hidden.shape[-1] != dim:
+        raise ValueError(f"{LINEAR_OP}: weight must have shape (V, D) with V > 0 and D = hidden.shape[-1] "
+                         f"= {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"{LINEAR_OP}: bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"{LINEAR_OP}: chunk_size must be None or a positive int, got {chunk_size!r}")
+    _check_targets(LINEAR_OP, targets, hidden.shape[:-1], vocab, ignore_index)
+
+
+def _check_same_dtype(hidden, weight, bias):
+    dtypes = {"hidden": hidden.dtype, "weight": weight.dtype}
+    if bias is not None:
+        dtypes["bias"] = bias.dtype
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{k} {str(v).replace('torch.', '')}" for k, v in dtypes.items())
+        raise TypeError(f"{LINEAR_OP}: hidden, weight and bias must share a dtype (outside autocast), "
+                        f"got {listing}")
+
+
+def _reduce(loss_rows, valid, reduction):
+    """Reduce per-row losses (0 on ignored rows) the way F.cross_entropy does."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    # 0/0 = nan when every row is ignored, as in F.cross_entropy.
+    return loss_rows.sum() / valid.sum()
+
+
+def _grad_scale(valid, reduction, dtype):
+    """Per-row weight of the unit gradient that the forward writes: 1/count for "mean"."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if reduction == "mean":
+        return 1.0 / valid.sum().clamp_min(1).to(acc)
+    return torch.ones((), dtype=acc, device=valid.device)
+
+
+# --------------------------------------------------------------------------------------------
+# References (pure PyTorch)
+# --------------------------------------------------------------------------------------------
+
+def cross_entropy_reference(logits, targets, *, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, z_loss=0.0):
+    """F.cross_entropy on logits upcast to at least fp32, plus the z-loss term. Any shape
+    accepted by cross_entropy; returns fp32 (float64 for float64 logits)."""
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(compute)
+    if x.dim() == 3:
+        x, targets = x.flatten(0, 1), targets.flatten()
+    loss = F.cross_entropy(x, targets, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing) if reduction == "none" else \
+        F.cross_entropy(x, targets, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing)
+    if z_loss:
+        valid = targets != ignore_index
+        z_rows = torch.where(valid, z_loss * torch.logsumexp(x, dim=-1).square(), 0.0)
+        loss = loss + _reduce(z_rows, valid, reduction)
+    if reduction == "none":
+        loss = loss.reshape(logits.shape[:-1])
+    return loss
+
+
+def linear_cross_entropy_reference(hidden, weight, targets, *, bias=None, **options):
+    """The unfused computation: logits = hidden @ weight.T + bias, then cross_entropy_reference."""
+    return cross_entropy_reference(F.linear(hidden, weight, bias), targets, **options)
+
+
+def _ce_rows_torch(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
+    """Per-chunk kernel contract in PyTorch, used by the chunked torch linear_cross_entropy.
+
+    logits (n, V), targets (n,). Returns (loss_rows fp32 (n,), lse fp32 (n,)); when grad is given
+    (it may be logits itself), writes d loss_rows / d logits * grad_scale into it (0 on ignored
+    rows).
+    """
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(compute)
+    vocab = x.shape[-1]
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(x, dim=-1)
+    target_logit = x.gather(1, safe_targets[:, None])[:, 0]
+    loss = lse - (1.0 - label_smoothing) * target_logit
+    if label_smoothing:
+        loss = loss - label_smoothing * x.mean(dim=-1)
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(valid, loss, 0.0)
+    if grad is not None:
+        probs = torch.exp(x - lse[:, None])
+        probs.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+        if label_smoothing:
+            probs.sub_(label_smoothing / vocab)
+        probs.scatter_add_(1, safe_targets[:, None],
+                           torch.full_like(lse[:, None], -(1.0 - label_smoothing)))
+        probs.mul_((valid.to(compute) * grad_scale.to(compute))[:, None])
+        grad.copy_(probs)
+    return loss.to(torch.float32 if compute == torch.float32 else compute), lse
+
+
+# --------------------------------------------------------------------------------------------
+# Fused kernels behind one contract (same as _ce_rows_torch)
+# --------------------------------------------------------------------------------------------
+
+def _ce_rows_cpp(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
+    return torch.ops.fastlm.cross_entropy_fwd(logits, targets, grad, ignore_index,
+                                              float(label_smoothing), float(z_loss),
+                                              float(grad_scale))
+
+
+def _ce_rows_triton(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
+    from fastlm.kernels.cross_entropy import cross_entropy_rows
+
+    return cross_entropy_rows(logits, targets, grad, ignore_index, float(label_smoothing),
+                              float(z_loss), grad_scale)
+
+
+_ROW_KERNELS = {"torch": _ce_rows_torch, "cpp": _ce_rows_cpp, "triton": _ce_rows_triton}
+
+
+def _is_one(grad_out):
+    """True when the scalar grad_out is exactly 1 and checking costs no device sync."""
+    return grad_out.device.type == "cpu" and grad_out.item() == 1.0
+
+
+def _scale_in_place(t, grad_out):
+    """t *= grad_out (a scalar tensor), skipped when it is exactly 1."""
+    if _is_one(grad_out):
+        return t
+    return t.mul_(grad_out.to(torch.float32 if t.dtype != torch.float64 else t.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy
+# --------------------------------------------------------------------------------------------
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Fused forward that leaves the (unit) gradient in a buffer; backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, kernel,
+                overwrite):
+        valid = targets != ignore_index
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits if overwrite else torch.empty_like(logits)
+        scale = _grad_scale(valid, reduction, logits.dtype)
+        loss_rows, _ = kernel(logits, targets, grad, ignore_index, label_smoothing, z_loss, scale)
+        if grad is not None:
+            if overwrite:
+                torch.autograd.graph.increment_version(logits)
+            ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        ctx.used = False
+        return _reduce(loss_rows, valid, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError(f"{OP}: the fused backward scales its saved gradient in place and "
+                               "cannot run twice; use backend='torch' with retain_graph=True")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad.mul_(grad_loss[:, None].to(torch.float32 if grad.dtype != torch.float64 else grad.dtype))
+        else:
+            _scale_in_place(grad, grad_loss)
+        return grad, None, None, None, None, None, None, None
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  z_loss=0.0, backend="auto"):
+    """Cross-entropy of `logits` against class indices `targets`.
+
+    logits: (N, V) or (B, T, V), fp32/bf16/fp16 (float64 for tests); any strides.
+    targets: int64 of logits.shape[:-1]; each in [0, V) or equal to ignore_index.
+    reduction: "mean" (over non-ignored tokens; nan if all are ignored, as in PyTorch), "sum",
+    or "none" (shape logits.shape[:-1], 0 on ignored tokens).
+    Returns fp32 (float64 for float64 logits) whatever the input dtype; differentiable w.r.t.
+    logits. With a fused backend the logits buffer may be overwritten (see the module doc).
+    """
+    _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+    name = _pick_backend(OP, backend, logits.device, linear=False)
+    options = dict(ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=float(label_smoothing), z_loss=float(z_loss))
+    if name == "torch":
+        return cross_entropy_reference(logits, targets, **options)
+    if name == "triton" and logits.dtype == torch.float64:
+        raise TypeError(f"{OP}: the triton backend takes fp32/bf16/fp16 logits, got float64")
+    lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    if vocab > MAX_FUSED_VOCAB:
+        raise ValueError(f"{OP}: backend {name!r} supports V <= {MAX_FUSED_VOCAB}, got V={vocab}")
+    rows = logits.reshape(-1, vocab)
+    copied = rows.stride(-1) != 1 or rows.data_ptr() != logits.data_ptr()
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    # Only an autograd intermediate (or our own copy) may hold its own gradient: callers own
+    # leaves, and views of leaves.
+    base = logits._base if logits._is_view() else logits
+    overwrite = needs_grad and (copied or base.grad_fn is not None)
+    loss = _FusedCrossEntropy.apply(rows, targets.reshape(-1), ignore_index, reduction,
+                                    options["label_smoothing"], options["z_loss"],
+                                    _ROW_KERNELS[name], overwrite)
+    return loss.reshape(lead_shape) if reduction == "none" else loss
+
+
+# --------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# --------------------------------------------------------------------------------------------
+
+def default_chunk_rows(n_rows, vocab, device, logits_dtype=torch.float32):
+    """Rows per chunk so that one chunk of logits stays within a memory budget:
+    256 MiB on CPU; on CUDA 1/16 of free memory, clamped to [64 MiB, 1 GiB]."""
+    device = torch.device(device)
+    budget = 256 * 2**20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(max(free // 16, 64 * 2**20), 2**30)
+    elem = torch.empty((), dtype=logits_dtype).element_size()
+    return max(1, min(n_rows, budget // (vocab * elem)))
+
+
+def _chunk_logits(out, hidden_chunk, weight, bias):
+    if bias is None:
+        return torch.matmul(hidden_chunk, weight.t(), out=out)
+    return torch.addmm(bias, hidden_chunk, weight.t(), out=out)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Rows in chunks: logits = h_c @ W.T (+ b), fused CE writing d loss / d logits in place,
+    then the chunk's grad of hidden, weight and bias, all in the forward (mean/sum). For
+    reduction="none" the per-row incoming gradient is only known in backward, so the backward
+    recomputes the chunks instead."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
+                chunk_rows, kernel):
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        valid = targets != ignore_index
+        needs_grad = any(ctx.needs_input_grad[:3])
+        grads_now = needs_grad and reduction != "none"
+        scale = _grad_scale(valid, reduction, hidden.dtype)
+        loss_rows = torch.empty(n_rows, dtype=torch.float32 if hidden.dtype != torch.float64
+                                else torch.float64, device=hidden.device)
+        buffer = torch.empty(min(chunk_rows, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+        grads = _ChunkedLinearCrossEntropy._grad_buffers(hidden, weight, bias) if grads_now else None
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            logits = _chunk_logits(buffer[: stop - start], hidden[start:stop], weight, bias)
+            loss_rows[start:stop], _ = kernel(logits, targets[start:stop], logits if grads_now else None,
+                                              ignore_index, label_smoothing, z_loss, scale)
+            if grads_now:
+                _ChunkedLinearCrossEntropy._accumulate(grads, logits, hidden, weight, start, stop)
+        ctx.reduction = reduction
+        ctx.has_bias = bias is not None
+        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        if grads_now:
+            ctx.save_for_backward(*[g for g in grads if g is not None])
+        elif needs_grad:
+            ctx.save_for_backward(hidden, weight, bias, targets, scale)
+            ctx.options = (ignore_index, label_smoothing, z_loss, chunk_rows, kernel)
+        return _reduce(loss_rows, valid, reduction)
+
+    @staticmethod
+    def _grad_buffers(hidden, weight, bias):
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        return [torch.empty_like(hidden), torch.zeros(weight.shape, dtype=acc, device=weight.device),
+                grad_bias]
+
+    @staticmethod
+    def _accumulate(grads, dlogits, hidden, weight, start, stop):
+        grad_hidden, grad_weight, grad_bias = grads
+        torch.matmul(dlogits, weight, out=grad_hidden[start:stop])
+        if grad_weight.dtype == dlogits.dtype:
+            grad_weight.addmm_(dlogits.t(), hidden[start:stop])
+        else:  # half-precision chunk: accumulate over chunks in fp32
+            grad_weight.add_(dlogits.t() @ hidden[start:stop])
+        if grad_bias is not None:
+            grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction != "none":
+            saved = list(ctx.saved_tensors)
+            grad_hidden, grad_weight = saved[0], saved[1]
+            grad_bias = saved[2] if ctx.has_bias else None
+            # Out of place (these are D-sized, not V-sized per row) so backward may run twice.
+            if not _is_one(grad_loss):
+                grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
+                grad_bias = None if grad_bias is None else grad_bias * grad_loss
+        else:
+            hidden, weight, bias, targets, scale = ctx.saved_tensors
+            ignore_index, label_smoothing, z_loss, chunk_rows, kernel = ctx.options
+            grad_hidden, grad_weight, grad_bias = _ChunkedLinearCrossEntropy._grad_buffers(hidden, weight, bias)
+            buffer = torch.empty(min(chunk_rows, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype,
+                                 device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                stop = min(start + chunk_rows, hidden.shape[0])
+                logits = _chunk_logits(buffer[: stop - start], hidden[start:stop], weight, bias)
+                kernel(logits, targets[start:stop], logits, ignore_index, label_smoothing, z_loss, scale)
+                logits.mul_(grad_loss[start:stop, None].to(logits.dtype))
+                _ChunkedLinearCrossEntropy._accumulate((grad_hidden, grad_weight, grad_bias), logits,
+                                                       hidden, weight, start, stop)
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        return (grad_hidden, grad_weight.to(weight_dtype),
+                None if grad_bias is None else grad_bias.to(bias_dtype),
+                None, None, None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, chunk_size=None, backend="auto"):
+    """cross_entropy(hidden @ weight.T + bias, targets) without materialising all the logits.
+
+    hidden: (N, D) or (B, T, D); weight: (V, D) as in lm_head.weight; bias: (V,) or None; all of
+    one float dtype (fp32/bf16/fp16; float64 for tests), or any mix under autocast, which casts
+    them to the autocast dtype as F.linear would. targets: int64 of hidden.shape[:-1].
+    chunk_size: rows of logits that exist at once (None: default_chunk_rows). Other options and
+    the returned fp32 loss as in cross_entropy. Every backend (torch included) runs in chunks;
+    linear_cross_entropy_reference is the unchunked computation.
+    """
+    _check_linear(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
+                  chunk_size)
+    device = hidden.device
+    name = _pick_backend(LINEAR_OP, backend, device, linear=True)
+    if torch.is_autocast_enabled(device.type):
+        cast = torch.get_autocast_dtype(device.type)
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    _check_same_dtype(hidden, weight, bias)
+    if name == "triton" and hidden.dtype == torch.float64:
+        raise TypeError(f"{LINEAR_OP}: the triton backend takes fp32/bf16/fp16 inputs, got float64")
+    if name != "torch" and weight.shape[0] > MAX_FUSED_VOCAB:
+        raise ValueError(f"{LINEAR_OP}: backend {name!r} supports V <= {MAX_FUSED_VOCAB}, got V={weight.shape[0]}")
+    lead_shape = hidden.shape[:-1]
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    chunk_rows = chunk_size or default_chunk_rows(rows.shape[0], weight.shape[0], device, hidden.dtype)
+    with torch.autocast(device.type, enabled=False):
+        loss = _ChunkedLinearCrossEntropy.apply(rows, weight, bias, targets.reshape(-1), ignore_index,
+                                                reduction, float(label_smoothing), float(z_loss),
+                                                chunk_rows, _ROW_KERNELS[name])
+    return loss.reshape(lead_shape) if reduction == "none" else loss
