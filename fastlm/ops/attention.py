@@ -40,7 +40,7 @@ def backend_reasons(device):
 
 
 def _triton_reason(device):
-    return "the triton attention kernels are not written yet"
+    return triton_unusable_reason(device)
 
 
 def causal_attention(q, k, v, *, scale=None, backend="auto"):
@@ -140,4 +140,53 @@ def _sdpa(q, k, v, scale):
 
 
 def _triton(q, k, v, scale):
-    raise NotImplementedError("the triton attention backend is not written yet")
+    out, _ = _flash_forward(q, k, v, scale)
+    return out
+
+
+# The Triton path is two custom ops with a registered autograd formula, so torch.compile treats
+# each as one opaque call (no graph break, no tracing into the launcher) and eager autograd
+# saves only q, k, v, O and the (B, H, T) log-sum-exp. Kernels are imported on first call.
+
+@torch.library.custom_op("fastlm::flash_attention_forward", mutates_args=())
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastlm.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, scale)
+
+
+@_flash_forward.register_fake
+def _(q, k, v, scale):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
+def _flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastlm.kernels.attention import attention_backward
+
+    return attention_backward(grad_out, q, k, v, out, lse, scale)
+
+
+@_flash_backward.register_fake
+def _(grad_out, q, k, v, out, lse, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _flash_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_flash_forward.register_autograd(_flash_grad, setup_context=_flash_setup_context)
