@@ -4,6 +4,8 @@ Every op here has one public function with a `backend=` argument ("auto", "torch
 fused backends that op has), validates its inputs before any kernel runs, and keeps its
 pure-PyTorch reference beside the dispatch.
 """
+import importlib
+
 import torch
 
 from fastlm.ops._common import BACKENDS, BackendUnavailable
@@ -16,8 +18,10 @@ def available_backends(device=None):
 
     device defaults to CUDA when present, else CPU.
     """
-    from fastlm.ops import attention, cross_entropy as ce
-    from fastlm.optim import adamw
+    # The modules, not the functions of the same name that this package re-exports.
+    ce = importlib.import_module("fastlm.ops.cross_entropy")
+    attention = importlib.import_module("fastlm.ops.attention")
+    adamw = importlib.import_module("fastlm.optim.adamw")
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

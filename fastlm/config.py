@@ -1,0 +1,246 @@
+"""Configuration: two dataclasses (the model's and the run's) and the command line that fills them.
+
+Every field is settable as `--field value`, from `--config FILE` (TOML or JSON, flat or with
+[model] / [train] tables), and is listed by `--help` with its default. Precedence:
+defaults < config file < command line.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    tomllib = None
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration or the command line (reported as one line, exit 2)."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = field(default=256, metadata={"help": "vocabulary size (byte tokenizer: at least 256; bpe: size to train)"})
+    block_size: int = field(default=128, metadata={"help": "context length in tokens"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "query heads"})
+    n_kv_head: Optional[int] = field(default=None, metadata={"help": "key/value heads (grouped-query attention); divides n_head; default n_head"})
+    d_model: int = field(default=128, metadata={"help": "embedding width"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, attention output and MLP output"})
+    bias: bool = field(default=True, metadata={"help": "biases in linear layers and LayerNorm"})
+    pos_emb: str = field(default="learned", metadata={"help": "position information", "choices": ("learned", "rope")})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    norm: str = field(default="layernorm", metadata={"help": "normalisation", "choices": ("layernorm", "rmsnorm")})
+    mlp: str = field(default="gelu", metadata={"help": "MLP type (4x width)", "choices": ("gelu", "swiglu")})
+    attn_backend: str = field(default="auto", metadata={"help": "causal_attention backend", "choices": ("auto", "torch", "sdpa", "triton")})
+    ce_backend: str = field(default="auto", metadata={"help": "cross-entropy backend", "choices": ("auto", "torch", "triton", "cpp")})
+    fused_linear_ce: bool = field(default=True, metadata={"help": "fuse lm_head and the loss (no full logits) when training"})
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+
+    def validate(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.pos_emb == "rope" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(f"rope needs an even head size, got d_model/n_head = {self.d_model // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_choices(self)
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_head
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch (per process)"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices and embeddings only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    optim_backend: str = field(default="auto", metadata={"help": "AdamW backend", "choices": ("auto", "torch", "cpp", "cuda")})
+    eval_interval: int = field(default=200, metadata={"help": "evaluate every this many steps"})
+    eval_iters: int = field(default=50, metadata={"help": "batches per evaluation"})
+    log_interval: int = field(default=10, metadata={"help": "write a metrics.jsonl line every this many steps"})
+    ckpt_interval: int = field(default=500, metadata={"help": "checkpoint every this many steps (0 = only at the end)"})
+    out_dir: str = field(default="out", metadata={"help": "where checkpoints, metrics and plots go"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh even if out_dir already holds a run"})
+    data: Optional[str] = field(default=None, metadata={"help": "UTF-8 text file, directory of .txt files, or a token file from fastlm.prepare (default: the embedded corpus)"})
+    tokenizer: str = field(default="byte", metadata={"help": "tokenizer for text data", "choices": ("byte", "bpe")})
+    dtype: str = field(default="float32", metadata={"help": "autocast dtype", "choices": ("float32", "bfloat16", "float16")})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    seed: int = field(default=1337, metadata={"help": "random seed (data order, init, dropout)"})
+    sample_tokens: int = field(default=200, metadata={"help": "tokens to sample at the end (0 = none)"})
+    progress: bool = field(default=True, metadata={"help": "show the progress bar"})
+
+    def validate(self):
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        for name in ("warmup_steps", "ckpt_interval", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check_choices(self)
+
+
+def _check_choices(cfg):
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(cfg, f.name)!r}")
+
+
+def _parse_bool(text):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(f):
+    """The Python type a dataclass field holds (unwrapping Optional[...])."""
+    kind = f.type if not isinstance(f.type, str) else eval(f.type, {"Optional": Optional})  # noqa: S307
+    args = getattr(kind, "__args__", None)
+    if args:  # Optional[X]
+        kind = next(a for a in args if a is not type(None))
+    return kind
+
+
+def _coerce(f, value):
+    """Convert a config-file value to the field's type, or raise ConfigError."""
+    kind = _field_type(f)
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{f.name} must be {kind.__name__}, got {value!r}") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line and exits 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog, description):
+    parser = _OneLineParser(prog=prog, description=description,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML or JSON file of settings (command-line flags win)")
+    for cls, title in ((GPTConfig, "model"), (TrainConfig, "training")):
+        group = parser.add_argument_group(title)
+        for f in fields(cls):
+            kind = _field_type(f)
+            kwargs = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {f.default})"}
+            if kind is bool:
+                kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+            else:
+                kwargs.update(type=kind, metavar=kind.__name__.upper())
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+                kwargs.pop("metavar")
+            group.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def load_config_file(path):
+    """Read a TOML or JSON settings file into a flat {field: value} dict."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path.endswith(".toml"):
+            if tomllib is None:
+                raise ConfigError("TOML config files need Python 3.11+; use JSON")
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        else:
+            with open(path) as f:
+                raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of settings")
+    flat = {}
+    for key, value in raw.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def configs_from_dict(values):
+    """(GPTConfig, TrainConfig) from a flat dict; unknown keys raise ConfigError."""
+    model_fields = {f.name: f for f in fields(GPTConfig)}
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(model_fields) - set(train_fields))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    model = GPTConfig(**{k: _coerce(model_fields[k], v) for k, v in values.items() if k in model_fields})
+    train = TrainConfig(**{k: _coerce(train_fields[k], v) for k, v in values.items() if k in train_fields})
+    return model, train
+
+
+def parse_args(argv=None, prog="python -m fastlm.train", description=None):
+    """Parse the command line (and --config file) into validated configs.
+
+    Returns (GPTConfig, TrainConfig, explicit) where `explicit` is the set of field names the
+    user set (on the command line or in the config file), so a resumed run can tell a
+    deliberate change from a default.
+    """
+    parser = build_parser(prog, description)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    values = load_config_file(config_path) if config_path else {}
+    values.update(args)
+    model, train = configs_from_dict(values)
+    model.validate()
+    train.validate()
+    return model, train, set(values)
+
+
+def as_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def fail(prog, message, code=2):
+    """Print one line on stderr and exit: how every CLI reports a user error."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)

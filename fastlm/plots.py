@@ -1,0 +1,57 @@
+"""Loss curves: a PNG for people and an ASCII chart for the terminal."""
+import math
+
+
+def ascii_curve(points, width=64, height=12, label="loss"):
+    """A text chart of (step, value) points: one column per step bucket, '*' at the value."""
+    points = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
+    if not points:
+        return f"(no {label} values to plot)"
+    steps = [s for s, _ in points]
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    if hi - lo < 1e-12:
+        hi = lo + 1e-12
+    s0, s1 = min(steps), max(steps)
+    columns = {}
+    for step, value in points:
+        col = 0 if s1 == s0 else round((step - s0) / (s1 - s0) * (width - 1))
+        columns.setdefault(col, []).append(value)
+    grid = [[" "] * width for _ in range(height)]
+    for col, values in columns.items():
+        value = sum(values) / len(values)
+        row = round((hi - value) / (hi - lo) * (height - 1))
+        grid[row][col] = "*"
+    lines = [f"{label} vs step"]
+    for r, row in enumerate(grid):
+        axis = hi - (hi - lo) * r / (height - 1)
+        lines.append(f"{axis:8.3f} |{''.join(row)}")
+    lines.append(" " * 9 + "+" + "-" * width)
+    lines.append(" " * 10 + f"{s0:<{width // 2}d}{s1:>{width - width // 2}d}")
+    return "\n".join(lines)
+
+
+def save_loss_plot(records, path, title="fastlm training"):
+    """Write train/val loss curves from metrics.jsonl records to a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
+    train_eval = [(r["step"], r["train_loss"]) for r in records if r.get("type") == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train (batch)", alpha=0.5, linewidth=1)
+    if train_eval:
+        ax.plot(*zip(*train_eval), "o-", label="train (eval)", markersize=3)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
