@@ -156,6 +156,8 @@ def write_token_file(path, chunks, tokenizer):
                     raise DataError("token id out of the tokenizer's range while writing a token file")
                 f.write(arr.astype(dtype).tobytes())
                 count += arr.size
+            if count == 0:
+                raise DataError(f"no tokens to write to {path}: the input holds no text")
             header = json.dumps({"tokenizer": spec, "vocab_size": tokenizer.vocab_size,
                                  "dtype": np.dtype(dtype).name, "num_tokens": count,
                                  "data_offset": header_space}).encode()

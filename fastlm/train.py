@@ -359,7 +359,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         tokens_per_s = 0.0
         try:
-            if self.step == 0 or self.step % cfg.eval_interval == 0:
+            if self.step == 0:  # a resumed run already evaluated at its checkpoint's step
                 self._eval_and_report(bar, tokens_per_s, started)
             while self.step < cfg.max_steps:
                 loss, norm, lr = self.train_step()

@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+
+from fastlm.config import ConfigError, GPTConfig
+from fastlm.model import GPT, decay_groups, filter_logits
+
+
+def tiny(**overrides):
+    cfg = dict(vocab_size=256, block_size=32, n_layer=2, n_head=4, d_model=64, dropout=0.0)
+    cfg.update(overrides)
+    return GPTConfig(**cfg)
+
+
+@pytest.mark.parametrize("pos_emb,norm,mlp,n_kv_head", [
+    ("learned", "layernorm", "gelu", 4),
+    ("rope", "rmsnorm", "swiglu", 2),
+    ("rope", "layernorm", "gelu", 1),
+])
+def test_loss_at_init_is_log_vocab(pos_emb, norm, mlp, n_kv_head):
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_emb=pos_emb, norm=norm, mlp=mlp, n_kv_head=n_kv_head))
+    idx, targets = torch.randint(0, 256, (2, 8, 32))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(256)) < 0.1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_overfits_one_batch(fused):
+    torch.manual_seed(0)
+    model = GPT(tiny(fused_linear_ce=fused))
+    idx = torch.randint(0, 256, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2
+
+
+def test_fused_and_unfused_loss_agree():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 256, (3, 17))
+    _, fused = model(idx, idx)
+    logits, plain = model(idx, idx, return_logits=True)
+    assert logits.shape == (3, 17, 256)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_without_targets_returns_logits():
+    model = GPT(tiny())
+    logits, loss = model(torch.randint(0, 256, (2, 5)))
+    assert loss is None and logits.shape == (2, 5, 256)
+
+
+def test_tied_head_and_param_count():
+    model = GPT(tiny())
+    assert model.lm_head.weight is model.wte.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.flops_per_token() > 6 * model.num_params(non_embedding=True)
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=8, d_model=128))
+    proj_std = model.blocks[0].attn.proj.weight.std().item()
+    fc_std = model.blocks[0].mlp.fc.weight.std().item()
+    assert abs(fc_std - 0.02) < 0.002
+    assert abs(proj_std - 0.02 / math.sqrt(16)) < 0.001
+
+
+def test_decay_groups_split_by_rank():
+    model = GPT(tiny())
+    decay, no_decay = decay_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    total = sum(p.numel() for p in decay["params"] + no_decay["params"])
+    assert total == model.num_params()
+
+
+def test_generate_is_deterministic_with_a_generator():
+    model = GPT(tiny())
+    idx = torch.randint(0, 256, (1, 4))
+    outs = [model.generate(idx, 40, temperature=0.9, top_k=10, top_p=0.9,
+                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert outs[0].shape == (1, 44)
+    assert torch.equal(outs[0], outs[1])
+    greedy = model.generate(idx, 5, temperature=0)
+    assert torch.equal(greedy, model.generate(idx, 5, temperature=0))
+
+
+def test_generate_crops_context_beyond_block_size():
+    model = GPT(tiny(block_size=8))
+    out = model.generate(torch.randint(0, 256, (2, 8)), 12, top_k=5)
+    assert out.shape == (2, 20)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    probs = torch.softmax(logits, -1)  # about [0.09, 0.64, 0.24, 0.03]
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[False, True, True, False]]
+    assert probs[0, 1] < 0.7  # the top token alone does not cover 0.7, so the second stays
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(d_model=30, n_head=4), "divisible by n_head"),
+    (dict(n_head=4, n_kv_head=3), "divisible by n_kv_head"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(norm="batchnorm"), "norm must be one of"),
+])
+def test_bad_model_config(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        GPT(tiny(**overrides))
+
+
+def test_too_long_sequence_is_rejected():
+    model = GPT(tiny(block_size=8))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))

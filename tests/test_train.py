@@ -1,0 +1,237 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastlm import train as train_mod
+from fastlm.config import TrainConfig
+from fastlm.train import get_lr, read_metrics
+from tests.helpers import run_cli, tiny_args
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["type"] == "train"}
+
+
+def test_get_lr_schedule():
+    cfg = TrainConfig(lr=3e-4, min_lr=0.0, warmup_steps=100, max_steps=2000)
+    assert get_lr(0, cfg) == pytest.approx(3e-6)
+    assert get_lr(49, cfg) == pytest.approx(1.5e-4)
+    assert get_lr(99, cfg) == pytest.approx(3e-4)
+    assert get_lr(100, cfg) == pytest.approx(3e-4)
+    assert get_lr(1050, cfg) == pytest.approx(1.5e-4)
+    assert get_lr(2000, cfg) == pytest.approx(0.0)
+    with_floor = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert get_lr(60, with_floor) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert get_lr(110, with_floor) == pytest.approx(1e-4)
+    values = [get_lr(s, cfg) for s in range(100, 2000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_end_to_end_training_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_mod.main(tiny_args(out, "--sample_tokens", "20", "--lr", "3e-3", steps=30))
+    assert code == 0
+    for name in ("ckpt.pt", "metrics.jsonl", "config.json", "loss.png", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3  # it learns
+    assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    train = [r for r in records if r["type"] == "train"]
+    assert len(train) == 30 and all(r["tokens_per_s"] > 0 for r in train)
+    assert records[-1]["type"] == "final"
+    stdout = capsys.readouterr().out
+    assert "val loss" in stdout and "sample:" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["d_model"] == 32 and config["train"]["max_steps"] == 30
+
+
+def stop_at(step):
+    """A Trainer._should_stop that simulates a SIGTERM arriving during step `step`."""
+
+    def should_stop(trainer):
+        if trainer.step == step:
+            trainer._stop_signal = signal.SIGTERM
+        return trainer._stop_signal is not None
+
+    return should_stop
+
+
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_mod.main(tiny_args(full, "--ckpt_interval", "5", steps=20)) == 0
+    monkeypatch.setattr(train_mod.Trainer, "_should_stop", stop_at(10))
+    assert train_mod.main(tiny_args(split, "--ckpt_interval", "5", steps=20)) == 128 + signal.SIGTERM
+    assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 10
+    monkeypatch.undo()
+    assert train_mod.main(tiny_args(split, "--resume", steps=20)) == 0
+    a, b = losses(full), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    wa = torch.load(full / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(split / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_takes_architecture_from_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--n_kv_head", "1", steps=4)) == 0
+    # Resuming without repeating --n_kv_head keeps the checkpoint's value; max_steps can grow.
+    args = [a for a in tiny_args(out, "--resume", steps=6)]
+    assert train_mod.main(args) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["n_kv_head"] == 1
+
+
+def test_sigint_saves_a_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastlm.train", *tiny_args(out, steps=100000)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "checkpoint saved" in err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 4
+    result = run_cli("fastlm.train", *tiny_args(out, "--resume", steps=step + 3))
+    assert result.returncode == 0, result.stderr
+    assert max(losses(out)) == step + 3
+
+
+def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, steps=3)) == 0
+    before = (out / "ckpt.pt").read_bytes()
+    original = train_mod.GPT.forward
+
+    def poisoned(self, idx, targets=None, return_logits=False):
+        logits, loss = original(self, idx, targets, return_logits)
+        return logits, (loss * float("nan") if self.training and loss is not None else loss)
+
+    monkeypatch.setattr(train_mod.GPT, "forward", poisoned)
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(tiny_args(out, "--resume", "--ckpt_interval", "1", steps=10))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss became nan at step 3" in err[0]
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_help_lists_every_field_with_default():
+    result = run_cli("fastlm.train", "--help")
+    assert result.returncode == 0
+    for flag in ("--d_model", "--n_kv_head", "--pos_emb", "--lr", "--min_lr", "--grad_accum_steps", "--dtype",
+                 "--compile", "--ckpt_interval", "--resume", "--data", "--tokenizer", "--attn_backend",
+                 "--ce_backend", "--optim_backend", "--config", "--seed", "--device"):
+        assert flag in result.stdout, flag
+    assert "(default: 0.0003)" in result.stdout
+
+
+def test_config_file_and_cli_precedence(tmp_path):
+    from fastlm.config import parse_args
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('[model]\nd_model = 64\nn_head = 2\n[train]\nlr = 0.001\nmax_steps = 7\n')
+    model, train, explicit = parse_args(["--config", str(toml), "--max_steps", "9"])
+    assert (model.d_model, model.n_head, train.lr, train.max_steps) == (64, 2, 0.001, 9)
+    assert {"d_model", "max_steps"} <= explicit
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"batch_size": 3, "compile": "false"}))
+    _, train, _ = parse_args(["--config", str(js)])
+    assert train.batch_size == 3 and train.compile is False
+
+
+def _one_line_error(result, *needles):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+BAD_INPUTS = [
+    (["--d_model", "30", "--n_head", "4"], "divisible by n_head"),
+    (["--n_head", "4", "--n_kv_head", "3"], "divisible by n_kv_head"),
+    (["--lr", "0"], "lr must be positive"),
+    (["--lr=-1e-3"], "lr must be positive"),
+    (["--max_steps", "0"], "max_steps must be positive"),
+    (["--batch_size", "-2"], "batch_size must be positive"),
+    (["--no_such_option", "1"], "unrecognized arguments"),
+    (["--dtype", "float8"], "invalid choice"),
+    (["--lr", "fast"], "invalid float value"),
+    (["--data", "/nonexistent/corpus.txt"], "data path not found"),
+    (["--ce_backend", "triton"], "cannot run on cpu"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUTS, ids=[b[1] for b in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = run_cli("fastlm.train", "--out_dir", tmp_path / "o", "--max_steps", "1", *args, env=env)
+    _one_line_error(result, needle)
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_bad_data_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(run_cli("fastlm.train", "--data", empty, "--out_dir", tmp_path / "o"), "is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("too short " * 20)
+    _one_line_error(run_cli("fastlm.train", "--data", short, "--out_dir", tmp_path / "o"), "too short")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00abc" * 100)
+    _one_line_error(run_cli("fastlm.train", "--data", binary, "--out_dir", tmp_path / "o"), "not UTF-8")
+    no_txt = tmp_path / "dir"
+    no_txt.mkdir()
+    _one_line_error(run_cli("fastlm.train", "--data", no_txt, "--out_dir", tmp_path / "o"), "no .txt files")
+
+
+def test_token_id_out_of_vocab(tmp_path):
+    from fastlm.prepare import prepare
+
+    tok = tmp_path / "data.tok"
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    prepare(str(text), str(tok), "bpe", 300)
+    _one_line_error(run_cli("fastlm.train", "--data", tok, "--vocab_size", "256", "--out_dir", tmp_path / "o"),
+                    "vocab")
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _one_line_error(run_cli("fastlm.train", "--out_dir", blocker / "sub", "--max_steps", "1"), "not writable")
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, steps=2)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, steps=2)), "already holds a run")
+    # incompatible checkpoint on resume
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", "--d_model", "64", steps=4)),
+                    "incompatible", "d_model")
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert before == after
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"definitely not a checkpoint")
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", steps=2)), "corrupt")
+    assert (out / "ckpt.pt").read_bytes() == b"definitely not a checkpoint"
+    _one_line_error(run_cli("fastlm.train", *tiny_args(tmp_path / "none", "--resume", steps=2)), "no checkpoint")
