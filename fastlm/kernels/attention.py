@@ -152,9 +152,10 @@ def _dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, strid
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     s_t = _dot(k, q_t, None, DOT_PRECISION) * qk_scale
-    p_t = tl.exp2(s_t - lse[None, :])
     if CAUSAL_MASK:
-        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        # Masking before exp2 keeps future scores, unbounded by lse2, from overflowing.
+        s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
+    p_t = tl.exp2(s_t - lse[None, :])
     dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
     dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -216,9 +217,9 @@ def _dq_key_block(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, s
         k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
         v_t = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None])
     s = _dot(q, k_t, None, DOT_PRECISION) * qk_scale
-    p = tl.exp2(s - lse[:, None])
     if CAUSAL_MASK:
-        p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+    p = tl.exp2(s - lse[:, None])
     dp = _dot(do, v_t, None, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq = _dot(ds.to(k_t.dtype), tl.trans(k_t), dq, DOT_PRECISION)

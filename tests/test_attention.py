@@ -1,0 +1,261 @@
+"""causal_attention: every backend against a float64 reference, bad inputs, the GPT end to end.
+
+Errors are max |out - ref| / max |ref| over each tensor (the denominator floored at 0.1,
+as inputs are unit normal and dq, dk are exactly zero at T = 1). Tolerances: fp32 1e-4, bf16/fp16 2e-2.
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py), so the CPU sweep
+is pruned: every T and GQA ratio at D = 16 and 64, fewer cases at D = 128, every dtype on a
+few awkward shapes. The `gpu` tests repeat the sweep up to T = 4096.
+"""
+import pytest
+import torch
+
+from fastlm.ops import BackendUnavailable, available_backends, causal_attention
+from fastlm.ops.attention import attention_reference
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+GQA = [(4, 4), (4, 2), (4, 1)]
+
+
+def rel_err(out, ref):
+    ref = ref.double()
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(0.1)).item()
+
+
+def make_inputs(B, H, H_kv, T, D, dtype, device="cpu", transposed=False):
+    if transposed:
+        # The GPT's layout: (B, T, H, D) viewed as (B, H, T, D), so only the last dim is contiguous.
+        q = torch.randn(B, T, H, D, device=device).transpose(1, 2)
+        k = torch.randn(B, T, H_kv, D, device=device).transpose(1, 2)
+        v = torch.randn(B, T, H_kv, D, device=device).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, T, D, device=device)
+        k = torch.randn(B, H_kv, T, D, device=device)
+        v = torch.randn(B, H_kv, T, D, device=device)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def check_against_reference(backend, B, H, H_kv, T, D, dtype, scale=None, device="cpu", transposed=False):
+    q, k, v = make_inputs(B, H, H_kv, T, D, dtype, device, transposed)
+    out = causal_attention(q, k, v, scale=scale, backend=backend)
+    assert out.shape == (B, H, T, D) and out.dtype == dtype
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, D ** -0.5 if scale is None else scale)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert got.shape == want.shape, name
+        assert torch.isfinite(got).all(), name
+        err = rel_err(got, want)
+        assert err <= TOL[dtype], f"{backend} {name}: rel err {err:.2e} > {TOL[dtype]:.0e} at B={B} H={H}/{H_kv} T={T} D={D} {dtype}"
+
+
+# --- Triton (interpreter on CPU) ----------------------------------------------------------------
+
+SWEEP_FP32 = [(B, H, H_kv, T, D) for D in (16, 64) for (H, H_kv) in GQA
+              for B, T in ((1, 1), (2, 17), (2, 64), (1, 130))]
+SWEEP_FP32 += [(1, 4, 4, 17, 128), (2, 4, 1, 130, 128), (1, 4, 2, 64, 32)]
+SWEEP_HALF = [(1, 4, 1, 1, 16), (2, 4, 2, 17, 16), (1, 4, 4, 130, 64), (1, 4, 1, 64, 128), (2, 4, 2, 37, 32)]
+
+
+def _id(case):
+    B, H, H_kv, T, D = case
+    return f"B{B}-H{H}/{H_kv}-T{T}-D{D}"
+
+
+@pytest.mark.parametrize("case", SWEEP_FP32, ids=_id)
+def test_triton_fp32(case):
+    check_against_reference("triton", *case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SWEEP_HALF, ids=_id)
+def test_triton_half(case, dtype):
+    check_against_reference("triton", *case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale", [0.05, 1.0])
+def test_triton_custom_scale(scale, dtype):
+    check_against_reference("triton", 2, 4, 2, 45, 16, dtype, scale=scale)
+
+
+def test_triton_strided_inputs():
+    check_against_reference("triton", 2, 4, 2, 33, 16, torch.float32, transposed=True)
+
+
+def test_triton_large_logits_stay_finite():
+    # Scores around +-1e3 would overflow a naive exp; the online softmax subtracts the running max.
+    check_against_reference("triton", 1, 2, 1, 40, 16, torch.float32, scale=100.0)
+
+
+def test_triton_under_autocast_keeps_input_dtype():
+    q, k, v = make_inputs(1, 4, 2, 20, 16, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_attention(q, k, v, backend="triton")
+    assert out.dtype == torch.bfloat16
+    ref = attention_reference(q.double(), k.double(), v.double(), 16 ** -0.5)
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
+def test_triton_under_torch_compile():
+    q, k, v = make_inputs(1, 4, 2, 24, 16, torch.float32)
+
+    def loss_fn(q, k, v):
+        return (causal_attention(q, k, v, backend="triton") ** 2).sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    ref_grads = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= 1e-5
+
+
+# --- torch and sdpa backends ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(1, 4, 4, 1, 16), (2, 4, 2, 17, 64), (1, 4, 1, 130, 128), (2, 3, 1, 29, 24)], ids=_id)
+def test_torch_paths(case, dtype, backend):
+    check_against_reference(backend, *case, dtype)
+
+
+def test_auto_on_cpu_is_sdpa_and_unsupported_head_size_falls_back():
+    q, k, v = make_inputs(1, 2, 2, 9, 24, torch.float32)  # D = 24: no Triton kernel
+    out = causal_attention(q, k, v)
+    ref = causal_attention(q, k, v, backend="torch")
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_backend_reasons():
+    reasons = available_backends("cpu")["causal_attention"]
+    assert reasons["torch"] is None and reasons["sdpa"] is None
+    assert reasons["cpp"] and reasons["cuda"]
+    assert set(reasons) == {"torch", "sdpa", "triton", "cpp", "cuda"}
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+def _qkv(shape_q=(2, 4, 8, 16), shape_kv=(2, 2, 8, 16), dtype=torch.float32):
+    return torch.randn(shape_q, dtype=dtype), torch.randn(shape_kv, dtype=dtype), torch.randn(shape_kv, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape_q,shape_kv,match", [
+    ((4, 8, 16), (2, 8, 16), r"q must have 4 dimensions, got shape \(4, 8, 16\)"),
+    ((2, 4, 8, 16), (2, 2, 8, 16, 1), r"k must have 4 dimensions"),
+    ((2, 4, 8, 16), (3, 2, 8, 16), r"k/v must be .* got \(3, 2, 8, 16\)"),
+    ((2, 4, 8, 16), (2, 2, 9, 16), r"k/v must be .* got \(2, 2, 9, 16\)"),
+    ((2, 4, 8, 16), (2, 2, 8, 32), r"k/v must be .* got \(2, 2, 8, 32\)"),
+    ((2, 4, 8, 16), (2, 3, 8, 16), r"q heads \(4\) must be a multiple of the number of k/v heads \(3\)"),
+    ((2, 4, 0, 16), (2, 2, 0, 16), r"T and D must be >= 1"),
+])
+def test_bad_shapes(shape_q, shape_kv, match):
+    q, k, v = _qkv(shape_q, shape_kv)
+    with pytest.raises(ValueError, match=match):
+        causal_attention(q, k, v, backend="torch")
+
+
+def test_k_v_shape_mismatch():
+    q, k, _ = _qkv()
+    with pytest.raises(ValueError, match=r"k and v must have the same shape"):
+        causal_attention(q, k, torch.randn(2, 1, 8, 16), backend="torch")
+
+
+def test_unsupported_head_size_for_triton():
+    q, k, v = _qkv((1, 2, 8, 48), (1, 2, 8, 48))
+    with pytest.raises(ValueError, match=r"supports D in \(16, 32, 64, 128\).*\(1, 2, 8, 48\)"):
+        causal_attention(q, k, v, backend="triton")
+
+
+def test_mixed_dtypes():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"q float32, k bfloat16, v float32"):
+        causal_attention(q, k.bfloat16(), v)
+
+
+def test_integer_dtype():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"q must have dtype in .* got int64"):
+        causal_attention(q.long(), k.long(), v.long())
+
+
+def test_mixed_devices():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"one device, got q on cpu, k on meta"):
+        causal_attention(q, k.to("meta"), v)
+
+
+def test_bad_scale_and_backend():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"scale must be a finite real number"):
+        causal_attention(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"unknown backend 'flash'"):
+        causal_attention(q, k, v, backend="flash")
+    with pytest.raises(BackendUnavailable, match=r"no compiled C\+\+ attention kernel"):
+        causal_attention(q, k, v, backend="cpp")
+
+
+# --- the GPT end to end ---------------------------------------------------------------------------
+
+def _train_losses(attn_backend, steps=20):
+    from fastlm.config import GPTConfig
+    from fastlm.model import GPT
+
+    torch.manual_seed(0)
+    # Head size 16 with grouped-query heads; T = 20 leaves a tail past the interpreter's blocks.
+    cfg = GPTConfig(vocab_size=64, block_size=20, n_layer=2, n_head=2, n_kv_head=1, d_model=32, dropout=0.0,
+                    pos_emb="rope", attn_backend=attn_backend, ce_backend="torch")
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size + 1), generator=gen)
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, model
+
+
+def test_gpt_trains_identically_with_torch_and_triton():
+    pytest.importorskip("fastlm.model")
+    ref_losses, ref_model = _train_losses("torch")
+    losses, model = _train_losses("triton")
+    assert ref_losses[-1] < ref_losses[0]
+    for step, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: loss {a} (triton) vs {b} (torch)"
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        assert rel_err(p.detach(), p_ref.detach()) <= 1e-3, name
+
+
+# --- GPU --------------------------------------------------------------------------------------------
+
+GPU_SWEEP = [(B, H, H_kv, T, D) for T in (1, 17, 64, 130, 1000, 2048, 4096) for D in (16, 32, 64, 128)
+             for (H, H_kv) in GQA for B in ((2,) if T <= 1000 else (1,))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_SWEEP, ids=_id)
+def test_triton_cuda(case, dtype):
+    check_against_reference("triton", *case, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(2, 4, 2, 17, 64), (1, 4, 1, 2048, 128)], ids=_id)
+def test_sdpa_cuda(case, dtype):
+    check_against_reference("sdpa", *case, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_is_triton_under_bf16_autocast():
+    q, k, v = make_inputs(2, 4, 2, 257, 64, torch.bfloat16, device="cuda", transposed=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = causal_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    ref = attention_reference(q.double(), k.double(), v.double(), 64 ** -0.5)
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
