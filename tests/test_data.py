@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from fastlm.data import (BatchSampler, ByteTokenizer, DataError, embedded_corpus, load_data, read_token_file,
+                         tokenizer_from_dict)
+from fastlm.prepare import prepare
+
+
+def test_embedded_corpus_is_real_text():
+    text = embedded_corpus()
+    assert len(text) > 500_000
+    assert "To be, or not to be" in text
+    assert len(set(text.split())) > 20_000  # a real vocabulary, not a repeated string
+
+
+def test_byte_split_is_90_10():
+    data = load_data(None, "byte", 256, 128)
+    total = len(data.train) + len(data.val)
+    assert len(data.val) == total // 10
+    assert data.train.dtype == np.uint16 and int(data.train.max()) < 256
+
+
+def test_directory_of_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha " * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("beta " * 100)
+    data = load_data(str(tmp_path), "byte", 256, 8)
+    assert len(data.train) + len(data.val) == 600 + 500
+
+
+def test_bpe_tokenizer_round_trip_and_checkpoint_form(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text(embedded_corpus()[:200_000])
+    data = load_data(str(src), "bpe", 512, 32)
+    tok = data.tokenizer
+    assert tok.vocab_size == 512
+    sample = "Good night, sweet prince."
+    assert tok.decode(tok.encode(sample)) == sample
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.encode(sample) == tok.encode(sample)
+    assert len(data.train) + len(data.val) < 200_000 * 0.6  # BPE compresses
+
+
+@pytest.mark.parametrize("kind,vocab", [("byte", 256), ("bpe", 400)])
+def test_prepared_token_file_matches_direct_tokenization(tmp_path, kind, vocab):
+    src = tmp_path / "t.txt"
+    src.write_text(embedded_corpus()[:50_000])
+    out = tmp_path / "t.tok"
+    count, tok = prepare(str(src), str(out), kind, vocab)
+    tokens, header = read_token_file(str(out))
+    assert isinstance(tokens, np.memmap) and header["num_tokens"] == count == len(tokens)
+    assert header["vocab_size"] == tok.vocab_size
+    assert tokens.tolist() == tok.encode(src.read_text())
+    data = load_data(str(out), "byte", vocab, 16)
+    assert data.tokenizer.kind == kind and len(data.train) + len(data.val) == count
+
+
+def test_truncated_token_file_is_rejected(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("some text " * 100)
+    out = tmp_path / "t.tok"
+    prepare(str(src), str(out))
+    out.write_bytes(out.read_bytes()[:-3])
+    with pytest.raises(DataError, match="truncated"):
+        load_data(str(out), "byte", 256, 8)
+
+
+def test_batch_sampler_windows_and_state():
+    tokens = np.arange(1000, dtype=np.uint16)
+    sampler = BatchSampler(tokens, block_size=7, batch_size=5, seed=3)
+    x, y = sampler.next()
+    assert x.shape == (5, 7) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # targets are inputs shifted by one
+    state = sampler.state_dict()
+    expected = sampler.next()
+    sampler.load_state_dict(state)
+    again = sampler.next()
+    assert torch.equal(expected[0], again[0])
+
+
+def test_byte_tokenizer_handles_unicode():
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("naïve — ok")) == "naïve — ok"
