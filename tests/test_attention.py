@@ -164,8 +164,12 @@ def test_k_v_shape_mismatch():
 
 def test_unsupported_head_size_for_triton():
     q, k, v = _qkv((1, 2, 8, 48), (1, 2, 8, 48))
-    with pytest.raises(ValueError, match=r"supports D in \(16, 32, 64, 128\).*\(1, 2, 8, 48\)"):
+    with pytest.raises(ValueError, match=r"supports D in \(16, 32, 64, 128\).*got q \(1, 2, 8, 48\) float32"):
         causal_attention(q, k, v, backend="triton")
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"got q \(2, 4, 8, 16\) float64"):
+        causal_attention(q, k, v, backend="triton")
+    assert causal_attention(q, k, v).dtype == torch.float64  # auto: sdpa takes float64
 
 
 def test_mixed_dtypes():
@@ -233,8 +237,9 @@ def test_gpt_trains_identically_with_torch_and_triton():
 
 # --- GPU --------------------------------------------------------------------------------------------
 
-GPU_SWEEP = [(B, H, H_kv, T, D) for T in (1, 17, 64, 130, 1000, 2048, 4096) for D in (16, 32, 64, 128)
+GPU_SWEEP = [(B, H, H_kv, T, D) for T in (1, 17, 64, 130, 1000, 2048, 4096) for D in (16, 64, 128)
              for (H, H_kv) in GQA for B in ((2,) if T <= 1000 else (1,))]
+GPU_SWEEP += [(2, 4, 2, 130, 32), (1, 4, 1, 4096, 32)]
 
 
 @pytest.mark.gpu

@@ -33,14 +33,10 @@ def backend_reasons(device):
     return {
         "torch": None,
         "sdpa": None,
-        "triton": _triton_reason(device),
+        "triton": triton_unusable_reason(device),
         "cpp": "no compiled C++ attention kernel exists; use sdpa or triton",
         "cuda": "no compiled CUDA attention kernel exists; use triton (FlashAttention-2 style) or sdpa",
     }
-
-
-def _triton_reason(device):
-    return triton_unusable_reason(device)
 
 
 def causal_attention(q, k, v, *, scale=None, backend="auto"):
@@ -93,15 +89,18 @@ def _pick_backend(q, backend):
     device = q.device
     reasons = backend_reasons(device)
     D = q.shape[-1]
-    if reasons["triton"] is None and D not in TRITON_HEAD_DIMS:
-        reasons["triton"] = f"head size D={D} is not one of {TRITON_HEAD_DIMS}"
-    if reasons["triton"] is None and q.dtype not in TRITON_DTYPES:
-        reasons["triton"] = f"dtype {_dt(q)} is not one of fp16, bf16, fp32"
+    unsupported = None
+    if D not in TRITON_HEAD_DIMS:
+        unsupported = f"head size D={D} is not one of {TRITON_HEAD_DIMS}"
+    elif q.dtype not in TRITON_DTYPES:
+        unsupported = f"dtype {_dt(q)} is not one of float16, bfloat16, float32"
+    if unsupported is not None:
+        if backend == "triton":
+            # A bad input rather than a missing backend: a ValueError naming the shape and dtype.
+            raise ValueError(f"{OP}: backend 'triton' supports D in {TRITON_HEAD_DIMS} and dtypes float16, "
+                             f"bfloat16, float32; got q {tuple(q.shape)} {_dt(q)}")
+        reasons["triton"] = reasons["triton"] or unsupported
     preference = ("triton", "sdpa") if device.type == "cuda" else ("sdpa",)
-    if backend == "triton" and reasons["triton"] is not None and reasons["triton"].startswith(("head size", "dtype")):
-        # A bad input, not a missing backend: say so with the shape, as every other check does.
-        raise ValueError(f"{OP}: backend 'triton' supports D in {TRITON_HEAD_DIMS} and dtypes fp16/bf16/fp32, "
-                         f"got q {tuple(q.shape)} {_dt(q)}")
     return resolve_backend(OP, backend, device, reasons, preference)
 
 
