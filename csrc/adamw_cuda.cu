@@ -1,0 +1,502 @@
+// AdamW on CUDA: the CUDA kernels of torch.ops.fastlm.adamw_step_ and adamw_grad_norm (their
+// schemas are defined in adamw_cpu.cpp).
+//
+// Multi-tensor apply: every tensor is cut into chunks of kChunk elements, and one launch covers
+// up to kMaxBlocks chunks of up to kMaxTensors tensors (the addresses travel in the kernel's
+// argument struct), so a GPT-2 step takes a handful of launches, not one per tensor. Each
+// thread moves kIlp elements per access: 16-byte loads and stores for fp32 arrays when the
+// tensor's pointers are aligned. Math is fp32 whatever the parameter dtype.
+//
+// The host never waits for the device: found_inf (skip the step), grad_scale (unscale) and the
+// global norm (clip) are read by the kernels. Step counts live on the device and are bumped by
+// a last small launch, after every chunk has read them.
+//
+// The global norm is deterministic: each chunk's sum of squares goes to its own slot, and one
+// block adds the slots in a fixed order.
+// Only device-generic c10 headers are used (no c10/cuda), so this file also compiles against
+// the headers of a CPU-only torch, which is how CI checks it without a GPU.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fastlm {
+namespace {
+
+cudaStream_t current_stream(const at::Device& device) {
+  return static_cast<cudaStream_t>(c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle());
+}
+
+void check_launch() {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "adamw: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+constexpr int kThreads = 512;
+constexpr int64_t kChunk = 65536;
+constexpr int kIlp = 4;
+constexpr int kMaxTensors = 32;
+constexpr int kMaxBlocks = 320;
+constexpr int kMaxSteps = 128;
+
+template <typename T>
+struct alignas(sizeof(T) * kIlp) Pack {
+  T v[kIlp];
+};
+
+template <typename T>
+__device__ __forceinline__ bool is_aligned(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % sizeof(Pack<T>) == 0;
+}
+
+// ---- multi-tensor launch bookkeeping ----------------------------------------------------------
+
+struct ChunkMap {
+  unsigned char block_tensor[kMaxBlocks];
+  int block_chunk[kMaxBlocks];
+};
+
+// Calls fill(slot, tensor) to place a tensor's pointers in the launch struct and
+// launch(num_blocks, blocks_before) whenever the struct is full; a tensor whose chunks do not
+// all fit is carried into slot 0 of the next launch.
+template <typename Fill, typename Launch>
+void for_each_launch(const std::vector<int64_t>& numels, ChunkMap& map, Fill fill, Launch launch) {
+  int slot = 0, blocks = 0;
+  int64_t blocks_before = 0;
+  for (size_t t = 0; t < numels.size(); ++t) {
+    if (numels[t] == 0) continue;
+    fill(slot, t);
+    const int64_t chunks = (numels[t] + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      map.block_tensor[blocks] = static_cast<unsigned char>(slot);
+      map.block_chunk[blocks] = static_cast<int>(c);
+      ++blocks;
+      const bool last_chunk = c == chunks - 1;
+      if (blocks == kMaxBlocks || (last_chunk && slot == kMaxTensors - 1)) {
+        launch(blocks, blocks_before);
+        blocks_before += blocks;
+        blocks = 0;
+        if (last_chunk) {
+          slot = -1;
+        } else {
+          fill(0, t);
+          slot = 0;
+        }
+      }
+    }
+    ++slot;
+  }
+  if (blocks > 0) launch(blocks, blocks_before);
+}
+
+int64_t total_chunks(const std::vector<int64_t>& numels) {
+  int64_t total = 0;
+  for (int64_t n : numels) total += (n + kChunk - 1) / kChunk;
+  return total;
+}
+
+// ---- the update -----------------------------------------------------------------------------
+
+struct AdamwTensors {
+  void* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  float* exp_avg[kMaxTensors];
+  float* exp_avg_sq[kMaxTensors];
+  float* max_exp_avg_sq[kMaxTensors];
+  float* master[kMaxTensors];
+  const float* step[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  ChunkMap map;
+};
+
+struct AdamwHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  float eps;
+  float decay;  // 1 - lr * weight_decay
+  float max_grad_norm;  // <= 0: no clipping
+  bool maximize;
+};
+
+struct ElementConsts {
+  float grad_factor, decay, beta1_comp, beta2, beta2_comp, eps, step_size, inv_bc2_sqrt;
+};
+
+template <bool amsgrad>
+__device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, float& vmax,
+                                              const ElementConsts& k) {
+  g *= k.grad_factor;
+  p *= k.decay;
+  m = m + k.beta1_comp * (g - m);
+  v = v * k.beta2 + k.beta2_comp * g * g;
+  float second = v;
+  if (amsgrad) {
+    vmax = fmaxf(vmax, v);
+    second = vmax;
+  }
+  p = p - k.step_size * (m / (sqrtf(second) * k.inv_bc2_sqrt + k.eps));
+}
+
+template <typename scalar_t, bool amsgrad, bool has_master>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(AdamwTensors tl, AdamwHyper h, const float* grad_scale,
+                                                         const float* found_inf, const float* grad_norm) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;
+  const int t = tl.map.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(tl.map.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t len = min(kChunk, tl.numel[t] - begin);
+
+  ElementConsts k;
+  k.grad_factor = grad_scale != nullptr ? 1.f / *grad_scale : 1.f;
+  if (h.max_grad_norm > 0.f) {
+    const float clip = h.max_grad_norm / (*grad_norm + 1e-6f);
+    if (!(clip >= 1.f)) k.grad_factor *= clip;  // a nan norm propagates, as in clip_grad_norm_
+  }
+  if (h.maximize) k.grad_factor = -k.grad_factor;
+  const double step = static_cast<double>(*tl.step[t]) + 1.0;  // the count after this update
+  k.decay = h.decay;
+  k.beta1_comp = static_cast<float>(1.0 - h.beta1);
+  k.beta2 = static_cast<float>(h.beta2);
+  k.beta2_comp = static_cast<float>(1.0 - h.beta2);
+  k.eps = h.eps;
+  k.step_size = static_cast<float>(h.lr / (1.0 - pow(h.beta1, step)));
+  k.inv_bc2_sqrt = static_cast<float>(1.0 / sqrt(1.0 - pow(h.beta2, step)));
+
+  scalar_t* param = static_cast<scalar_t*>(tl.param[t]) + begin;
+  const scalar_t* grad = static_cast<const scalar_t*>(tl.grad[t]) + begin;
+  float* exp_avg = tl.exp_avg[t] + begin;
+  float* exp_avg_sq = tl.exp_avg_sq[t] + begin;
+  float* max_exp_avg_sq = amsgrad ? tl.max_exp_avg_sq[t] + begin : nullptr;
+  float* master = has_master ? tl.master[t] + begin : nullptr;
+
+  bool aligned = is_aligned<scalar_t>(param) && is_aligned<scalar_t>(grad) && is_aligned<float>(exp_avg) &&
+                 is_aligned<float>(exp_avg_sq);
+  if (amsgrad) aligned = aligned && is_aligned<float>(max_exp_avg_sq);
+  if (has_master) aligned = aligned && is_aligned<float>(master);
+  const int64_t vec_len = aligned ? (len / kIlp) * kIlp : 0;
+
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp; i < vec_len; i += kThreads * kIlp) {
+    const Pack<scalar_t> g = *reinterpret_cast<const Pack<scalar_t>*>(grad + i);
+    Pack<float> p, m = *reinterpret_cast<const Pack<float>*>(exp_avg + i),
+                   v = *reinterpret_cast<const Pack<float>*>(exp_avg_sq + i), vmax;
+    if (has_master) {
+      p = *reinterpret_cast<const Pack<float>*>(master + i);
+    } else {
+      const Pack<scalar_t> raw = *reinterpret_cast<const Pack<scalar_t>*>(param + i);
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) p.v[j] = static_cast<float>(raw.v[j]);
+    }
+    if (amsgrad) vmax = *reinterpret_cast<const Pack<float>*>(max_exp_avg_sq + i);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      adamw_element<amsgrad>(p.v[j], static_cast<float>(g.v[j]), m.v[j], v.v[j], vmax.v[j], k);
+    }
+    *reinterpret_cast<Pack<float>*>(exp_avg + i) = m;
+    *reinterpret_cast<Pack<float>*>(exp_avg_sq + i) = v;
+    if (amsgrad) *reinterpret_cast<Pack<float>*>(max_exp_avg_sq + i) = vmax;
+    if (has_master) *reinterpret_cast<Pack<float>*>(master + i) = p;
+    Pack<scalar_t> out;
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) out.v[j] = static_cast<scalar_t>(p.v[j]);
+    *reinterpret_cast<Pack<scalar_t>*>(param + i) = out;
+  }
+  for (int64_t i = vec_len + threadIdx.x; i < len; i += kThreads) {
+    float p = has_master ? master[i] : static_cast<float>(param[i]);
+    float m = exp_avg[i], v = exp_avg_sq[i], vmax = amsgrad ? max_exp_avg_sq[i] : 0.f;
+    adamw_element<amsgrad>(p, static_cast<float>(grad[i]), m, v, vmax, k);
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    if (amsgrad) max_exp_avg_sq[i] = vmax;
+    if (has_master) master[i] = p;
+    param[i] = static_cast<scalar_t>(p);
+  }
+}
+
+struct StepList {
+  float* step[kMaxSteps];
+  int count;
+};
+
+__global__ void bump_steps_kernel(StepList list, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;
+  const int i = threadIdx.x;
+  if (i < list.count) *list.step[i] += 1.f;
+}
+
+// ---- the global norm ------------------------------------------------------------------------
+
+struct NormTensors {
+  const void* grad[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  ChunkMap map;
+};
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T value, T* shared) {
+  // A fixed reduction tree: the same inputs give the same bits on every run.
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  value = threadIdx.x < warps ? shared[threadIdx.x] : T(0);
+  if (warp == 0) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) sum_squares_kernel(NormTensors tl, float* partials) {
+  __shared__ float shared[kThreads / 32];
+  const int t = tl.map.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(tl.map.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t len = min(kChunk, tl.numel[t] - begin);
+  const scalar_t* grad = static_cast<const scalar_t*>(tl.grad[t]) + begin;
+  const int64_t vec_len = is_aligned<scalar_t>(grad) ? (len / kIlp) * kIlp : 0;
+  float acc = 0.f;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp; i < vec_len; i += kThreads * kIlp) {
+    const Pack<scalar_t> g = *reinterpret_cast<const Pack<scalar_t>*>(grad + i);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      const float x = static_cast<float>(g.v[j]);
+      acc += x * x;
+    }
+  }
+  for (int64_t i = vec_len + threadIdx.x; i < len; i += kThreads) {
+    const float x = static_cast<float>(grad[i]);
+    acc += x * x;
+  }
+  acc = block_sum(acc, shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+__global__ void __launch_bounds__(1024) finish_norm_kernel(const float* partials, int64_t count,
+                                                           const float* grad_scale, float* out) {
+  __shared__ double shared[32];
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += static_cast<double>(partials[i]);
+  acc = block_sum(acc, shared);
+  if (threadIdx.x == 0) {
+    double norm = sqrt(acc);
+    if (grad_scale != nullptr) norm /= static_cast<double>(*grad_scale);
+    *out = static_cast<float>(norm);
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+const float* optional_scalar(const std::optional<at::Tensor>& t, const at::Device& device, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1, "adamw: ", name,
+              " must be a float32 scalar on ", device);
+  return t->data_ptr<float>();
+}
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// fn(scalar_t{}) for the parameter dtypes the kernels are built for.
+template <typename Fn>
+void dispatch_param_dtype(at::ScalarType dtype, Fn fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    default: TORCH_CHECK(false, "adamw: unsupported dtype ", dtype);
+  }
+}
+
+at::Tensor adamw_grad_norm_cuda(at::TensorList grads, const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(!grads.empty(), "adamw_grad_norm: needs at least one grad");
+  const at::Device device = grads[0].device();
+  c10::DeviceGuard guard(device);
+  const float* scale_ptr = optional_scalar(grad_scale, device, "grad_scale");
+  std::vector<at::Tensor> dense;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.device() == device, "adamw_grad_norm: grads[", i, "] is on ", g.device(), ", expected ", device);
+    TORCH_CHECK(is_float_type(g.scalar_type()), "adamw_grad_norm: grads[", i,
+                "] must be float32, bfloat16 or float16, got ", g.scalar_type());
+    dense.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
+  }
+  std::vector<int64_t> all_numels;
+  for (const auto& g : dense) all_numels.push_back(g.numel());
+  const int64_t chunks = total_chunks(all_numels);
+  auto options = dense[0].options().dtype(at::kFloat);
+  at::Tensor out = at::empty({}, options);
+  if (chunks == 0) {
+    out.zero_();
+    return out;
+  }
+  at::Tensor partials = at::empty({chunks}, options);
+  cudaStream_t stream = current_stream(device);
+  int64_t offset = 0;
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    std::vector<const at::Tensor*> group;
+    std::vector<int64_t> numels;
+    for (const auto& g : dense) {
+      if (g.scalar_type() == dtype) {
+        group.push_back(&g);
+        numels.push_back(g.numel());
+      }
+    }
+    if (group.empty()) continue;
+    NormTensors tl;
+    auto fill = [&](int slot, size_t t) {
+      tl.grad[slot] = group[t]->data_ptr();
+      tl.numel[slot] = group[t]->numel();
+    };
+    auto launch = [&](int blocks, int64_t before) {
+      float* out_ptr = partials.data_ptr<float>() + offset + before;
+      dispatch_param_dtype(dtype, [&](auto tag) {
+        using scalar_t = decltype(tag);
+        sum_squares_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(tl, out_ptr);
+      });
+      check_launch();
+    };
+    for_each_launch(numels, tl.map, fill, launch);
+    offset += total_chunks(numels);
+  }
+  finish_norm_kernel<<<1, 1024, 0, stream>>>(partials.data_ptr<float>(), chunks, scale_ptr, out.data_ptr<float>());
+  check_launch();
+  return out;
+}
+
+void check_state(const char* name, const at::Tensor& t, const at::Tensor& p, size_t i) {
+  TORCH_CHECK(t.device() == p.device(), "adamw_step_: ", name, "[", i, "] is on ", t.device(), ", its parameter on ",
+              p.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "adamw_step_: ", name, "[", i, "] must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == p.sizes(), "adamw_step_: ", name, "[", i, "] has shape ", t.sizes(),
+              " but its parameter has shape ", p.sizes());
+}
+
+template <typename scalar_t, bool amsgrad, bool has_master>
+void launch_adamw(const AdamwTensors& tl, int blocks, const AdamwHyper& h, const float* grad_scale,
+                  const float* found_inf, const float* grad_norm, cudaStream_t stream) {
+  adamw_kernel<scalar_t, amsgrad, has_master><<<blocks, kThreads, 0, stream>>>(tl, h, grad_scale, found_inf, grad_norm);
+  check_launch();
+}
+
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList state_steps,
+                     double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                     bool maximize, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                     double max_grad_norm) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
+              "adamw_step_: params, grads, exp_avgs, exp_avg_sqs and state_steps must have one entry per "
+              "parameter");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "adamw_step_: amsgrad needs one max_exp_avg_sq per parameter");
+  TORCH_CHECK(master_params.empty() || master_params.size() == n,
+              "adamw_step_: master_params must be empty or have one entry per parameter");
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  c10::DeviceGuard guard(device);
+  const float* scale_ptr = optional_scalar(grad_scale, device, "grad_scale");
+  const float* inf_ptr = optional_scalar(found_inf, device, "found_inf");
+  const float* norm_ptr = optional_scalar(grad_norm, device, "grad_norm");
+  TORCH_CHECK(max_grad_norm <= 0 || norm_ptr != nullptr, "adamw_step_: max_grad_norm needs grad_norm");
+  const bool has_master = !master_params.empty();
+
+  // Operands that do not share one dense layout are updated on contiguous copies.
+  struct Operands {
+    at::Tensor param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master;
+  };
+  std::vector<Operands> ops(n);
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device, "adamw_step_: params[", i, "] is on ", p.device(), ", expected ", device);
+    TORCH_CHECK(is_float_type(p.scalar_type()), "adamw_step_: params[", i,
+                "] must be float32, bfloat16 or float16, got ", p.scalar_type());
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes() &&
+                    grads[i].device() == device,
+                "adamw_step_: grads[", i, "] must match its parameter's dtype, shape and device");
+    check_state("exp_avgs", exp_avgs[i], p, i);
+    check_state("exp_avg_sqs", exp_avg_sqs[i], p, i);
+    if (amsgrad) check_state("max_exp_avg_sqs", max_exp_avg_sqs[i], p, i);
+    if (has_master) check_state("master_params", master_params[i], p, i);
+    TORCH_CHECK(state_steps[i].device() == device && state_steps[i].scalar_type() == at::kFloat &&
+                    state_steps[i].numel() == 1,
+                "adamw_step_: state_steps[", i, "] must be a float32 scalar on ", device);
+    std::vector<at::Tensor> list = {p, grads[i], exp_avgs[i], exp_avg_sqs[i]};
+    if (amsgrad) list.push_back(max_exp_avg_sqs[i]);
+    if (has_master) list.push_back(master_params[i]);
+    bool shared_layout = p.is_non_overlapping_and_dense();
+    for (const auto& t : list) shared_layout = shared_layout && t.strides() == p.strides();
+    if (!shared_layout) {
+      for (size_t k = 0; k < list.size(); ++k) {
+        at::Tensor dense = list[k].contiguous();
+        if (k != 1 && !dense.is_same(list[k])) copy_back.emplace_back(list[k], dense);
+        list[k] = dense;
+      }
+    }
+    ops[i] = {list[0], list[1], list[2], list[3], amsgrad ? list[4] : at::Tensor(),
+              has_master ? list.back() : at::Tensor()};
+  }
+
+  AdamwHyper h{lr, beta1, beta2, static_cast<float>(eps), static_cast<float>(1.0 - lr * weight_decay),
+               static_cast<float>(max_grad_norm), maximize};
+  cudaStream_t stream = current_stream(device);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    std::vector<size_t> group;
+    std::vector<int64_t> numels;
+    for (size_t i = 0; i < n; ++i) {
+      if (params[i].scalar_type() == dtype) {
+        group.push_back(i);
+        numels.push_back(params[i].numel());
+      }
+    }
+    if (group.empty()) continue;
+    AdamwTensors tl;
+    auto fill = [&](int slot, size_t t) {
+      const size_t i = group[t];
+      tl.param[slot] = ops[i].param.data_ptr();
+      tl.grad[slot] = ops[i].grad.data_ptr();
+      tl.exp_avg[slot] = ops[i].exp_avg.data_ptr<float>();
+      tl.exp_avg_sq[slot] = ops[i].exp_avg_sq.data_ptr<float>();
+      tl.max_exp_avg_sq[slot] = amsgrad ? ops[i].max_exp_avg_sq.data_ptr<float>() : nullptr;
+      tl.master[slot] = has_master ? ops[i].master.data_ptr<float>() : nullptr;
+      tl.step[slot] = state_steps[i].data_ptr<float>();
+      tl.numel[slot] = ops[i].param.numel();
+    };
+    auto launch = [&](int blocks, int64_t) {
+      dispatch_param_dtype(dtype, [&](auto tag) {
+        using scalar_t = decltype(tag);
+        if (amsgrad && has_master) launch_adamw<scalar_t, true, true>(tl, blocks, h, scale_ptr, inf_ptr, norm_ptr, stream);
+        else if (amsgrad) launch_adamw<scalar_t, true, false>(tl, blocks, h, scale_ptr, inf_ptr, norm_ptr, stream);
+        else if (has_master) launch_adamw<scalar_t, false, true>(tl, blocks, h, scale_ptr, inf_ptr, norm_ptr, stream);
+        else launch_adamw<scalar_t, false, false>(tl, blocks, h, scale_ptr, inf_ptr, norm_ptr, stream);
+      });
+    };
+    for_each_launch(numels, tl.map, fill, launch);
+  }
+
+  // Every chunk has read its step count by now (stream order); bump them all.
+  for (size_t first = 0; first < n; first += kMaxSteps) {
+    StepList list;
+    list.count = static_cast<int>(std::min<size_t>(kMaxSteps, n - first));
+    for (int j = 0; j < list.count; ++j) list.step[j] = state_steps[first + j].data_ptr<float>();
+    bump_steps_kernel<<<1, kMaxSteps, 0, stream>>>(list, inf_ptr);
+    check_launch();
+  }
+  for (auto& [dst, src] : copy_back) dst.copy_(src);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  m.impl("adamw_step_", &adamw_step_cuda);
+  m.impl("adamw_grad_norm", &adamw_grad_norm_cuda);
+}
+
+}  // namespace fastlm
