@@ -1,0 +1,141 @@
+"""Numerical parity: train the same model with the reference path and with the fused path.
+
+Both runs start from the same seed (same initial weights, same batches), in fp32 with dropout
+0 so that any difference comes from the kernels. They pass when the loss agrees within
+LOSS_RTOL (relative) at every step and, at the end, every weight tensor agrees within
+WEIGHT_RTOL in relative L2 norm (||fused - ref|| / ||ref||). The max absolute and relative
+elementwise differences are reported too: Adam's normalised update amplifies rounding noise in
+near-zero gradients to up to lr per step, so a single element's difference is no pass criterion.
+"""
+import argparse
+import gc
+import json
+import os
+import tempfile
+
+import torch
+
+from fastlm.bench.common import env_info, max_rel_error, results_dir, save_figure
+from fastlm.bench.e2e import make_trainer
+
+LOSS_RTOL = 0.02
+WEIGHT_RTOL = 1e-2
+# The default training config (d_model 128, 4 layers, sequence 128, batch 32, byte vocab).
+DEFAULT_CASE = dict(name="default d128 L4", vocab_size=256, block_size=128, n_layer=4, n_head=4, d_model=128,
+                    batch_size=32)
+TINY_CASE = dict(name="tiny d64 L2", vocab_size=256, block_size=64, n_layer=2, n_head=2, d_model=64, batch_size=8)
+
+
+def train_losses(case, path, steps, device, lr, seed):
+    """Per-step training losses and the final weights (on CPU) of one path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(case, path, device, "float32", tmp, seed=seed, dropout=0.0, lr=lr,
+                               warmup_steps=max(1, steps // 5), max_steps=steps)
+        losses = [trainer.train_step()[0] for _ in range(steps)]
+        weights = {k: v.detach().float().cpu().clone() for k, v in trainer.raw_model.state_dict().items()}
+        del trainer
+    gc.collect()
+    return losses, weights
+
+
+def compare_weights(ref, fused):
+    """Max over tensors of the relative L2 difference, of max |diff|, and of max |diff| / max |ref|."""
+    rel_l2, max_abs, max_rel, worst = 0.0, 0.0, 0.0, None
+    for name, r in ref.items():
+        diff = (fused[name].double() - r.double())
+        tensor_rel = (diff.norm() / r.double().norm().clamp_min(1e-30)).item()
+        if tensor_rel >= rel_l2:
+            rel_l2, worst = tensor_rel, name
+        max_abs = max(max_abs, diff.abs().max().item())
+        max_rel = max(max_rel, max_rel_error(fused[name], r))
+    return {"max_tensor_rel_l2": rel_l2, "worst_tensor": worst, "max_abs": max_abs, "max_rel": max_rel}
+
+
+def run_parity(steps=50, device="cpu", case=None, lr=1e-3, seed=1337, out_dir=None, plot=True):
+    """Train both paths `steps` steps; returns the report dict (also written as parity.json)."""
+    device = torch.device(device)
+    case = case or DEFAULT_CASE
+    ref_losses, ref_weights = train_losses(case, "reference", steps, device, lr, seed)
+    fused_losses, fused_weights = train_losses(case, "fused", steps, device, lr, seed)
+    rel = [abs(f - r) / abs(r) for r, f in zip(ref_losses, fused_losses)]
+    weights = compare_weights(ref_weights, fused_weights)
+    from fastlm.bench.e2e import fused_backends
+
+    report = {
+        "benchmark": "parity", "env": env_info(device), "case": case, "steps": steps, "lr": lr, "seed": seed,
+        "dtype": "float32", "dropout": 0.0, "fused_backends": fused_backends(device),
+        "loss_rtol": LOSS_RTOL, "weight_rtol": WEIGHT_RTOL,
+        "ref_losses": ref_losses, "fused_losses": fused_losses,
+        "max_loss_rel_diff": max(rel), "worst_step": rel.index(max(rel)) + 1,
+        "weights": weights,
+    }
+    report["loss_ok"] = report["max_loss_rel_diff"] <= LOSS_RTOL
+    report["weights_ok"] = weights["max_tensor_rel_l2"] <= WEIGHT_RTOL
+    report["passed"] = report["loss_ok"] and report["weights_ok"]
+    path = results_dir(device, out_dir)
+    with open(os.path.join(path, "parity.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    if plot:
+        _plot(report, device, out_dir)
+    return report
+
+
+def describe(report):
+    """A few lines saying what was compared and whether it passed."""
+    w = report["weights"]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    return "\n".join([
+        f"parity {verdict}: {report['steps']} steps of {report['case']['name']} from seed {report['seed']}, "
+        f"fp32, dropout 0, reference (torch) vs fused ({report['fused_backends']})",
+        f"  loss: max relative difference {report['max_loss_rel_diff']:.2e} at step {report['worst_step']} "
+        f"(limit {report['loss_rtol']:.0%} at every step){'' if report['loss_ok'] else '  <-- FAILED'}",
+        f"  final weights: max per-tensor relative L2 difference {w['max_tensor_rel_l2']:.2e} ({w['worst_tensor']}; "
+        f"limit {report['weight_rtol']:.0e}){'' if report['weights_ok'] else '  <-- FAILED'}; "
+        f"max abs {w['max_abs']:.2e}, max |diff|/max |ref| {w['max_rel']:.2e}",
+        f"  final loss: reference {report['ref_losses'][-1]:.5f}, fused {report['fused_losses'][-1]:.5f}",
+    ])
+
+
+def _plot(report, device, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(1, report["steps"] + 1)
+    rel = [abs(f - r) / abs(r) for r, f in zip(report["ref_losses"], report["fused_losses"])]
+    fig, (ax, ax_rel) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax.plot(steps, report["ref_losses"], label="reference (torch)", linewidth=2.5, alpha=0.6)
+    ax.plot(steps, report["fused_losses"], label=f"fused ({report['fused_backends']})", linestyle="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{report['case']['name']}, fp32, seed {report['seed']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax_rel.semilogy(steps, [max(r, 1e-12) for r in rel], marker=".")
+    ax_rel.axhline(report["loss_rtol"], color="red", linestyle=":", label=f"limit {report['loss_rtol']:.0%}")
+    ax_rel.set_xlabel("step")
+    ax_rel.set_ylabel("|fused - reference| / reference")
+    ax_rel.grid(True, alpha=0.3)
+    ax_rel.legend(fontsize=8)
+    save_figure(fig, "parity", device=device, out_dir=out_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--tiny", action="store_true", help="a tiny model instead of the default config")
+    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/<device slug>/")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, f"{parser.prog}: error: --device cuda but CUDA is not available\n")
+    if args.steps <= 0:
+        parser.exit(2, f"{parser.prog}: error: --steps must be positive, got {args.steps}\n")
+    report = run_parity(args.steps, args.device, TINY_CASE if args.tiny else DEFAULT_CASE, out_dir=args.out_dir)
+    print(describe(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
