@@ -1,0 +1,373 @@
+"""cross_entropy and linear_cross_entropy against F.cross_entropy in float64.
+
+Tolerances: fp32 inputs rtol 1e-5 (atol 1e-5 x the largest reference value, for entries that
+cancel to ~0); bf16/fp16 inputs 1e-2 (the gradient is stored in the input dtype). The triton
+backend runs through the interpreter on CPU, so it gets a smaller sweep here and a large one
+on GPU.
+"""
+import pytest
+import torch
+
+from fastlm.ops import BackendUnavailable
+from fastlm.ops import cross_entropy as ce_module
+from fastlm.ops.cross_entropy import (backend_reasons, cross_entropy, cross_entropy_reference,
+                                      linear_cross_entropy, linear_cross_entropy_reference)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def usable(backend, device="cpu"):
+    return backend_reasons(torch.device(device))[backend] is None
+
+
+def skip_unless(backend, device="cpu"):
+    reason = backend_reasons(torch.device(device))[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable: {reason}")
+
+
+def make_targets(n, vocab, ignore, ignore_index=-100, device="cpu"):
+    targets = torch.randint(0, vocab, (n,), device=device)
+    if ignore == "some" and n > 1:
+        targets[torch.randperm(n, device=device)[: max(1, n // 3)]] = ignore_index
+    elif ignore == "all":
+        targets.fill_(ignore_index)
+    return targets
+
+
+def assert_close(out, ref, tol, what):
+    out, ref = out.double(), ref.double()
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * max(scale, 1e-3), equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check_against_reference(backend, logits, targets, grad_out_seed=1, **options):
+    """Loss and gradient of `backend` vs float64 F.cross_entropy on the same input values."""
+    tol = TOL[logits.dtype]
+    ref_in = logits.detach().double().requires_grad_()
+    ref = cross_entropy_reference(ref_in, targets, **options)
+    # A non-leaf input, as in training, lets the fused backends reuse the logits buffer.
+    leaf = logits.detach().clone().requires_grad_()
+    out = cross_entropy(leaf * 1, targets, backend=backend, **options)
+    assert out.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert out.shape == ref.shape
+    assert_close(out, ref, tol, f"{backend} loss")
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    grad_out = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(ref.device) + 0.5
+    ref.backward(grad_out)
+    out.backward(grad_out.to(out.dtype))
+    assert leaf.grad.dtype == logits.dtype
+    assert_close(leaf.grad, ref_in.grad, tol, f"{backend} grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy: shapes x dtypes x reductions (all options on), torch and cpp
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,vocab", [(1, 1), (3, 7), (257, 256), (3, 1000), (257, 1000), (1, 50257),
+                                     (257, 50257)])
+def test_shapes_dtypes(backend, reduction, dtype, n, vocab):
+    skip_unless(backend)
+    if n * vocab > 1_000_000 and (dtype != torch.float32 or reduction == "sum"):
+        pytest.skip("the largest shape runs once per backend/reduction, in fp32")
+    logits = (torch.randn(n, vocab) * 3).to(dtype)
+    targets = make_targets(n, vocab, "some")
+    check_against_reference(backend, logits, targets, reduction=reduction, label_smoothing=0.1,
+                            z_loss=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore", ["absent", "some", "all"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-4])
+def test_options(backend, reduction, ignore, label_smoothing, z_loss):
+    skip_unless(backend)
+    logits = torch.randn(67, 256) * 2
+    ignore_index = -1 if ignore == "some" else -100
+    targets = make_targets(67, 256, ignore, ignore_index)
+    check_against_reference(backend, logits, targets, reduction=reduction, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_all_ignored_matches_torch(backend):
+    skip_unless(backend)
+    logits = torch.randn(5, 11, requires_grad=True)
+    targets = torch.full((5,), -100)
+    mean = cross_entropy(logits * 1, targets, backend=backend)
+    assert torch.isnan(mean)  # 0 / 0, as F.cross_entropy gives
+    mean.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    assert cross_entropy(logits, targets, reduction="sum", backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_float64_exact(backend):
+    skip_unless(backend)
+    logits = torch.randn(31, 97, dtype=torch.float64)
+    check_against_reference(backend, logits, make_targets(31, 97, "some"), label_smoothing=0.2, z_loss=0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(backend, reduction):
+    """gradcheck runs several backwards, so fused cross_entropy is checked through the chunked
+    linear_cross_entropy (whose backward is repeatable) on top of the same kernel."""
+    skip_unless(backend)
+    hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    targets = make_targets(6, 9, "some")
+    assert torch.autograd.gradcheck(
+        lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction, label_smoothing=0.1,
+                                          z_loss=0.05, chunk_size=4, backend=backend), (hidden, weight))
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: cross_entropy(x, targets, reduction=reduction, label_smoothing=0.1, z_loss=0.05,
+                                backend="torch"), (logits,))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_3d_and_non_contiguous(backend):
+    skip_unless(backend)
+    logits = torch.randn(2, 5, 37)
+    targets = make_targets(10, 37, "some").reshape(2, 5)
+    check_against_reference(backend, logits, targets, reduction="none", label_smoothing=0.1)
+    check_against_reference(backend, logits, targets, z_loss=1e-4)
+    wide = torch.randn(7, 50)
+    check_against_reference(backend, wide[:, 3:40], make_targets(7, 37, "some"))  # row stride 50
+    check_against_reference(backend, wide.t()[:37], make_targets(37, 7, "some"))  # column stride 50
+
+
+# ---------------------------------------------------------------------------------------------
+# triton through the interpreter (small), and on GPU
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,vocab", [(1, 1), (3, 7), (257, 256), (3, 1000), (3, 50257)])
+def test_triton(dtype, n, vocab):
+    skip_unless("triton")
+    logits = (torch.randn(n, vocab) * 3).to(dtype)
+    targets = make_targets(n, vocab, "some")
+    check_against_reference("triton", logits, targets, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n,vocab", [(1, 1), (257, 1000), (4099, 50257), (1024, 128256), (64, 262144)])
+def test_triton_gpu(dtype, reduction, n, vocab):
+    skip_unless("triton", "cuda")
+    logits = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
+    targets = make_targets(n, vocab, "some", device="cuda")
+    check_against_reference("triton", logits, targets, reduction=reduction, label_smoothing=0.1, z_loss=1e-4)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_int64_offsets():
+    skip_unless("triton", "cuda")
+    n, vocab = 16500, 131072  # n * vocab > 2**31
+    logits = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = make_targets(n, vocab, "some", device="cuda")
+    out = cross_entropy(logits, targets, reduction="none", backend="triton")
+    last = cross_entropy_reference(logits[-3:].detach(), targets[-3:], reduction="none")
+    assert_close(out[-3:], last, 1e-2, "last rows")
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffer reuse and autograd behaviour of the fused path
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_overwrites_intermediate_not_leaf(backend):
+    skip_unless(backend)
+    leaf = torch.randn(9, 33, requires_grad=True)
+    targets = make_targets(9, 33, "some")
+    before = leaf.detach().clone()
+    cross_entropy(leaf, targets, backend=backend).backward()
+    assert torch.equal(leaf.detach(), before)  # callers' tensors are never overwritten
+    expected = leaf.grad.clone()
+    leaf.grad = None
+    scaled = leaf * 2.0
+    cross_entropy(scaled, targets, backend=backend).backward()
+    assert_close(leaf.grad, 2.0 * cross_entropy_grad(before * 2.0, targets), 1e-5, "chain rule")
+    assert not torch.equal(scaled.detach(), before * 2.0)  # the intermediate now holds the gradient
+    assert expected.shape == leaf.grad.shape
+
+
+def cross_entropy_grad(logits, targets):
+    x = logits.detach().double().requires_grad_()
+    cross_entropy_reference(x, targets).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_backward_twice_raises(backend):
+    skip_unless(backend)
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = cross_entropy(logits, make_targets(4, 10, "absent"), reduction="none", backend=backend)
+    loss.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        loss.sum().backward()
+
+
+def test_overwritten_logits_saved_elsewhere_fail_loudly():
+    skip_unless("cpp")
+    leaf = torch.randn(4, 10, requires_grad=True)
+    logits = torch.tanh(leaf)  # tanh saves its output for backward
+    loss = cross_entropy(logits, make_targets(4, 10, "absent"), backend="cpp")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_no_grad_leaves_logits_untouched():
+    skip_unless("cpp")
+    logits = torch.randn(5, 20)
+    before = logits.clone()
+    with torch.no_grad():
+        cross_entropy(logits * 1, make_targets(5, 20, "some"), backend="cpp")
+        cross_entropy(logits, make_targets(5, 20, "some"), backend="cpp")
+    assert torch.equal(logits, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy vs the unfused reference
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_linear(backend, reduction, with_bias, chunk_size):
+    skip_unless(backend)
+    if backend == "triton" and chunk_size == 1:
+        pytest.skip("interpreter: one launch per row is slow")
+    n, dim, vocab = 23, 16, 97
+    hidden = torch.randn(n, dim, requires_grad=True)
+    weight = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
+    bias = torch.randn(vocab, requires_grad=True) if with_bias else None
+    targets = make_targets(n, vocab, "some")
+    options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-4)
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = linear_cross_entropy_reference(ref_inputs[0], ref_inputs[1], targets,
+                                         bias=ref_inputs[2] if with_bias else None, **options)
+    out = linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=chunk_size, backend=backend,
+                               **options)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, 1e-5, "loss")
+    grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    grads = torch.autograd.grad(out, inputs, grad_out.float())
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert_close(g, r, 1e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_linear_3d_half_precision(backend):
+    skip_unless(backend)
+    hidden = torch.randn(2, 9, 32).bfloat16().requires_grad_()
+    weight = (torch.randn(300, 32) / 32**0.5).bfloat16().requires_grad_()
+    targets = make_targets(18, 300, "some", ignore_index=-1).reshape(2, 9)
+    out = linear_cross_entropy(hidden, weight, targets, ignore_index=-1, chunk_size=5, backend=backend)
+    ref_h, ref_w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = linear_cross_entropy_reference(ref_h, ref_w, targets, ignore_index=-1)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, 1e-2, "loss")
+    out.backward()
+    ref.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    assert_close(hidden.grad, ref_h.grad, 2e-2, "grad hidden")
+    assert_close(weight.grad, ref_w.grad, 2e-2, "grad weight")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_linear_under_autocast(backend):
+    skip_unless(backend)
+    hidden = torch.randn(20, 32, requires_grad=True)
+    weight = (torch.randn(100, 32) / 32**0.5).requires_grad_()
+    targets = make_targets(20, 100, "some", ignore_index=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(hidden, weight, targets, ignore_index=-1, backend=backend)
+        logits = hidden @ weight.t()
+        assert logits.dtype == torch.bfloat16
+        unfused = cross_entropy(logits, targets, ignore_index=-1, backend=backend)
+    assert out.dtype == torch.float32 and unfused.dtype == torch.float32
+    out.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    ref = linear_cross_entropy_reference(hidden.detach().double(), weight.detach().double(), targets,
+                                         ignore_index=-1)
+    assert_close(out, ref, 2e-2, "loss")
+    assert_close(unfused, ref, 2e-2, "unfused loss")
+
+
+def test_default_chunk_rows_bounds_memory():
+    rows = ce_module.default_chunk_rows(100_000, 50257, "cpu")
+    assert 1 <= rows <= 100_000 and rows * 50257 * 4 <= 256 * 2**20
+    assert ce_module.default_chunk_rows(10, 50257, "cpu") == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: before any kernel, on every backend
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("bad", [7, -5, 1000])
+def test_targets_out_of_range(backend, bad, monkeypatch):
+    skip_unless(backend)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel ran before validation")
+
+    for name in ("_ce_rows_cpp", "_ce_rows_triton", "_ce_rows_torch"):
+        monkeypatch.setitem(ce_module._ROW_KERNELS, name.split("_")[-1], no_kernel)
+    targets = torch.tensor([0, 3, bad, -100])
+    with pytest.raises(ValueError, match=rf"targets must be in \[0, 7\).*got {bad}"):
+        cross_entropy(torch.randn(4, 7), targets, backend=backend)
+    with pytest.raises(ValueError, match=rf"targets must be in \[0, 7\).*got {bad}"):
+        linear_cross_entropy(torch.randn(4, 3), torch.randn(7, 3), targets, backend=backend)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: cross_entropy(torch.randn(4, 7), torch.zeros(5, dtype=torch.long)), ValueError, r"shape \(4,\)"),
+    (lambda: cross_entropy(torch.randn(4, 7), torch.zeros(4, dtype=torch.int32)), TypeError, "int32"),
+    (lambda: cross_entropy(torch.randn(4, 7).long(), torch.zeros(4, dtype=torch.long)), TypeError, "int64"),
+    (lambda: cross_entropy(torch.randn(7), torch.zeros((), dtype=torch.long)), ValueError, r"\(7,\)"),
+    (lambda: cross_entropy(torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "vocabulary"),
+    (lambda: cross_entropy(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), reduction="avg"),
+     ValueError, "reduction"),
+    (lambda: cross_entropy(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), label_smoothing=1.5),
+     ValueError, "label_smoothing"),
+    (lambda: cross_entropy(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), z_loss=-1.0),
+     ValueError, "z_loss"),
+    (lambda: cross_entropy(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), backend="fast"),
+     ValueError, "unknown backend"),
+    (lambda: cross_entropy(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), backend="cuda"),
+     BackendUnavailable, "no hand-written CUDA kernel"),
+    (lambda: linear_cross_entropy(torch.randn(4, 3), torch.randn(7, 5), torch.zeros(4, dtype=torch.long)),
+     ValueError, r"\(7, 5\)"),
+    (lambda: linear_cross_entropy(torch.randn(4, 3), torch.randn(7, 3).double(), torch.zeros(4, dtype=torch.long)),
+     TypeError, "share a dtype"),
+    (lambda: linear_cross_entropy(torch.randn(4, 3), torch.randn(7, 3), torch.zeros(4, dtype=torch.long),
+                                  bias=torch.randn(6)), ValueError, r"bias must have shape \(7,\)"),
+    (lambda: linear_cross_entropy(torch.randn(4, 3), torch.randn(7, 3), torch.zeros(4, dtype=torch.long),
+                                  chunk_size=0), ValueError, "chunk_size"),
+])
+def test_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_backend_reasons_and_auto():
+    reasons = backend_reasons(torch.device("cpu"))
+    assert set(reasons) == {"torch", "triton", "cpp", "cuda"}
+    assert reasons["torch"] is None and "triton" in reasons["cuda"]
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    expected = cross_entropy_reference(logits, targets)
+    assert_close(cross_entropy(logits, targets), expected, 1e-5, "auto")  # cpp or torch, never the interpreter
