@@ -48,7 +48,8 @@ def check_against_reference(backend, B, H, H_kv, T, D, dtype, scale=None, device
         assert got.shape == want.shape, name
         assert torch.isfinite(got).all(), name
         err = rel_err(got, want)
-        assert err <= TOL[dtype], f"{backend} {name}: rel err {err:.2e} > {TOL[dtype]:.0e} at B={B} H={H}/{H_kv} T={T} D={D} {dtype}"
+        assert err <= TOL[dtype], (f"{backend} {name}: rel err {err:.2e} > {TOL[dtype]:.0e} "
+                                   f"at B={B} H={H}/{H_kv} T={T} D={D} {dtype}")
 
 
 # --- Triton (interpreter on CPU) ----------------------------------------------------------------

@@ -148,7 +148,8 @@ def _triton(q, k, v, scale):
 # saves only q, k, v, O and the (B, H, T) log-sum-exp. Kernels are imported on first call.
 
 @torch.library.custom_op("fastlm::flash_attention_forward", mutates_args=())
-def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlm.kernels.attention import attention_forward
 
     return attention_forward(q, k, v, scale)
@@ -162,7 +163,8 @@ def _(q, k, v, scale):
 
 @torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
 def _flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    out: torch.Tensor, lse: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastlm.kernels.attention import attention_backward
 
     return attention_backward(grad_out, q, k, v, out, lse, scale)
