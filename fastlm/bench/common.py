@@ -48,9 +48,36 @@ def time_ms(fn, *, device="cpu", warmup=3, repeats=10):
     return statistics.median(times)
 
 
-def _maxrss_mb():
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _status_mb(field):
+    """A field of /proc/self/status (VmRSS, VmHWM) in MiB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_high_water_mark():
+    """Start VmHWM afresh from the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _high_water_mb():
+    # VmHWM belongs to this process's own address space. ru_maxrss does not: on Linux it also
+    # carries the high-water mark of the parent the process was forked from, which would hide
+    # a child's smaller peak behind its parent's.
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
@@ -88,10 +115,10 @@ def _peak_child_fresh(setup, kwargs, queue):
     try:
         torch.set_num_threads(int(kwargs.pop("_threads")))
         step = setup(**kwargs)
-        before = _maxrss_mb()
+        before = _status_mb("VmRSS") if _reset_high_water_mark() else _high_water_mb()
         step()
-        queue.put(("ok", max(_maxrss_mb() - before, 0.0), before))
-    except BaseException as exc:
+        queue.put(("ok", max(_high_water_mb() - before, 0.0), before))
+    except BaseException as exc:  # report any failure to the parent instead of hanging it
         queue.put(("error", f"{type(exc).__name__}: {exc}", 0.0))
 
 
