@@ -30,7 +30,7 @@ BENCHMARKS = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 ROW_KEYS = ("name", "shape", "backend", "ref_ms", "fused_ms", "speedup", "ref_peak_mb", "fused_peak_mb", "max_err")
-TABLE = [("benchmark", "benchmark", ""), ("name", "case", ""), ("backend", "backend", ""),
+TABLE = [("benchmark", "benchmark", ""), ("case", "case", ""), ("backend", "backend", ""),
          ("ref_ms", "ref ms", ".2f"), ("fused_ms", "fused ms", ".2f"), ("speedup", "speed-up", ".2f"),
          ("ref_peak_mb", "ref peak MB", ".1f"), ("fused_peak_mb", "fused peak MB", ".1f"),
          ("max_err", "max err", ".1e"), ("tokens_per_s", "tok/s ref -> fused", ""), ("mfu", "MFU", ""),
@@ -111,6 +111,20 @@ def _is_measured(row):
     return not row.get("skipped") and row.get("fused_ms") is not None
 
 
+def case_label(row):
+    """The row's name, plus its shape when the name alone does not tell the size (no digit in it)."""
+    name, shape = str(row.get("name")), row.get("shape")
+    if shape is None or any(ch.isdigit() for ch in name):
+        return name
+    return f"{name} {shape if isinstance(shape, str) else 'x'.join(map(str, shape))}"
+
+
+def _panel(bench, row):
+    # cross_entropy's module reports two ops (cross_entropy, linear_cross_entropy): one panel each
+    name = str(row.get("name"))
+    return bench if any(ch.isdigit() for ch in name) else name
+
+
 def summary_rows(results):
     """Flatten {benchmark: result} into display rows (one per measured or skipped case)."""
     out = []
@@ -119,7 +133,7 @@ def summary_rows(results):
             out.append({"benchmark": bench, "status": "skipped", "note": f"skipped: {result['skipped']}"})
             continue
         for row in result["rows"]:
-            display = {"benchmark": bench, **{k: row.get(k) for k in ROW_KEYS}}
+            display = {"benchmark": bench, **{k: row.get(k) for k in ROW_KEYS}, "case": case_label(row)}
             if row.get("skipped"):
                 display.update(status="skipped", note=f"skipped: {row['skipped']}")
             elif row.get("fused_ms") is None and row.get("ref_ms") is None:
@@ -188,10 +202,14 @@ def write_markdown(out_dir):
                   f"difference {w['max_tensor_rel_l2']:.2e} (limit {parity['weight_rtol']:.0e}), max abs "
                   f"{w['max_abs']:.2e}.", ""]
     pngs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.png")))
-    if pngs:
-        shown = [p for p in pngs if p.startswith(("summary", "parity"))]
-        lines += ["## Plots", "", *[f"![{p[:-4]}]({p})\n" for p in shown],
-                  "Per benchmark: " + ", ".join(f"[{p}]({p})" for p in pngs if p not in shown), ""]
+    shown = [p for p in pngs if p.startswith(("summary", "parity"))]
+    # Each module names its plots after itself, with a _quick suffix in quick mode.
+    per_bench = [p for p in pngs if summary and p.startswith(tuple(summary["benchmarks"]))
+                 and p.endswith("_quick.png") == summary["quick"]]
+    if shown or per_bench:
+        lines += ["## Plots", "", *[f"![{p[:-4]}]({p})\n" for p in shown]]
+        if per_bench:
+            lines += ["Per benchmark: " + ", ".join(f"[{p}]({p})" for p in per_bench), ""]
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -215,7 +233,7 @@ def plot_summary(results, out_dir, device_type):
     if not measured:
         return
     fig, ax = plt.subplots(figsize=(9, 0.3 * len(measured) + 1.4))
-    labels = [f"{bench}: {row.get('name')} [{row.get('backend')}]" for bench, row in measured]
+    labels = [f"{bench}: {case_label(row)} [{row.get('backend')}]" for bench, row in measured]
     speedups = [row["speedup"] for _, row in measured]
     ax.barh(range(len(measured)), speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -228,25 +246,29 @@ def plot_summary(results, out_dir, device_type):
     ax.grid(True, axis="x", alpha=0.3)
     save_figure(fig, "summary_speedup", device=device_type, out_dir=out_dir)
 
-    benches = [b for b in results if any(_is_measured(r) for r in results[b].get("rows", []))]
-    fig, axes = plt.subplots(1, len(benches), figsize=(4.8 * len(benches), 4.2), squeeze=False)
-    for ax, bench in zip(axes[0], benches):
-        rows = [r for r in results[bench]["rows"] if _is_measured(r)]
+    panels = {}
+    for bench, result in results.items():
+        for row in result.get("rows", []):
+            if _is_measured(row):
+                panels.setdefault(_panel(bench, row), []).append(row)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2), squeeze=False)
+    for ax, (panel, rows) in zip(axes[0], panels.items()):
         # Cases in the module's order, which grows in size; one x position per case.
-        cases = list(dict.fromkeys(str(r.get("name")) for r in rows))
+        cases = list(dict.fromkeys(case_label(r) for r in rows))
         ref = {}
         for r in rows:
             if r.get("ref_ms") is not None:
-                ref.setdefault(cases.index(str(r.get("name"))), r["ref_ms"])
+                ref.setdefault(cases.index(case_label(r)), r["ref_ms"])
         ax.plot(list(ref), list(ref.values()), "k--", marker="x", label="reference")
         for backend in dict.fromkeys(str(r.get("backend")) for r in rows):
-            pts = [(cases.index(str(r.get("name"))), r["fused_ms"]) for r in rows if str(r.get("backend")) == backend]
-            if not all(_is_own_baseline(r) for r in rows if str(r.get("backend")) == backend):
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend[:34])
+            mine = [r for r in rows if str(r.get("backend")) == backend]
+            if not all(_is_own_baseline(r) for r in mine):
+                ax.plot([cases.index(case_label(r)) for r in mine], [r["fused_ms"] for r in mine], marker="o",
+                        label=backend[:34])
         ax.set_xticks(range(len(cases)), cases, rotation=35, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("ms (median)")
-        ax.set_title(bench)
+        ax.set_title(panel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"time per case, fused vs reference, {device_type}")

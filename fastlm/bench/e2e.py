@@ -200,6 +200,7 @@ def measure_path(case, path, device, dtype):
 
 def measure_case(case, device, dtype):
     """One summary row: both paths on `case`."""
+    from fastlm.config import ConfigError
     from fastlm.train import peak_flops
 
     tokens = case["batch_size"] * case["block_size"]
@@ -212,7 +213,7 @@ def measure_case(case, device, dtype):
     try:
         ref = measure_path(case, "reference", device, dtype)
         fused = measure_path(case, "fused", device, dtype)
-    except (RuntimeError, MemoryError, subprocess.TimeoutExpired) as exc:  # e.g. out of memory
+    except (ConfigError, RuntimeError, MemoryError, subprocess.TimeoutExpired) as exc:  # e.g. out of memory
         row["skipped"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
         return row
     peak = peak_flops(device)
