@@ -9,6 +9,13 @@
 // Work is cut into fixed-size pieces across all tensors and spread over threads with one
 // at::parallel_for. Piece boundaries never depend on the thread count, and each piece is
 // summed in a fixed order, so the global norm is bit-identical from run to run.
+// Keep every rounding where the source puts it: the update must match torch.optim.AdamW's
+// per-op rounding, and the compiler would otherwise fuse a*b+c into one fma wherever it can.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/NumericUtils.h>
@@ -126,7 +133,7 @@ struct TensorSlots {
   float* master;          // null unless fp32 master weights
   at::ScalarType dtype;
   float step_size;        // lr / (1 - beta1^step)
-  float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
 };
 
 struct Hyper {
@@ -144,9 +151,10 @@ struct Piece {
   int64_t end;
 };
 
-// One block of the AdamW update, the same arithmetic as torch.optim.AdamW (single-tensor):
-// p *= decay; m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
-// p -= step_size * m / (sqrt(max(v)) / sqrt(1 - beta2^step) + eps).
+// One block of the AdamW update, rounded step by step exactly as torch.optim.AdamW's CPU ops
+// round it (floating-point contraction is off in this file, so every fma is written out):
+// p *= decay; m = fma(1 - beta1, g - m, m); v = fma((1 - beta2) g, g, beta2 v);
+// p += (-step_size m) / (sqrt(max(v)) / sqrt(1 - beta2^step) + eps).
 template <typename scalar_t, bool amsgrad, bool has_master>
 FASTLM_INLINE void update_block(const TensorSlots& t, const Hyper& h, int64_t i, int64_t count) {
   auto* param = static_cast<scalar_t*>(t.param) + i;
@@ -164,20 +172,18 @@ FASTLM_INLINE void update_block(const TensorSlots& t, const Hyper& h, int64_t i,
     load_block(t.max_exp_avg_sq + i, count, vmax[0], vmax[1]);
   }
   const Vec grad_factor(h.grad_factor), decay(h.decay), beta1_comp(h.beta1_comp), beta2(h.beta2),
-      beta2_comp(h.beta2_comp), eps(h.eps), step_size(t.step_size),
-      inv_bc2_sqrt(t.inv_bias_correction2_sqrt);
+      beta2_comp(h.beta2_comp), eps(h.eps), neg_step_size(-t.step_size), bc2_sqrt(t.bias_correction2_sqrt);
   for (int k = 0; k < 2; ++k) {
-    Vec gk = g[k] * grad_factor;
+    const Vec gk = g[k] * grad_factor;
     p[k] = p[k] * decay;
-    m[k] = m[k] + beta1_comp * (gk - m[k]);
-    v[k] = v[k] * beta2 + beta2_comp * gk * gk;
+    m[k] = at::vec::fmadd(beta1_comp, gk - m[k], m[k]);
+    v[k] = at::vec::fmadd(beta2_comp * gk, gk, v[k] * beta2);
     Vec second = v[k];
     if constexpr (amsgrad) {
       vmax[k] = at::vec::maximum(vmax[k], v[k]);
       second = vmax[k];
     }
-    Vec denom = at::vec::fmadd(second.sqrt(), inv_bc2_sqrt, eps);
-    p[k] = p[k] - step_size * (m[k] / denom);
+    p[k] = p[k] + (neg_step_size * m[k]) / (second.sqrt() / bc2_sqrt + eps);
   }
   store_block(t.exp_avg + i, count, m[0], m[1]);
   store_block(t.exp_avg_sq + i, count, v[0], v[1]);
@@ -314,14 +320,14 @@ void update_range_scalar(const TensorSlots& t, const Hyper& h, int64_t begin, in
   for (int64_t i = begin; i < end; ++i) {
     const float g = static_cast<float>(grad[i]) * h.grad_factor;
     float p = (t.master ? t.master[i] : static_cast<float>(param[i])) * h.decay;
-    const float m = t.exp_avg[i] + h.beta1_comp * (g - t.exp_avg[i]);
-    const float v = t.exp_avg_sq[i] * h.beta2 + h.beta2_comp * g * g;
+    const float m = std::fma(h.beta1_comp, g - t.exp_avg[i], t.exp_avg[i]);
+    const float v = std::fma(h.beta2_comp * g, g, t.exp_avg_sq[i] * h.beta2);
     float second = v;
     if (t.max_exp_avg_sq) {
       second = std::isnan(v) ? v : std::max(t.max_exp_avg_sq[i], v);
       t.max_exp_avg_sq[i] = second;
     }
-    p = p - t.step_size * (m / (std::sqrt(second) * t.inv_bias_correction2_sqrt + h.eps));
+    p = p + (-t.step_size * m) / (std::sqrt(second) / t.bias_correction2_sqrt + h.eps);
     t.exp_avg[i] = m;
     t.exp_avg_sq[i] = v;
     if (t.master) t.master[i] = p;
@@ -518,7 +524,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     s.master = has_master ? operands.back().data_ptr<float>() : nullptr;
     s.dtype = p.scalar_type();
     s.step_size = static_cast<float>(lr / bias_correction1);
-    s.inv_bias_correction2_sqrt = static_cast<float>(1.0 / std::sqrt(bias_correction2));
+    s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
     sizes[i] = p.numel();
   }
 

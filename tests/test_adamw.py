@@ -1,0 +1,393 @@
+"""fastlm.optim.AdamW against torch.optim.AdamW: every backend, options, dtypes, state dicts.
+
+Tolerances: fp32 parameters follow torch.optim.AdamW to 1e-6 (max abs) over 25 steps;
+bf16/fp16 parameters with master weights stay within half an ulp of the dtype (plus 1e-6)
+of the fp32 run fed the same gradients, and their master copy within 1e-6 of it.
+"""
+import copy
+
+import pytest
+import torch
+
+from fastlm.ops._common import BackendUnavailable
+from fastlm.optim import AdamW
+from fastlm.optim import adamw as adamw_module
+
+STEPS = 25
+ATOL = 1e-6
+# 0-element, 1, primes, a non-contiguous (transposed) view, a non-dense (strided) view, and one
+# tensor longer than a CPU work piece (2**15) with a tail.
+SHAPES = [(0,), (1,), (7, 13), (101,), "transposed", "strided", (70001,)]
+ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def cpu_backends():
+    reasons = adamw_module.backend_reasons("cpu")
+    return [pytest.param(b, marks=pytest.mark.skipif(reasons[b] is not None, reason=str(reasons[b])))
+            for b in ("torch", "cpp")]
+
+
+def make_param(shape, dtype=torch.float32, device="cpu"):
+    if shape == "transposed":
+        t = torch.randn(13, 5, device=device).t()
+    elif shape == "strided":
+        t = torch.randn(6, 22, device=device)[:, ::2]
+    else:
+        t = torch.randn(shape, device=device)
+    return t.to(dtype).requires_grad_()
+
+
+def make_params(dtype=torch.float32, device="cpu"):
+    return [make_param(s, dtype, device) for s in SHAPES]
+
+
+def clone_params(params, dtype=None):
+    out = []
+    for p in params:
+        c = torch.empty_strided(p.shape, p.stride(), dtype=dtype or p.dtype, device=p.device)
+        c.copy_(p.detach())
+        out.append(c.requires_grad_())
+    return out
+
+
+def groups(params, weight_decay):
+    # Two groups as the trainer builds them (decay / no decay), plus a third with its own lr.
+    return [{"params": params[:3], "weight_decay": weight_decay},
+            {"params": params[3:6], "weight_decay": 0.0},
+            {"params": params[6:], "weight_decay": weight_decay, "lr": 3e-3}]
+
+
+def set_grads(param_lists, dtype=None):
+    """The same fresh random grad on the matching param of every list."""
+    for ps in zip(*param_lists):
+        g = torch.randn(ps[0].shape, device=ps[0].device)
+        if dtype is not None:
+            g = g.to(dtype)
+        for p in ps:
+            p.grad = g.to(p.dtype).clone()
+
+
+def run_pair(ours, theirs, params_a, params_b, steps, change_lr_at=None, clip=None, grad_dtype=None):
+    norms = []
+    for i in range(steps):
+        if change_lr_at is not None and i == change_lr_at:
+            for opt in (ours, theirs):
+                for g in opt.param_groups:
+                    g["lr"] = g["lr"] * 0.5
+        set_grads([params_a, params_b], grad_dtype)
+        if clip is not None:
+            ref_norm = torch.nn.utils.clip_grad_norm_(params_b, clip)
+        out = ours.step()
+        theirs.step()
+        if clip is not None:
+            norms.append((out, ref_norm))
+    return norms
+
+
+def max_abs_diff(xs, ys):
+    return max(((x.detach().double() - y.detach().double()).abs().max().item() if x.numel() else 0.0)
+               for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("amsgrad,maximize,weight_decay", [
+    (False, False, 0.1), (True, False, 0.1), (False, True, 0.0), (True, True, 0.05)])
+def test_matches_torch_adamw(backend, amsgrad, maximize, weight_decay):
+    params = make_params()
+    ref = clone_params(params)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, amsgrad=amsgrad, maximize=maximize)
+    ours = AdamW(groups(params, weight_decay), backend=backend, **kw)
+    theirs = torch.optim.AdamW(groups(ref, weight_decay), **kw)
+    run_pair(ours, theirs, params, ref, STEPS, change_lr_at=10)
+    assert max_abs_diff(params, ref) <= ATOL
+    for p, r in zip(params, ref):
+        assert p.stride() == r.stride()
+        mine, torchs = ours.state[p], theirs.state[r]
+        assert set(mine) == set(torchs)
+        assert mine["step"].item() == torchs["step"].item() == STEPS
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+            assert mine[key].dtype == torch.float32
+            assert max_abs_diff([mine[key]], [torchs[key]]) <= ATOL
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("clip", [0.5, 1e4])  # clipping every step / never
+def test_max_grad_norm_matches_clip_grad_norm(backend, clip):
+    params = make_params()
+    ref = clone_params(params)
+    ours = AdamW(groups(params, 0.1), lr=1e-2, max_grad_norm=clip, backend=backend)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), lr=1e-2)
+    norms = run_pair(ours, theirs, params, ref, STEPS, clip=clip)
+    assert max_abs_diff(params, ref) <= ATOL
+    for norm, ref_norm in norms:
+        assert norm.dtype == torch.float32 and norm.dim() == 0
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    # Clipping happens inside the update: the grads themselves are left as they were.
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    ours.step()
+    assert all(bool((p.grad == 3.0).all()) for p in params)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_with_master_weights(backend, dtype):
+    params = make_params(dtype)
+    ref = clone_params(params, torch.float32)
+    kw = dict(lr=1e-2, amsgrad=False)
+    ours = AdamW(groups(params, 0.1), master_weights=True, backend=backend, **kw)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), **kw)
+    # Both runs see the same dtype-rounded grads, so the master copy follows the fp32 run.
+    run_pair(ours, theirs, params, ref, STEPS, grad_dtype=dtype)
+    for p, r in zip(params, ref):
+        state = ours.state[p]
+        assert state["exp_avg"].dtype == torch.float32 and state["master_param"].dtype == torch.float32
+        assert max_abs_diff([state["master_param"]], [r]) <= ATOL
+        tol = r.detach().abs() * ROUNDING[dtype] + ATOL
+        assert bool(((p.detach().float() - r.detach()).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_without_master_matches_reference(dtype):
+    if adamw_module.backend_reasons("cpu")["cpp"] is not None:
+        pytest.skip("cpp backend unavailable")
+    params = make_params(dtype)
+    ref = clone_params(params)
+    ours = AdamW(groups(params, 0.1), lr=1e-2, amsgrad=True, backend="cpp")
+    theirs = AdamW(groups(ref, 0.1), lr=1e-2, amsgrad=True, backend="torch")
+    run_pair(ours, theirs, params, ref, 5)
+    for p, r in zip(params, ref):
+        # Same fp32 math, one rounding to the dtype: at most one ulp apart.
+        tol = r.detach().float().abs() * 2 * ROUNDING[dtype] + ATOL
+        assert bool(((p.detach().float() - r.detach().float()).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
+def test_state_dict_round_trips_with_torch(backend, direction):
+    params = make_params()
+    ref = clone_params(params)
+    kw = dict(lr=1e-2, amsgrad=True)
+    ours = AdamW(groups(params, 0.1), backend=backend, **kw)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), **kw)
+    run_pair(ours, theirs, params, ref, 5)
+    # Hand one optimizer's state to a fresh instance of the other, then continue both.
+    if direction == "ours_to_torch":
+        resumed_params = clone_params(params)
+        resumed = torch.optim.AdamW(groups(resumed_params, 0.1), **kw)
+        resumed.load_state_dict(copy.deepcopy(ours.state_dict()))
+        follow, follow_params = ours, params
+    else:
+        resumed_params = clone_params(ref)
+        resumed = AdamW(groups(resumed_params, 0.1), backend=backend, **kw)
+        resumed.load_state_dict(copy.deepcopy(theirs.state_dict()))
+        follow, follow_params = theirs, ref
+    run_pair(resumed, follow, resumed_params, follow_params, 5)
+    assert max_abs_diff(resumed_params, follow_params) <= ATOL
+    for p in resumed_params:
+        assert resumed.state[p]["step"].item() == 10
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)])
+def test_resume_is_bit_exact(backend, dtype, master):
+    params = make_params(dtype)
+    resumed_params = clone_params(params)
+    kw = dict(lr=1e-2, max_grad_norm=1.0, master_weights=master, backend=backend)
+    straight = AdamW(groups(params, 0.1), **kw)
+    first = AdamW(groups(resumed_params, 0.1), **kw)
+    run_pair(straight, first, params, resumed_params, 4)
+    saved = copy.deepcopy(first.state_dict())
+    second = AdamW(groups(resumed_params, 0.1), **kw)
+    second.load_state_dict(saved)
+    run_pair(straight, second, params, resumed_params, 4)
+    for p, r in zip(params, resumed_params):
+        assert torch.equal(p, r)
+        for key, value in straight.state[p].items():
+            assert torch.equal(value, second.state[r][key]), key
+
+
+def test_cpp_is_deterministic_across_thread_counts():
+    if adamw_module.backend_reasons("cpu")["cpp"] is not None:
+        pytest.skip("cpp backend unavailable")
+    grads = [torch.randn(200_003), torch.randn(7, 13), torch.randn(1)]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            params = [torch.ones_like(g).requires_grad_() for g in grads]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            norm = AdamW(params, max_grad_norm=1.0, backend="cpp").step()
+            results.append((norm, params))
+    finally:
+        torch.set_num_threads(threads)
+    for norm, params in results[1:]:
+        assert torch.equal(norm, results[0][0])
+        assert all(torch.equal(p, q) for p, q in zip(params, results[0][1]))
+    exact = torch.cat([g.double().flatten() for g in grads]).norm().float()
+    torch.testing.assert_close(results[0][0], exact, rtol=1e-6, atol=0)
+
+
+def _scaler_step(opt, params, scaler, inject_inf=False):
+    x = torch.linspace(0.5, 1.5, 5)
+    loss = sum((p.float() * x.sum()).square().mean() for p in params if p.numel())
+    scaler.scale(loss).backward()
+    if inject_inf:
+        params[-1].grad.view(-1)[0] = float("inf")
+    out = scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_grad_scaler_unscales_inside_and_skips_on_inf(backend):
+    params = make_params()
+    ref = clone_params(params)
+    ours = AdamW(groups(params, 0.1), lr=1e-2, max_grad_norm=1.0, backend=backend)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), lr=1e-2)
+    scaler_ours = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler_theirs = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for _ in range(3):
+        norm = _scaler_step(ours, params, scaler_ours)
+        x = torch.linspace(0.5, 1.5, 5)
+        loss = sum((p * x.sum()).square().mean() for p in ref if p.numel())
+        scaler_theirs.scale(loss).backward()
+        scaler_theirs.unscale_(theirs)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        scaler_theirs.step(theirs)
+        scaler_theirs.update()
+        theirs.zero_grad()
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    assert max_abs_diff(params, ref) <= ATOL
+
+    before = [p.detach().clone() for p in params]
+    stepped = [p for p in params if p in ours.state]
+    steps_before = [ours.state[p]["step"].item() for p in stepped]
+    scale_before = scaler_ours.get_scale()
+    _scaler_step(ours, params, scaler_ours, inject_inf=True)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert [ours.state[p]["step"].item() for p in stepped] == steps_before
+    assert scaler_ours.get_scale() < scale_before
+    assert not hasattr(ours, "grad_scale") and not hasattr(ours, "found_inf")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_grad_scaler_fp16_params_with_master_weights(backend):
+    params = [make_param(s, torch.float16) for s in [(33,), (4, 9)]]
+    opt = AdamW(params, lr=1e-3, master_weights=True, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    start = [p.detach().clone() for p in params]
+    _scaler_step(opt, params, scaler)
+    assert all(not torch.equal(p, s) for p, s in zip(params, start))
+    masters = [opt.state[p]["master_param"].clone() for p in params]
+    _scaler_step(opt, params, scaler, inject_inf=True)
+    assert all(torch.equal(opt.state[p]["master_param"], m) for p, m in zip(params, masters))
+    assert all(opt.state[p]["step"].item() == 1 for p in params)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_params_without_grad_are_skipped(backend):
+    a, b = torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)
+    b_before = b.detach().clone()
+    opt = AdamW([a, b], backend=backend)
+    a.grad = torch.randn(5)
+    opt.step()
+    assert b not in opt.state and torch.equal(b, b_before)
+    assert opt.step() is None  # without max_grad_norm: the closure's loss, None here
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(lr=torch.tensor(1e-3)), TypeError, "lr"),
+    (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+    (dict(betas=(0.9,)), ValueError, "betas"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+    (dict(amsgrad=1), TypeError, "amsgrad"),
+    (dict(backend="nope"), ValueError, "backend"),
+    (dict(backend="triton"), BackendUnavailable, "triton"),
+    (dict(backend="cuda"), BackendUnavailable, "cuda"),
+])
+def test_validation(kwargs, exc, match):
+    if kwargs.get("backend") == "cuda" and torch.cuda.is_available():
+        pytest.skip("cuda is available here")
+    with pytest.raises(exc, match=match):
+        AdamW([torch.randn(3, requires_grad=True)], **kwargs)
+
+
+def test_validation_of_params_and_grads():
+    with pytest.raises(TypeError, match="parameter 0 .*int64"):
+        AdamW([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match=r"param group 1"):
+        AdamW([{"params": [torch.randn(2, requires_grad=True)]},
+               {"params": [torch.randn(2, requires_grad=True)], "lr": -1.0}])
+    p = torch.randn(4, requires_grad=True)
+    opt = AdamW([p], backend="torch")
+    p.grad = torch.randn(4).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+
+
+def test_backend_reasons_shape():
+    reasons = adamw_module.backend_reasons("cpu")
+    assert set(reasons) == {"torch", "cpp", "cuda", "triton"}
+    assert reasons["torch"] is None and reasons["cuda"] is not None
+    assert reasons["triton"] == "not offered for adamw"
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True),
+                                          (torch.bfloat16, False)])
+@pytest.mark.parametrize("amsgrad,clip", [(False, None), (True, 0.5)])
+def test_cuda_matches_reference(dtype, master, amsgrad, clip):
+    # More tensors than one launch holds, a tensor longer than one launch's chunks, odd sizes.
+    shapes = SHAPES + [(3,)] * 40 + [(320 * 65536 + 5,)]
+    params = [make_param(s, dtype, "cuda") for s in shapes]
+    ref = clone_params(params)
+    kw = dict(lr=1e-2, amsgrad=amsgrad, max_grad_norm=clip, master_weights=master)
+    ours = AdamW(groups(params, 0.1), backend="cuda", **kw)
+    theirs = AdamW(groups(ref, 0.1), backend="torch", **kw)
+    for _ in range(10):
+        set_grads([params, ref])
+        norm, ref_norm = ours.step(), theirs.step()
+        if clip is not None:
+            torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    if dtype == torch.float32:
+        assert max_abs_diff(params, ref) <= 1e-5
+    if master:
+        assert max_abs_diff([ours.state[p]["master_param"] for p in params],
+                            [theirs.state[r]["master_param"] for r in ref]) <= 1e-5
+    for p, r in zip(params, ref):
+        # fp32 math on both sides, rounded to the dtype: within an ulp or two.
+        bound = r.detach().float().abs() * 4 * ROUNDING.get(dtype, 0.0) + 1e-5
+        assert bool(((p.detach().float() - r.detach().float()).abs() <= bound).all())
+        assert ours.state[p]["step"].item() == 10 and ours.state[p]["step"].device == p.device
+
+
+@pytest.mark.gpu
+def test_cuda_grad_scaler_skips_on_inf_and_norm_is_deterministic():
+    params = [make_param(s, device="cuda") for s in [(1000,), (7, 13), (65537,)]]
+    opt = AdamW(params, lr=1e-2, max_grad_norm=1.0, backend="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+    x = torch.randn(5, device="cuda")
+    (sum((p * x.sum()).square().mean() for p in params)).mul(scaler.get_scale()).backward()
+    grads = [p.grad.clone() for p in params]
+    norms = [adamw_module.grad_norm_fused(grads) for _ in range(3)]
+    assert all(torch.equal(n, norms[0]) for n in norms)
+    for p in params:
+        p.grad = None
+    loss = sum((p * x.sum()).square().mean() for p in params)
+    scaler.scale(loss).backward()
+    params[1].grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in params]
+    scaler.step(opt)
+    scaler.update()
+    torch.cuda.synchronize()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(opt.state[p]["step"].item() == 0 for p in params)
