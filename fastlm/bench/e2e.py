@@ -11,16 +11,14 @@ in a fresh subprocess per case, on CUDA torch.cuda.max_memory_allocated. MFU (CU
 flops_per_token * tokens/s over the device's dense bf16 peak.
 """
 import argparse
+import contextlib
 import gc
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import torch
 
-from fastlm.bench.common import save_figure, save_report, time_ms
+from fastlm.bench.common import peak_memory_mb, save_figure, save_report, time_ms
 
 PATHS = {
     "reference": {"attn_backend": "torch", "ce_backend": "torch", "fused_linear_ce": False, "optim_backend": "torch"},
@@ -96,82 +94,43 @@ def fused_backends(device):
 # Peak memory of one steady training step
 # --------------------------------------------------------------------------------------------
 
-def _proc_status_mb(field):
-    """VmRSS / VmHWM of this process in MiB from /proc (None where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+def setup_step(case, path, dtype, device_type):
+    """Module-level (picklable) setup for peak_memory_mb: a trainer after one warm-up step.
 
-
-def _reset_rss_peak():
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_child(spec):
-    """Subprocess body: build the trainer, run one warm-up step, then measure one step.
-
-    Prints one JSON line {"peak_mb", "total_mb", "method"}. VmHWM is read rather than
-    ru_maxrss because a spawned child's ru_maxrss starts at its parent's high-water mark.
+    The warm-up step creates the optimizer state, so the measured step is a steady one.
     """
-    torch.set_num_threads(spec["threads"])
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(spec["case"], spec["path"], "cpu", spec["dtype"], tmp)
-        resettable = _proc_status_mb("VmHWM") is not None
-        if resettable:
-            trainer.train_step()  # optimizer state now exists, as in every later step
-            gc.collect()
-            resettable = _reset_rss_peak()
-        base = _proc_status_mb("VmRSS")
-        trainer.train_step()
-        peak = _proc_status_mb("VmHWM")
-    if not resettable or base is None or peak is None:
-        import resource
-
-        # Fallback: the first step's rise of ru_maxrss (includes creating the optimizer state).
-        method = "ru_maxrss, first step"
-        peak, base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0.0
-    else:
-        method = "VmHWM, steady step"
-    print(json.dumps({"peak_mb": max(peak - base, 0.0), "total_mb": peak, "method": method}))
-
-
-def cpu_peak_mb(case, path, dtype, timeout=600):
-    """Peak memory of one step in a fresh Python process; returns the child's JSON dict."""
-    env = dict(os.environ)
-    # Freed large blocks go back to the OS at once, so the warm-up step leaves no cached
-    # memory that the measured step could reuse without raising the high-water mark.
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    env.setdefault("FASTLM_NO_EXT_WARNING", "1")
-    spec = {"case": case, "path": path, "dtype": dtype, "threads": torch.get_num_threads()}
-    code = "import json, sys; from fastlm.bench.e2e import peak_child; peak_child(json.loads(sys.argv[1]))"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"peak-memory subprocess failed (exit {proc.returncode}): {tail}")
-    return json.loads(lines[-1])
-
-
-def cuda_peak_mb(trainer):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    tmp = tempfile.TemporaryDirectory()
+    trainer = make_trainer(case, path, device_type, dtype, tmp.name)
     trainer.train_step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return {"peak_mb": (peak - base) / 2**20, "total_mb": peak / 2**20, "method": "max_memory_allocated"}
+    gc.collect()
+
+    def step():
+        trainer.train_step()
+        return tmp  # keeps the out_dir alive as long as the step
+
+    return step
+
+
+@contextlib.contextmanager
+def _freed_memory_returned_at_once():
+    """Spawned children inherit this: glibc hands large freed blocks straight back to the OS, so
+    the warm-up step leaves no cached memory the measured step could reuse unseen by VmHWM."""
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+
+
+def step_peak_mb(case, path, device, dtype):
+    """Peak memory one steady training step adds (a fresh subprocess on CPU)."""
+    with _freed_memory_returned_at_once():
+        return peak_memory_mb(setup_step, device=device, case=case, path=path, dtype=dtype,
+                              device_type=device.type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +138,7 @@ def cuda_peak_mb(trainer):
 # --------------------------------------------------------------------------------------------
 
 def measure_path(case, path, device, dtype):
-    """{step_ms, first_loss, peak, flops_per_token, params} of one path on one case."""
+    """{step_ms, first_loss, peak_mb, flops_per_token, params} of one path on one case."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(case, path, device, dtype, tmp)
         first_loss, _, _ = trainer.train_step()
@@ -187,14 +146,11 @@ def measure_path(case, path, device, dtype):
                           repeats=case["repeats"])
         result = {"step_ms": step_ms, "first_loss": first_loss, "params": trainer.raw_model.num_params(),
                   "flops_per_token": trainer.raw_model.flops_per_token()}
-        if device.type == "cuda":
-            result["peak"] = cuda_peak_mb(trainer)
         del trainer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    else:
-        result["peak"] = cpu_peak_mb(case, path, dtype)
+    result["peak_mb"] = step_peak_mb(case, path, device, dtype)
     return result
 
 
@@ -213,14 +169,12 @@ def measure_case(case, device, dtype):
     try:
         ref = measure_path(case, "reference", device, dtype)
         fused = measure_path(case, "fused", device, dtype)
-    except (ConfigError, RuntimeError, MemoryError, subprocess.TimeoutExpired) as exc:  # e.g. out of memory
+    except (ConfigError, RuntimeError, MemoryError) as exc:  # e.g. out of memory
         row["skipped"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
         return row
     peak = peak_flops(device)
     row.update(ref_ms=ref["step_ms"], fused_ms=fused["step_ms"], speedup=ref["step_ms"] / fused["step_ms"],
-               ref_peak_mb=ref["peak"]["peak_mb"], fused_peak_mb=fused["peak"]["peak_mb"],
-               ref_total_mb=ref["peak"]["total_mb"], fused_total_mb=fused["peak"]["total_mb"],
-               peak_method=fused["peak"]["method"],
+               ref_peak_mb=ref["peak_mb"], fused_peak_mb=fused["peak_mb"],
                max_err=abs(fused["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"]),
                ref_tokens_per_s=tokens / ref["step_ms"] * 1e3, fused_tokens_per_s=tokens / fused["step_ms"] * 1e3,
                params=ref["params"], flops_per_token=ref["flops_per_token"])
