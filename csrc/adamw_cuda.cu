@@ -124,22 +124,26 @@ struct AdamwHyper {
 };
 
 struct ElementConsts {
-  float grad_factor, decay, beta1_comp, beta2, beta2_comp, eps, step_size, inv_bc2_sqrt;
+  float grad_factor, decay, beta1_comp, beta2, beta2_comp, eps, neg_step_size, bc2_sqrt;
 };
 
+// The arithmetic of torch.optim.AdamW, in its order: p *= decay; m = fma(1 - beta1, g - m, m);
+// v = fma((1 - beta2) g, g, beta2 v); p += (-step_size m) / (sqrt(max(v)) / sqrt(1 - beta2^step) + eps).
 template <bool amsgrad>
 __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, float& vmax,
                                               const ElementConsts& k) {
-  g *= k.grad_factor;
-  p *= k.decay;
-  m = m + k.beta1_comp * (g - m);
-  v = v * k.beta2 + k.beta2_comp * g * g;
+  g = __fmul_rn(g, k.grad_factor);
+  p = __fmul_rn(p, k.decay);
+  m = fmaf(k.beta1_comp, g - m, m);
+  v = fmaf(__fmul_rn(k.beta2_comp, g), g, __fmul_rn(v, k.beta2));
   float second = v;
   if (amsgrad) {
     vmax = fmaxf(vmax, v);
     second = vmax;
   }
-  p = p - k.step_size * (m / (sqrtf(second) * k.inv_bc2_sqrt + k.eps));
+  // Explicitly rounded division and sqrt: the extension is built with --use_fast_math.
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(second), k.bc2_sqrt), k.eps);
+  p = __fadd_rn(p, __fdiv_rn(__fmul_rn(k.neg_step_size, m), denom));
 }
 
 template <typename scalar_t, bool amsgrad, bool has_master>
@@ -163,8 +167,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamwTensors tl, AdamwH
   k.beta2 = static_cast<float>(h.beta2);
   k.beta2_comp = static_cast<float>(1.0 - h.beta2);
   k.eps = h.eps;
-  k.step_size = static_cast<float>(h.lr / (1.0 - pow(h.beta1, step)));
-  k.inv_bc2_sqrt = static_cast<float>(1.0 / sqrt(1.0 - pow(h.beta2, step)));
+  k.neg_step_size = static_cast<float>(-h.lr / (1.0 - pow(h.beta1, step)));
+  k.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2, step)));
 
   scalar_t* param = static_cast<scalar_t*>(tl.param[t]) + begin;
   const scalar_t* grad = static_cast<const scalar_t*>(tl.grad[t]) + begin;

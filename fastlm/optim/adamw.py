@@ -63,6 +63,8 @@ def grad_norm_torch(grads, grad_scale=None):
 
 def grad_norm_fused(grads, grad_scale=None):
     """Global L2 norm via torch.ops.fastlm.adamw_grad_norm (deterministic, one read of grads)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
     return torch.ops.fastlm.adamw_grad_norm(grads, grad_scale)
 
 
