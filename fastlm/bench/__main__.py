@@ -280,8 +280,7 @@ def plot_summary(results, out_dir, device_type):
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of well under a minute each")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
                         help=f"run only these benchmarks (of {', '.join(BENCHMARKS)}; commas also separate)")
