@@ -16,6 +16,7 @@ import glob
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +73,14 @@ def run_benchmark(spec):
         json.dump(result, f, default=str)
 
 
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 def run_in_subprocess(name, args, out_dir, timeout):
     """Run one benchmark in a fresh interpreter; returns {"rows": [...]} or {"skipped": reason}."""
     result_path = os.path.join(out_dir, f".{name}-result.json")
@@ -81,10 +90,16 @@ def run_in_subprocess(name, args, out_dir, timeout):
             "dtype": args.dtype, "out_dir": out_dir, "result_path": result_path}
     code = "import json, sys; from fastlm.bench.__main__ import run_benchmark; run_benchmark(json.loads(sys.argv[1]))"
     sys.stdout.flush()
+    # Its own session, so that a timeout or Ctrl-C also ends the processes it spawned itself.
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _kill_group(proc)
         return {"skipped": f"timed out after {timeout:.0f} s"}
+    except BaseException:
+        _kill_group(proc)
+        raise
     try:
         with open(result_path) as f:
             result = json.load(f)
