@@ -37,6 +37,7 @@ TABLE = [("benchmark", "benchmark", ""), ("case", "case", ""), ("backend", "back
          ("max_err", "max err", ".1e"), ("tokens_per_s", "tok/s ref -> fused", ""), ("mfu", "MFU", ""),
          ("note", "note", "")]
 NOTE_WIDTH = 70
+CASE_OPTIONS = ("clip",)
 
 
 class UsageError(ValueError):
@@ -129,9 +130,11 @@ def _is_measured(row):
 def case_label(row):
     """The row's name, plus its shape when the name alone does not tell the size (no digit in it)."""
     name, shape = str(row.get("name")), row.get("shape")
-    if shape is None or any(ch.isdigit() for ch in name):
-        return name
-    return f"{name} {shape if isinstance(shape, str) else 'x'.join(map(str, shape))}"
+    if shape is not None and not any(ch.isdigit() for ch in name):
+        name = f"{name} {shape if isinstance(shape, str) else 'x'.join(map(str, shape))}"
+    # Options that tell apart rows of one name and shape (adamw times each size with and without clipping).
+    options = [f"{key} {row[key]}" for key in CASE_OPTIONS if row.get(key) is not None]
+    return ", ".join([name, *options])
 
 
 def _panel(bench, row):
