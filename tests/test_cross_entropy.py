@@ -1,18 +1,20 @@
 """cross_entropy and linear_cross_entropy against F.cross_entropy in float64.
 
-Tolerances: fp32 inputs rtol 1e-5 (atol 1e-5 x the largest reference value, for entries that
+Tolerances: fp32 inputs rtol 1e-5 (1e-4 for the torch backend, which is F.cross_entropy in fp32) (atol 1e-5 x the largest reference value, for entries that
 cancel to ~0); bf16/fp16 inputs 1e-2 (the gradient is stored in the input dtype). The triton
 backend runs through the interpreter on CPU, so it gets a smaller sweep here and a large one
 on GPU.
 """
+import importlib
+
 import pytest
 import torch
 
 from fastlm.ops import BackendUnavailable
-from fastlm.ops import cross_entropy as ce_module
 from fastlm.ops.cross_entropy import (backend_reasons, cross_entropy, cross_entropy_reference,
                                       linear_cross_entropy, linear_cross_entropy_reference)
 
+ce_module = importlib.import_module("fastlm.ops.cross_entropy")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -36,16 +38,21 @@ def make_targets(n, vocab, ignore, ignore_index=-100, device="cpu"):
     return targets
 
 
-def assert_close(out, ref, tol, what):
+def assert_close(out, ref, tol, what, floor=1e-3):
+    """rtol=tol, and atol=tol x the largest |ref| (at least `floor`): entries that cancel to ~0
+    carry the rounding error of their larger terms."""
     out, ref = out.double(), ref.double()
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * max(scale, 1e-3), equal_nan=True,
+    finite = ref[torch.isfinite(ref)]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * max(scale, floor), equal_nan=True,
                                msg=lambda m: f"{what}: {m}")
 
 
 def check_against_reference(backend, logits, targets, grad_out_seed=1, **options):
     """Loss and gradient of `backend` vs float64 F.cross_entropy on the same input values."""
     tol = TOL[logits.dtype]
+    if backend == "torch" and logits.dtype == torch.float32:
+        tol = 1e-4  # F.cross_entropy's own fp32 backward (label smoothing sums V terms in fp32)
     ref_in = logits.detach().double().requires_grad_()
     ref = cross_entropy_reference(ref_in, targets, **options)
     # A non-leaf input, as in training, lets the fused backends reuse the logits buffer.
@@ -53,13 +60,17 @@ def check_against_reference(backend, logits, targets, grad_out_seed=1, **options
     out = cross_entropy(leaf * 1, targets, backend=backend, **options)
     assert out.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
     assert out.shape == ref.shape
-    assert_close(out, ref, tol, f"{backend} loss")
+    # A loss is a difference of terms of the size of the logits.
+    assert_close(out, ref, tol, f"{backend} loss", floor=max(1.0, logits.abs().max().item()))
     gen = torch.Generator().manual_seed(grad_out_seed)
     grad_out = torch.rand(ref.shape, generator=gen, dtype=torch.float64).to(ref.device) + 0.5
     ref.backward(grad_out)
     out.backward(grad_out.to(out.dtype))
     assert leaf.grad.dtype == logits.dtype
-    assert_close(leaf.grad, ref_in.grad, tol, f"{backend} grad")
+    # A gradient entry is a difference of probabilities times its row's weight.
+    count = (targets != options.get("ignore_index", -100)).sum().clamp_min(1).item()
+    row_weight = grad_out.max().item() / (count if options.get("reduction", "mean") == "mean" else 1)
+    assert_close(leaf.grad, ref_in.grad, tol, f"{backend} grad", floor=row_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +202,12 @@ def test_fused_overwrites_intermediate_not_leaf(backend):
     before = leaf.detach().clone()
     cross_entropy(leaf, targets, backend=backend).backward()
     assert torch.equal(leaf.detach(), before)  # callers' tensors are never overwritten
-    expected = leaf.grad.clone()
+    assert_close(leaf.grad, cross_entropy_grad(before, targets), 1e-5, "leaf grad")
     leaf.grad = None
     scaled = leaf * 2.0
     cross_entropy(scaled, targets, backend=backend).backward()
-    assert_close(leaf.grad, 2.0 * cross_entropy_grad(before * 2.0, targets), 1e-5, "chain rule")
     assert not torch.equal(scaled.detach(), before * 2.0)  # the intermediate now holds the gradient
-    assert expected.shape == leaf.grad.shape
+    assert_close(leaf.grad, 2.0 * cross_entropy_grad(before * 2.0, targets), 1e-5, "chain rule")
 
 
 def cross_entropy_grad(logits, targets):

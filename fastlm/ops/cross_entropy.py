@@ -23,9 +23,11 @@ buffer itself when the logits are an autograd intermediate (the usual `lm_head(x
 no second N x V buffer exists; their values are gone after the forward. Leaf tensors (ones the
 caller created) are never overwritten: a separate gradient buffer is used. The version counter
 of overwritten logits is bumped so that any other op that saved them fails loudly in backward.
-The fused backward scales that buffer in place, so it can run only once (no retain_graph).
+The fused cross_entropy backward scales that buffer in place, so it can run only once (no
+retain_graph); linear_cross_entropy's backward is repeatable.
 """
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +57,19 @@ def backend_reasons(device, linear=False):
     return {
         "torch": None,
         "triton": triton_unusable_reason(device),
-        "cpp": extension_op_unusable_reason(CPP_OP_NAME, device),
+        "cpp": _cpp_unusable_reason(device),
         "cuda": f"{LINEAR_OP if linear else OP} has no hand-written CUDA kernel; "
                 "use backend='triton' on CUDA",
     }
+
+
+def _cpp_unusable_reason(device):
+    reason = extension_op_unusable_reason(CPP_OP_NAME, device)
+    # The C++ kernel is compiled for AVX2 on x86-64 (see csrc/cross_entropy_cpu.cpp).
+    if reason is None and platform.machine().lower() in ("x86_64", "amd64") and \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        reason = "the C++ cross-entropy kernel needs a CPU with AVX2"
+    return reason
 
 
 def _pick_backend(op, backend, device, linear):
