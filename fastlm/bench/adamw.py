@@ -10,6 +10,7 @@ tensor torch's norm is ~0.3% low, which alone shows up as ~1e-6 here at 124M.
 """
 import argparse
 import gc
+import statistics
 
 import torch
 
@@ -109,31 +110,41 @@ def run(quick=False, device="cpu", dtype=None, out_dir=None):
         make_step("torch-forloop", ref_params, clip=True)()
         ref_after = [p.detach().clone() for p in ref_params]
         del ref_params
+        # All backends step the same parameters and grads, each with its own state, and are
+        # timed in interleaved rounds: on a shared machine every backend sees the same load.
+        params = make_params(shapes, device, getattr(torch, dtype))
         for clip in (False, True):
-            times = {}
+            steps, clip_rows = {}, []
             for backend in backends:
                 row = dict(name=NAME, shape=label, n_params=n_params, clip=clip, backend=backend, dtype=dtype,
                            ref_ms=None, fused_ms=None, speedup=None, speedup_vs_foreach=None,
                            ref_peak_mb=None, fused_peak_mb=None, max_err=None, skipped=None)
+                clip_rows.append(row)
                 reason = skip_reason(backend, device)
                 if reason is not None:
                     row["skipped"] = reason
-                    rows.append(row)
                     continue
                 if clip:
-                    params = make_params(shapes, device, getattr(torch, dtype))
-                    make_step(backend, params, clip=True)()
-                    row["max_err"] = max(max_rel_error(p.detach(), r) for p, r in zip(params, ref_after))
-                    del params
-                params = make_params(shapes, device, getattr(torch, dtype))
-                step = make_step(backend, params, clip)
-                times[backend] = row["fused_ms"] = time_ms(step, device=device, warmup=warmup, repeats=repeats)
-                del step, params
-                gc.collect()
-                if not quick or config == configs[0]:
-                    row["fused_peak_mb"] = peak_memory_mb(setup_step, device=device, backend=backend, config=config,
-                                                          dtype=dtype, clip=clip, on=str(device))
-                rows.append(row)
+                    fresh = make_params(shapes, device, getattr(torch, dtype))
+                    make_step(backend, fresh, clip=True)()
+                    row["max_err"] = max(max_rel_error(p.detach(), r) for p, r in zip(fresh, ref_after))
+                    del fresh
+                steps[backend] = make_step(backend, params, clip)
+            samples = {backend: [] for backend in steps}
+            for round_ in range(warmup + repeats):
+                for backend, step in steps.items():
+                    elapsed = time_ms(step, device=device, warmup=0, repeats=1)
+                    if round_ >= warmup:
+                        samples[backend].append(elapsed)
+            times = {backend: statistics.median(v) for backend, v in samples.items()}
+            del steps
+            gc.collect()
+            for row in clip_rows:
+                row["fused_ms"] = times.get(row["backend"])
+                if row["fused_ms"] is not None and (not quick or config == configs[0]):
+                    row["fused_peak_mb"] = peak_memory_mb(setup_step, device=device, backend=row["backend"],
+                                                          config=config, dtype=dtype, clip=clip, on=str(device))
+            rows += clip_rows
             for row in rows:
                 if row["shape"] == label and row["clip"] == clip and row["fused_ms"] is not None:
                     row["ref_ms"] = times.get("torch-fused")
@@ -143,6 +154,8 @@ def run(quick=False, device="cpu", dtype=None, out_dir=None):
                         row["speedup"] = row["ref_ms"] / row["fused_ms"]
                     if times.get("torch-foreach"):
                         row["speedup_vs_foreach"] = times["torch-foreach"] / row["fused_ms"]
+        del params
+        gc.collect()
     suffix = "_quick" if quick else ""
     save_report(NAME + suffix, rows, COLUMNS, device=device, out_dir=out_dir,
                 extra={"lr": LR, "betas": BETAS, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_NORM})

@@ -54,7 +54,7 @@ def grad_norm_torch(grads, grad_scale=None):
     """
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
     norm = torch.linalg.vector_norm(norms).float()
     if grad_scale is not None:
         norm = norm / grad_scale.to(norm.device).float()
