@@ -82,12 +82,12 @@ def _kill_group(proc):
     proc.wait()
 
 
-def run_in_subprocess(name, args, out_dir, timeout):
+def run_in_subprocess(name, args, quick, out_dir, timeout):
     """Run one benchmark in a fresh interpreter; returns {"rows": [...]} or {"skipped": reason}."""
     result_path = os.path.join(out_dir, f".{name}-result.json")
     if os.path.exists(result_path):
         os.remove(result_path)
-    spec = {"name": name, "module": BENCHMARKS[name], "quick": args.quick, "device": args.device,
+    spec = {"name": name, "module": BENCHMARKS[name], "quick": quick, "device": args.device,
             "dtype": args.dtype, "out_dir": out_dir, "result_path": result_path}
     code = "import json, sys; from fastlm.bench.__main__ import run_benchmark; run_benchmark(json.loads(sys.argv[1]))"
     sys.stdout.flush()
@@ -203,7 +203,7 @@ def write_markdown(out_dir):
               f"Python {env['python']}, {env['threads']} threads."]
     if summary:
         lines += [f"Command: `{summary['command']}` ({summary['date']}, {summary['seconds']:.0f} s"
-                  f"{', quick mode' if summary['quick'] else ''}).", "",
+                  f"{'; quick mode: ' + ', '.join(summary['quick']) if summary['quick'] else ''}).", "",
                   "Reference = the PyTorch path (`backend=\"torch\"`); fused = the op's fused backend named in the "
                   "row (for attention the baseline is sdpa, see attention.json). Times are medians after warm-up; "
                   "peak memory is what one call adds (CPU: RSS high-water mark in a fresh process; CUDA: "
@@ -222,8 +222,8 @@ def write_markdown(out_dir):
     pngs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.png")))
     shown = [p for p in pngs if p.startswith(("summary", "parity"))]
     # Each module names its plots after itself, with a _quick suffix in quick mode.
-    per_bench = [p for p in pngs if summary and p.startswith(tuple(summary["benchmarks"]))
-                 and p.endswith("_quick.png") == summary["quick"]]
+    per_bench = [p for p in pngs if summary and any(
+        p.startswith(b) and p.endswith("_quick.png") == (b in summary["quick"]) for b in summary["benchmarks"])]
     if shown or per_bench:
         lines += ["## Plots", "", *[f"![{p[:-4]}]({p})\n" for p in shown]]
         if per_bench:
@@ -299,7 +299,9 @@ def plot_summary(results, out_dir, device_type):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of well under a minute each")
+    parser.add_argument("--quick", nargs="*", metavar="NAME", default=None,
+                        help="small sizes, a smoke run of well under a minute each: for every benchmark, or only "
+                             "for the NAMEs given")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
                         help=f"run only these benchmarks (of {', '.join(BENCHMARKS)}; commas also separate)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
@@ -323,6 +325,10 @@ def parse_args(argv):
         if unknown:
             raise UsageError(f"unknown benchmark {unknown[0]!r} for --only; choose from {', '.join(BENCHMARKS)}")
         args.only = list(dict.fromkeys(names))
+    if args.quick:
+        unknown = [n for n in args.quick if n not in BENCHMARKS]
+        if unknown:
+            raise UsageError(f"unknown benchmark {unknown[0]!r} for --quick; choose from {', '.join(BENCHMARKS)}")
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be positive, got {args.steps}")
     if args.timeout is not None and args.timeout <= 0:
@@ -334,23 +340,26 @@ def run_suite(args, out_dir):
     from fastlm.bench.common import env_info
 
     names = args.only or list(BENCHMARKS)
-    timeout = args.timeout or (300 if args.quick else 1200)
+    # --quick alone: every benchmark quick; --quick NAME...: those only.
+    quick = [n for n in names if args.quick is not None and (not args.quick or n in args.quick)]
+    timeout = args.timeout or (300 if len(quick) == len(names) else 1200)
     env = env_info(args.device)
+    mode = "quick" if len(quick) == len(names) else f"full ({'quick: ' + ', '.join(quick) if quick else 'all'})"
     print(f"fastlm benchmarks on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
-          f"Python {env['python']}, {env['threads']} threads; {'quick' if args.quick else 'full'} run of "
-          f"{', '.join(names)} -> {out_dir}")
+          f"Python {env['python']}, {env['threads']} threads; {mode} run of {', '.join(names)} -> {out_dir}")
     started = time.perf_counter()
     results = {}
     for name in names:
         print(f"\n=== {name} ===", flush=True)
         t0 = time.perf_counter()
-        results[name] = run_in_subprocess(name, args, out_dir, timeout)
+        results[name] = run_in_subprocess(name, args, name in quick, out_dir, timeout)
+        results[name]["quick"] = name in quick
         results[name]["seconds"] = time.perf_counter() - t0
         status = results[name].get("skipped")
         print(f"=== {name}: {'skipped: ' + status if status else 'done'} ({results[name]['seconds']:.0f} s)")
     rows = summary_rows(results)
     seconds = time.perf_counter() - started
-    summary = {"env": env, "device": args.device, "quick": args.quick, "dtype": args.dtype,
+    summary = {"env": env, "device": args.device, "quick": quick, "dtype": args.dtype,
                "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv[0].endswith("__main__.py") else PROG,
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "seconds": seconds, "rows": rows, "benchmarks": results}
@@ -372,8 +381,9 @@ def run_suite(args, out_dir):
 def run_parity_check(args, out_dir):
     from fastlm.bench import parity
 
-    steps = args.steps or (20 if args.quick else 50)
-    case = parity.TINY_CASE if args.quick else parity.DEFAULT_CASE
+    quick = args.quick is not None
+    steps = args.steps or (20 if quick else 50)
+    case = parity.TINY_CASE if quick else parity.DEFAULT_CASE
     report = parity.run_parity(steps, args.device, case, out_dir=out_dir)
     print(parity.describe(report))
     write_markdown(out_dir)
