@@ -54,6 +54,8 @@ def resolve_backend(op, backend, device, reasons, preference):
         for name in preference:
             if reasons.get(name, "unknown") is None:
                 return name
+            if name in ("cpp", "cuda"):
+                _ext.extension(warn=True)  # one warning per process if the extension is missing or stale
         return "torch"
     if backend not in reasons:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {['auto', *reasons]}")
