@@ -204,8 +204,9 @@ def write_markdown(out_dir):
     if summary:
         lines += [f"Command: `{summary['command']}` ({summary['date']}, {summary['seconds']:.0f} s"
                   f"{'; quick mode: ' + ', '.join(summary['quick']) if summary['quick'] else ''}).", "",
-                  "Reference = the PyTorch path (`backend=\"torch\"`); fused = the op's fused backend named in the "
-                  "row (for attention the baseline is sdpa, see attention.json). Times are medians after warm-up; "
+                  "Reference = each benchmark's PyTorch baseline (cross_entropy: F.cross_entropy, or lm_head + "
+                  "F.cross_entropy; adamw: torch.optim.AdamW(fused=True); attention: sdpa; e2e: backend torch "
+                  "everywhere); fused = the backend named in the row. Times are medians after warm-up; "
                   "peak memory is what one call adds (CPU: RSS high-water mark in a fresh process; CUDA: "
                   "max_memory_allocated); max err is against a float64 or reference result. End-to-end rows "
                   "(e2e) time one training step of the whole model; their max err is the relative difference "
