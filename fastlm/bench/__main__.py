@@ -392,7 +392,13 @@ def run_parity_check(args, out_dir):
     return 0 if report["passed"] else 1
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run_in_subprocess, which ends the running benchmark
+
+
 def main(argv=None):
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         args = parse_args(argv)
         import torch
