@@ -78,6 +78,7 @@ class TrainConfig:
     optim_backend: str = field(default="auto", metadata={"help": "AdamW backend", "choices": ("auto", "torch", "cpp", "cuda")})
     eval_interval: int = field(default=200, metadata={"help": "evaluate every this many steps"})
     eval_iters: int = field(default=50, metadata={"help": "batches per evaluation"})
+    eval_train_split: bool = field(default=False, metadata={"help": "also evaluate the train split in eval mode (else the train column is the mean batch loss since the last eval)"})
     log_interval: int = field(default=10, metadata={"help": "write a metrics.jsonl line every this many steps"})
     ckpt_interval: int = field(default=500, metadata={"help": "checkpoint every this many steps (0 = only at the end)"})
     out_dir: str = field(default="out", metadata={"help": "where checkpoints, metrics and plots go"})

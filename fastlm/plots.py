@@ -39,12 +39,13 @@ def save_loss_plot(records, path, title="fastlm training"):
 
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
-    train_eval = [(r["step"], r["train_loss"]) for r in records if r.get("type") == "eval"]
+    train_eval = [(r["step"], r["train_loss"]) for r in records
+                  if r.get("type") == "eval" and r.get("train_loss") is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
         ax.plot(*zip(*train), label="train (batch)", alpha=0.5, linewidth=1)
     if train_eval:
-        ax.plot(*zip(*train_eval), "o-", label="train (eval)", markersize=3)
+        ax.plot(*zip(*train_eval), "o-", label="train (at eval)", markersize=3)
     if val:
         ax.plot(*zip(*val), "o-", label="val", markersize=3)
     ax.set_xlabel("step")

@@ -275,12 +275,13 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self):
+    def evaluate(self, splits=("train", "val")):
         """Mean loss over eval_iters batches of each split (the same batches at every eval)."""
         self.raw_model.eval()
+        tokens_of = {"train": self.data.train, "val": self.data.val}
         result = {}
-        for split, tokens in (("train", self.data.train), ("val", self.data.val)):
-            batches = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
+        for split in splits:
+            batches = BatchSampler(tokens_of[split], self.model_cfg.block_size, self.cfg.batch_size,
                                    seed=self.cfg.seed + 10_000 + self.rank, device=self.device)
             total = torch.zeros((), device=self.device, dtype=torch.float64)
             for _ in range(self.cfg.eval_iters):
@@ -356,6 +357,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.is_main and cfg.progress), file=sys.stderr)
         started = time.perf_counter()
+        self._window_losses = []
         window_start, window_steps = time.perf_counter(), 0
         tokens_per_s = 0.0
         try:
@@ -363,6 +365,7 @@ class Trainer:
                 self._eval_and_report(bar, tokens_per_s, started)
             while self.step < cfg.max_steps:
                 loss, norm, lr = self.train_step()
+                self._window_losses.append(loss)
                 window_steps += 1
                 now = time.perf_counter()
                 if now - window_start > 0:
@@ -404,13 +407,24 @@ class Trainer:
         print(f"{'step':>6} | {'train loss':>10} | {'val loss':>8} | {'val ppl':>8} | {'lr':>9} | {'tok/s':>8} | {'elapsed':>8}")
 
     def _eval_and_report(self, bar, tokens_per_s, started):
-        losses = self.evaluate()
+        """Evaluate val loss (and, with --eval_train_split, train loss) and print a table row.
+
+        Without --eval_train_split the train column is the mean training-batch loss since the
+        previous eval, which costs nothing; the val loss is always measured in eval mode.
+        """
+        splits = ("train", "val") if self.cfg.eval_train_split else ("val",)
+        losses = self.evaluate(splits)
+        if "train" not in losses:
+            window = self._window_losses
+            losses["train"] = sum(window) / len(window) if window else None
+        self._window_losses = []
         lr = get_lr(max(self.step - 1, 0), self.cfg)
         record = {"type": "eval", "step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
                   "val_ppl": math.exp(min(losses["val"], 50)), "lr": lr}
         self.log(record)
         if self.is_main:
-            line = (f"{self.step:>6} | {losses['train']:>10.4f} | {losses['val']:>8.4f} | {record['val_ppl']:>8.2f} | "
+            train = f"{losses['train']:>10.4f}" if losses["train"] is not None else f"{'-':>10}"
+            line = (f"{self.step:>6} | {train} | {losses['val']:>8.4f} | {record['val_ppl']:>8.2f} | "
                     f"{lr:>9.2e} | {tokens_per_s:>8.0f} | {time.perf_counter() - started:>7.1f}s")
             bar.write(line, file=sys.stdout)
             sys.stdout.flush()

@@ -45,6 +45,10 @@ def test_end_to_end_training_writes_outputs(tmp_path, capsys):
     assert [e["step"] for e in evals] == [0, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3  # it learns
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    # Without --eval_train_split the train column is the mean batch loss since the last eval.
+    train_batches = [r["loss"] for r in records if r["type"] == "train"]
+    assert evals[0]["train_loss"] is None
+    assert evals[-1]["train_loss"] == pytest.approx(sum(train_batches) / len(train_batches))
     train = [r for r in records if r["type"] == "train"]
     assert len(train) == 30 and all(r["tokens_per_s"] > 0 for r in train)
     assert records[-1]["type"] == "final"
@@ -52,6 +56,13 @@ def test_end_to_end_training_writes_outputs(tmp_path, capsys):
     assert "val loss" in stdout and "sample:" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["d_model"] == 32 and config["train"]["max_steps"] == 30
+
+
+def test_eval_train_split_measures_train_loss_in_eval_mode(tmp_path):
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--eval_train_split", "true", steps=2)) == 0
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert all(isinstance(e["train_loss"], float) for e in evals)
 
 
 def stop_at(step):
