@@ -45,7 +45,7 @@ def save_loss_plot(records, path, title="fastlm training"):
     if train:
         ax.plot(*zip(*train), label="train (batch)", alpha=0.5, linewidth=1)
     if train_eval:
-        ax.plot(*zip(*train_eval), "o-", label="train (at eval)", markersize=3)
+        ax.plot(*zip(*train_eval), "o-", label="train (mean since the last eval)", markersize=3)
     if val:
         ax.plot(*zip(*val), "o-", label="val", markersize=3)
     ax.set_xlabel("step")
