@@ -153,7 +153,7 @@ def _coerce(f, value):
         raise ConfigError(f"{f.name} must be {kind.__name__}, got {value!r}") from None
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors as one line and exits 2 (no usage dump)."""
 
     def error(self, message):
@@ -161,7 +161,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(prog, description):
-    parser = _OneLineParser(prog=prog, description=description,
+    parser = OneLineParser(prog=prog, description=description,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="TOML or JSON file of settings (command-line flags win)")

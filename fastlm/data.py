@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastlm.config import ConfigError
+from fastlm.files import atomic_write
 
 CORPUS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "shakespeare.txt.gz")
 TOKEN_FILE_MAGIC = b"FASTLMTK"
@@ -141,34 +142,26 @@ def is_token_file(path):
 def write_token_file(path, chunks, tokenizer):
     """Write token id arrays (an iterable of 1-D integer arrays) as a token file; atomic."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    tmp = f"{path}.tmp-{os.getpid()}"
     count = 0
     header_space = 1 << 20  # rewritten once the count is known; the tokenizer JSON fits in it
     spec = tokenizer.to_dict()
     if len(json.dumps(spec)) > header_space - 1024:
         header_space = ((len(json.dumps(spec)) + 4096) // _HEADER_ALIGN + 1) * _HEADER_ALIGN
-    try:
-        with open(tmp, "wb") as f:
-            f.write(b"\0" * header_space)
-            for chunk in chunks:
-                arr = np.asarray(chunk)
-                if arr.size and (arr.min() < 0 or arr.max() >= tokenizer.vocab_size):
-                    raise DataError("token id out of the tokenizer's range while writing a token file")
-                f.write(arr.astype(dtype).tobytes())
-                count += arr.size
-            if count == 0:
-                raise DataError(f"no tokens to write to {path}: the input holds no text")
-            header = json.dumps({"tokenizer": spec, "vocab_size": tokenizer.vocab_size,
-                                 "dtype": np.dtype(dtype).name, "num_tokens": count,
-                                 "data_offset": header_space}).encode()
-            f.seek(0)
-            f.write(TOKEN_FILE_MAGIC + struct.pack("<I", len(header)) + header)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        f.write(b"\0" * header_space)
+        for chunk in chunks:
+            arr = np.asarray(chunk)
+            if arr.size and (arr.min() < 0 or arr.max() >= tokenizer.vocab_size):
+                raise DataError("token id out of the tokenizer's range while writing a token file")
+            f.write(arr.astype(dtype).tobytes())
+            count += arr.size
+        if count == 0:
+            raise DataError(f"no tokens to write to {path}: the input holds no text")
+        header = json.dumps({"tokenizer": spec, "vocab_size": tokenizer.vocab_size,
+                             "dtype": np.dtype(dtype).name, "num_tokens": count,
+                             "data_offset": header_space}).encode()
+        f.seek(0)
+        f.write(TOKEN_FILE_MAGIC + struct.pack("<I", len(header)) + header)
     return count
 
 

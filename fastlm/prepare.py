@@ -9,19 +9,14 @@ so the corpus is never loaded whole. Text files are encoded one at a time.
 import argparse
 import sys
 
-from fastlm.config import ConfigError, fail
+from fastlm.config import ConfigError, OneLineParser, fail
 from fastlm.data import BPETokenizer, ByteTokenizer, _read_text_file, text_files, write_token_file
 
 PROG = "python -m fastlm.prepare"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
-    p = _Parser(prog=PROG, description="Tokenize text into a fastlm token file.",
+    p = OneLineParser(prog=PROG, description="Tokenize text into a fastlm token file.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="UTF-8 text file or directory of .txt files")
     p.add_argument("--out", required=True, help="token file to write")

@@ -6,9 +6,7 @@
 import argparse
 import sys
 
-import torch
-
-from fastlm.config import ConfigError, fail
+from fastlm.config import ConfigError, OneLineParser, fail
 from fastlm.data import tokenizer_from_dict
 from fastlm.model import GPT
 from fastlm.train import load_checkpoint, model_config_from_checkpoint, resolve_device, sample_text
@@ -16,13 +14,8 @@ from fastlm.train import load_checkpoint, model_config_from_checkpoint, resolve_
 PROG = "python -m fastlm.sample"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
-    p = _Parser(prog=PROG, description="Sample text from a fastlm checkpoint.",
+    p = OneLineParser(prog=PROG, description="Sample text from a fastlm checkpoint.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file, or the out_dir that holds ckpt.pt")
     p.add_argument("--prompt", default="\n", help="text to continue")

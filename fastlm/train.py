@@ -22,6 +22,7 @@ import torch.distributed as dist
 from fastlm import ops
 from fastlm.config import ConfigError, GPTConfig, TrainConfig, as_dict, fail, parse_args
 from fastlm.data import BatchSampler, load_data, tokenizer_from_dict
+from fastlm.files import atomic_write
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
 from fastlm.plots import ascii_curve, save_loss_plot
@@ -70,24 +71,13 @@ def resolve_device(name, local_rank=0):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path):
