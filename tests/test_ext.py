@@ -39,7 +39,7 @@ def test_auto_falls_back_to_torch_with_one_warning(broken_extension, reason):
 
 def test_explicit_cpp_backend_names_the_reason(broken_extension):
     broken_extension("fastlm._C is stale: csrc/ changed since it was built")
-    with pytest.raises(BackendUnavailable, match="stale"):
+    with pytest.raises(BackendUnavailable, match="stale"), pytest.warns(RuntimeWarning, match="falling back"):
         cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="cpp")
 
 
