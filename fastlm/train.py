@@ -380,13 +380,14 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         self.save_checkpoint()
-        if self._stop_signal is not None:
-            if self.is_main:
-                print(f"{PROG}: stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved in "
-                      f"{self.out_dir} (continue with --resume)", file=sys.stderr)
-            return 128 + self._stop_signal
-        self._finish(started)
-        return 0
+        if self._stop_signal is None:
+            self._finish(started)
+        elif self.is_main:
+            print(f"{PROG}: stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved in "
+                  f"{self.out_dir} (continue with --resume)", file=sys.stderr)
+        if self.ddp:
+            dist.barrier()  # no rank tears the process group down while another is still using it
+        return 0 if self._stop_signal is None else 128 + self._stop_signal
 
     def _print_header(self, tokens_per_step):
         n = self.raw_model.num_params()
