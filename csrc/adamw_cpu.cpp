@@ -26,6 +26,8 @@
 #include <c10/util/copysign.h>
 #include <torch/library.h>
 
+#include "adamw.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -447,12 +449,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
                     double max_grad_norm) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
-              "adamw_step_: params, grads, exp_avgs, exp_avg_sqs and state_steps must have one entry per "
-              "parameter");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "adamw_step_: amsgrad needs one max_exp_avg_sq per parameter");
-  TORCH_CHECK(master_params.empty() || master_params.size() == n,
-              "adamw_step_: master_params must be empty or have one entry per parameter");
+  fastlm::check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+                            amsgrad);
   TORCH_CHECK(max_grad_norm <= 0 || grad_norm.has_value(), "adamw_step_: max_grad_norm needs grad_norm");
   if (found_inf.has_value() && found_inf->item<float>() != 0.f) {
     return;  // GradScaler saw an inf/nan: skip the step, step counts included

@@ -21,6 +21,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "adamw.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -396,12 +398,8 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
                      double max_grad_norm) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
-              "adamw_step_: params, grads, exp_avgs, exp_avg_sqs and state_steps must have one entry per "
-              "parameter");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "adamw_step_: amsgrad needs one max_exp_avg_sq per parameter");
-  TORCH_CHECK(master_params.empty() || master_params.size() == n,
-              "adamw_step_: master_params must be empty or have one entry per parameter");
+  fastlm::check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+                            amsgrad);
   if (n == 0) return;
   const at::Device device = params[0].device();
   c10::DeviceGuard guard(device);
