@@ -401,9 +401,6 @@ std::vector<Piece> split_into_pieces(const std::vector<int64_t>& sizes) {
   return pieces;
 }
 
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
 
 at::Tensor adamw_grad_norm_cpu(at::TensorList grads, const std::optional<at::Tensor>& grad_scale) {
   std::vector<at::Tensor> dense;
@@ -412,9 +409,7 @@ at::Tensor adamw_grad_norm_cpu(at::TensorList grads, const std::optional<at::Ten
   dense.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.device().is_cpu(), "adamw_grad_norm: grads[", i, "] must be a CPU tensor, got ", g.device());
-    TORCH_CHECK(is_float_type(g.scalar_type()), "adamw_grad_norm: grads[", i,
-                "] must be float32, bfloat16 or float16, got ", g.scalar_type());
+    fastlm::check_adamw_grad(g, i, at::kCPU);
     dense.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
     slots.push_back({dense.back().data_ptr(), g.scalar_type()});
     sizes.push_back(g.numel());
@@ -432,14 +427,6 @@ at::Tensor adamw_grad_norm_cpu(at::TensorList grads, const std::optional<at::Ten
     norm /= grad_scale->item<double>();
   }
   return at::scalar_tensor(norm, at::TensorOptions().dtype(at::kFloat));
-}
-
-void check_state(const char* name, const at::Tensor& t, const at::Tensor& p, size_t i) {
-  TORCH_CHECK(t.device().is_cpu(), "adamw_step_: ", name, "[", i, "] must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "adamw_step_: ", name, "[", i, "] must be float32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == p.sizes(), "adamw_step_: ", name, "[", i, "] has shape ", t.sizes(),
-              " but its parameter has shape ", p.sizes());
 }
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -481,19 +468,10 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.device().is_cpu(), "adamw_step_: params[", i, "] must be a CPU tensor, got ", p.device());
-    TORCH_CHECK(is_float_type(p.scalar_type()), "adamw_step_: params[", i,
-                "] must be float32, bfloat16 or float16, got ", p.scalar_type());
-    TORCH_CHECK(g.scalar_type() == p.scalar_type() && g.sizes() == p.sizes() && g.device() == p.device(),
-                "adamw_step_: grads[", i, "] must match its parameter's dtype, shape and device");
-    check_state("exp_avgs", exp_avgs[i], p, i);
-    check_state("exp_avg_sqs", exp_avg_sqs[i], p, i);
-    if (amsgrad) check_state("max_exp_avg_sqs", max_exp_avg_sqs[i], p, i);
+    fastlm::check_adamw_param(i, at::kCPU, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+                              state_steps, amsgrad);
     const bool has_master = !master_params.empty();
-    if (has_master) check_state("master_params", master_params[i], p, i);
     const at::Tensor& step = state_steps[i];
-    TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1,
-                "adamw_step_: state_steps[", i, "] must be a float32 CPU scalar");
 
     std::vector<at::Tensor> operands = {p, g, exp_avgs[i], exp_avg_sqs[i]};
     if (amsgrad) operands.push_back(max_exp_avg_sqs[i]);

@@ -305,10 +305,6 @@ const float* optional_scalar(const std::optional<at::Tensor>& t, const at::Devic
   return t->data_ptr<float>();
 }
 
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
 // fn(scalar_t{}) for the parameter dtypes the kernels are built for.
 template <typename Fn>
 void dispatch_param_dtype(at::ScalarType dtype, Fn fn) {
@@ -328,9 +324,7 @@ at::Tensor adamw_grad_norm_cuda(at::TensorList grads, const std::optional<at::Te
   std::vector<at::Tensor> dense;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.device() == device, "adamw_grad_norm: grads[", i, "] is on ", g.device(), ", expected ", device);
-    TORCH_CHECK(is_float_type(g.scalar_type()), "adamw_grad_norm: grads[", i,
-                "] must be float32, bfloat16 or float16, got ", g.scalar_type());
+    fastlm::check_adamw_grad(g, i, device);
     dense.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
   }
   std::vector<int64_t> all_numels;
@@ -376,14 +370,6 @@ at::Tensor adamw_grad_norm_cuda(at::TensorList grads, const std::optional<at::Te
   return out;
 }
 
-void check_state(const char* name, const at::Tensor& t, const at::Tensor& p, size_t i) {
-  TORCH_CHECK(t.device() == p.device(), "adamw_step_: ", name, "[", i, "] is on ", t.device(), ", its parameter on ",
-              p.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "adamw_step_: ", name, "[", i, "] must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == p.sizes(), "adamw_step_: ", name, "[", i, "] has shape ", t.sizes(),
-              " but its parameter has shape ", p.sizes());
-}
-
 template <typename scalar_t, bool amsgrad, bool has_master>
 void launch_adamw(const AdamwTensors& tl, int blocks, const AdamwHyper& h, const float* grad_scale,
                   const float* found_inf, const float* grad_norm, cudaStream_t stream) {
@@ -417,19 +403,8 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device, "adamw_step_: params[", i, "] is on ", p.device(), ", expected ", device);
-    TORCH_CHECK(is_float_type(p.scalar_type()), "adamw_step_: params[", i,
-                "] must be float32, bfloat16 or float16, got ", p.scalar_type());
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes() &&
-                    grads[i].device() == device,
-                "adamw_step_: grads[", i, "] must match its parameter's dtype, shape and device");
-    check_state("exp_avgs", exp_avgs[i], p, i);
-    check_state("exp_avg_sqs", exp_avg_sqs[i], p, i);
-    if (amsgrad) check_state("max_exp_avg_sqs", max_exp_avg_sqs[i], p, i);
-    if (has_master) check_state("master_params", master_params[i], p, i);
-    TORCH_CHECK(state_steps[i].device() == device && state_steps[i].scalar_type() == at::kFloat &&
-                    state_steps[i].numel() == 1,
-                "adamw_step_: state_steps[", i, "] must be a float32 scalar on ", device);
+    fastlm::check_adamw_param(i, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+                              state_steps, amsgrad);
     std::vector<at::Tensor> list = {p, grads[i], exp_avgs[i], exp_avg_sqs[i]};
     if (amsgrad) list.push_back(max_exp_avg_sqs[i]);
     if (has_master) list.push_back(master_params[i]);

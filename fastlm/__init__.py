@@ -1,9 +1,10 @@
 """fastlm: train a GPT-style language model from scratch, with fused kernels.
 
 The public surface:
-  fastlm.ops        cross_entropy, linear_cross_entropy, causal_attention, available_backends
+  fastlm.ops        cross_entropy, linear_cross_entropy, causal_attention, resolve_backend,
+                    available_backends
   fastlm.optim      AdamW
-  fastlm.model      GPT, GPTConfig
+  fastlm.model      GPT;  fastlm.config  GPTConfig, KernelConfig, TrainConfig
   python -m fastlm.train / fastlm.sample / fastlm.prepare / fastlm.bench
 """
 __version__ = "0.1.0"

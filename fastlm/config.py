@@ -1,7 +1,13 @@
-"""Configuration: two dataclasses (the model's and the run's) and the command line that fills them.
+"""Configuration: three dataclasses and the command line that fills them.
+
+  GPTConfig     the architecture: every field shapes or defines the weights, so a checkpoint
+                and the run that loads it must agree on all of them
+  KernelConfig  how the model and optimizer compute (backends, loss fusion): free to change
+                between runs without changing the result beyond rounding
+  TrainConfig   the run: data, optimisation, schedule, precision, intervals, output
 
 Every field is settable as `--field value`, from `--config FILE` (TOML or JSON, flat or with
-[model] / [train] tables), and is listed by `--help` with its default. Precedence:
+[model] / [kernels] / [train] tables), and is listed by `--help` with its default. Precedence:
 defaults < config file < command line.
 """
 import argparse
@@ -24,21 +30,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class GPTConfig:
+    """The architecture. A checkpoint's weights fit a model only if every field agrees."""
+
     vocab_size: int = field(default=256, metadata={"help": "vocabulary size (byte tokenizer: at least 256; bpe: size to train)"})
     block_size: int = field(default=128, metadata={"help": "context length in tokens"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "query heads"})
     n_kv_head: Optional[int] = field(default=None, metadata={"help": "key/value heads (grouped-query attention); divides n_head; default n_head"})
     d_model: int = field(default=128, metadata={"help": "embedding width"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, attention output and MLP output"})
     bias: bool = field(default=True, metadata={"help": "biases in linear layers and LayerNorm"})
     pos_emb: str = field(default="learned", metadata={"help": "position information", "choices": ("learned", "rope")})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
     norm: str = field(default="layernorm", metadata={"help": "normalisation", "choices": ("layernorm", "rmsnorm")})
     mlp: str = field(default="gelu", metadata={"help": "MLP type (4x width)", "choices": ("gelu", "swiglu")})
-    attn_backend: str = field(default="auto", metadata={"help": "causal_attention backend", "choices": ("auto", "torch", "sdpa", "triton")})
-    ce_backend: str = field(default="auto", metadata={"help": "cross-entropy backend", "choices": ("auto", "torch", "triton", "cpp")})
-    fused_linear_ce: bool = field(default=True, metadata={"help": "fuse lm_head and the loss (no full logits) when training"})
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -54,13 +58,24 @@ class GPTConfig:
             raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos_emb == "rope" and (self.d_model // self.n_head) % 2:
             raise ConfigError(f"rope needs an even head size, got d_model/n_head = {self.d_model // self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_choices(self)
 
     @property
     def head_dim(self):
         return self.d_model // self.n_head
+
+
+@dataclass
+class KernelConfig:
+    """Which implementation runs each op ("auto" resolves once, when the model is placed)."""
+
+    attn_backend: str = field(default="auto", metadata={"help": "causal_attention backend", "choices": ("auto", "torch", "sdpa", "triton")})
+    ce_backend: str = field(default="auto", metadata={"help": "cross-entropy backend", "choices": ("auto", "torch", "triton", "cpp")})
+    optim_backend: str = field(default="auto", metadata={"help": "AdamW backend", "choices": ("auto", "torch", "cpp", "cuda")})
+    fused_linear_ce: bool = field(default=True, metadata={"help": "fuse lm_head and the loss (no full logits) when training"})
+
+    def validate(self):
+        _check_choices(self)
 
 
 @dataclass
@@ -75,7 +90,7 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
-    optim_backend: str = field(default="auto", metadata={"help": "AdamW backend", "choices": ("auto", "torch", "cpp", "cuda")})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, attention output and MLP output"})
     eval_interval: int = field(default=200, metadata={"help": "evaluate every this many steps"})
     eval_iters: int = field(default=50, metadata={"help": "batches per evaluation"})
     eval_train_split: bool = field(default=False, metadata={"help": "also evaluate the train split in eval mode (else the train column is the mean batch loss since the last eval)"})
@@ -84,6 +99,7 @@ class TrainConfig:
     out_dir: str = field(default="out", metadata={"help": "where checkpoints, metrics and plots go"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if out_dir already holds a run"})
+    override_resume_config: bool = field(default=False, metadata={"help": "with --resume, let flags change settings that alter what the run computes (data, batch, schedule, seed, ...)"})
     data: Optional[str] = field(default=None, metadata={"help": "UTF-8 text file, directory of .txt files, or a token file from fastlm.prepare (default: the embedded corpus)"})
     tokenizer: str = field(default="byte", metadata={"help": "tokenizer for text data", "choices": ("byte", "bpe")})
     dtype: str = field(default="float32", metadata={"help": "autocast dtype", "choices": ("float32", "bfloat16", "float16")})
@@ -106,11 +122,37 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("weight_decay and grad_clip must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check_choices(self)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run is given: the three configs, and the names of the fields the user set
+    (on the command line or in a config file), so a resumed run can tell a choice from a default."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    explicit: frozenset = frozenset()
+
+    def validate(self):
+        self.model.validate()
+        self.kernels.validate()
+        self.train.validate()
+        return self
+
+    def as_dict(self):
+        """{"model": {...}, "kernels": {...}, "train": {...}}, as written to config.json."""
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+
+
+SECTIONS = {"model": GPTConfig, "kernels": KernelConfig, "train": TrainConfig}
 
 
 def _check_choices(cfg):
@@ -165,7 +207,7 @@ def build_parser(prog, description):
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="TOML or JSON file of settings (command-line flags win)")
-    for cls, title in ((GPTConfig, "model"), (TrainConfig, "training")):
+    for title, cls in SECTIONS.items():
         group = parser.add_argument_group(title)
         for f in fields(cls):
             kind = _field_type(f)
@@ -200,41 +242,33 @@ def load_config_file(path):
         raise ConfigError(f"config file {path} must hold a table/object of settings")
     flat = {}
     for key, value in raw.items():
-        if key in ("model", "train") and isinstance(value, dict):
+        if key in SECTIONS and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
     return flat
 
 
-def configs_from_dict(values):
-    """(GPTConfig, TrainConfig) from a flat dict; unknown keys raise ConfigError."""
-    model_fields = {f.name: f for f in fields(GPTConfig)}
-    train_fields = {f.name: f for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - set(model_fields) - set(train_fields))
+def configs_from_dict(values, explicit=frozenset()):
+    """RunConfig from a flat {field: value} dict (not yet validated); unknown keys raise ConfigError."""
+    by_section = {name: {f.name: f for f in fields(cls)} for name, cls in SECTIONS.items()}
+    unknown = sorted(set(values) - {name for section in by_section.values() for name in section})
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
-    model = GPTConfig(**{k: _coerce(model_fields[k], v) for k, v in values.items() if k in model_fields})
-    train = TrainConfig(**{k: _coerce(train_fields[k], v) for k, v in values.items() if k in train_fields})
-    return model, train
+    built = {name: SECTIONS[name](**{k: _coerce(f, values[k]) for k, f in section.items() if k in values})
+             for name, section in by_section.items()}
+    return RunConfig(**built, explicit=frozenset(explicit))
 
 
 def parse_args(argv=None, prog="python -m fastlm.train", description=None):
-    """Parse the command line (and --config file) into validated configs.
-
-    Returns (GPTConfig, TrainConfig, explicit) where `explicit` is the set of field names the
-    user set (on the command line or in the config file), so a resumed run can tell a
-    deliberate change from a default.
-    """
+    """Parse the command line (and --config file) into a validated RunConfig whose `explicit`
+    holds the names of the fields the user set."""
     parser = build_parser(prog, description)
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
     values = load_config_file(config_path) if config_path else {}
     values.update(args)
-    model, train = configs_from_dict(values)
-    model.validate()
-    train.validate()
-    return model, train, set(values)
+    return configs_from_dict(values, explicit=set(values)).validate()
 
 
 def as_dict(cfg):

@@ -18,3 +18,8 @@ def atomic_write(path, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    with atomic_write(path, "w") as f:
+        f.write(text)

@@ -2,8 +2,9 @@
 
 token embedding (+ learned positions, or RoPE inside attention) -> n_layer x [norm -> causal
 self-attention (grouped-query heads) -> residual, norm -> MLP -> residual] -> final norm ->
-lm_head tied to the token embedding. Attention and the loss go through fastlm.ops, so the
-fused kernels are one config switch away.
+lm_head tied to the token embedding. Attention and the loss go through fastlm.ops; their
+backends (KernelConfig) are resolved once, when the model is built and whenever it is moved
+(`model.to(...)`), and are listed in `model.backends`.
 """
 import math
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlm.config import GPTConfig
-from fastlm.ops import causal_attention, cross_entropy, linear_cross_entropy
+from fastlm.config import ConfigError, GPTConfig, KernelConfig
+from fastlm.ops import causal_attention, cross_entropy, linear_cross_entropy, resolve_backend
 
 IGNORE_INDEX = -100
 
@@ -38,10 +39,10 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def make_norm(cfg):
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=1e-5)
-    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=1e-5)
+    return nn.LayerNorm(config.d_model, bias=config.bias)
 
 
 def rope_tables(head_dim, length, theta, device):
@@ -59,14 +60,15 @@ def apply_rope(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config, dropout):
         super().__init__()
-        self.cfg = cfg
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                             bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.residual_projection = True
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = Dropout(dropout)
+        self.backend = "auto"  # set by GPT.resolve_backends
 
     def forward(self, x, rope=None):
         B, T, _ = x.shape
@@ -77,25 +79,30 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = causal_attention(q, k, v, backend=self.cfg.attn_backend)
+        y = causal_attention(q, k, v, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.dropout(self.proj(y))
 
 
+def mlp_width(config):
+    """Hidden width of the MLP: 4x, or for SwiGLU 2/3 of that rounded up to a multiple of 64,
+    which keeps the parameter count of the GELU MLP (three matrices instead of two)."""
+    if config.mlp == "swiglu":
+        return 64 * math.ceil(int(8 * config.d_model / 3) / 64)
+    return 4 * config.d_model
+
+
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config, dropout):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu = config.mlp == "swiglu"
+        hidden = mlp_width(config)
         if self.swiglu:
-            # 2/3 of 4x keeps the parameter count of the GELU MLP (three matrices instead of two).
-            hidden = 64 * math.ceil(int(8 * cfg.d_model / 3) / 64)
-            self.gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        else:
-            hidden = 4 * cfg.d_model
-        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+            self.gate = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.fc = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.proj.residual_projection = True
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x):
         h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x))
@@ -103,12 +110,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config, dropout):
         super().__init__()
-        self.norm1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
-        self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, dropout)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config, dropout)
 
     def forward(self, x, rope=None):
         x = x + self.attn(self.norm1(x), rope)
@@ -116,27 +123,61 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    """GPT(config, dropout=0.0, kernels=KernelConfig(), compute_dtype=None).
+
+    compute_dtype: the dtype the ops will see (the autocast dtype when training under autocast;
+    default: the parameters' dtype); with the device, it decides what "auto" backends resolve to.
+    """
+
+    def __init__(self, config: GPTConfig, dropout=0.0, kernels=None, compute_dtype=None):
         super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
-        self.drop = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        config.validate()
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        self.config = config
+        self.kernels = kernels or KernelConfig()
+        self.compute_dtype = compute_dtype
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model) if config.pos_emb == "learned" else None
+        self.drop = Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
-        if cfg.pos_emb == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, "cpu")
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta, "cpu")
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self.resolve_backends()
+
+    def resolve_backends(self):
+        """Pick the concrete backend of attention and the loss for the current device and compute
+        dtype (one choice per model, not per call); an unusable explicit choice raises here."""
+        device, dtype = self.wte.weight.device, self.compute_dtype or self.wte.weight.dtype
+        loss_op = "linear_cross_entropy" if self.kernels.fused_linear_ce else "cross_entropy"
+        self.backends = {
+            "causal_attention": resolve_backend("causal_attention", device, self.kernels.attn_backend,
+                                                dtype=dtype, head_dim=self.config.head_dim),
+            loss_op: resolve_backend(loss_op, device, self.kernels.ce_backend, dtype=dtype),
+        }
+        # The unfused loss (forward with return_logits) runs on the same backend as the fused one.
+        self.loss_backend = self.backends[loss_op]
+        for block in self.blocks:
+            block.attn.backend = self.backends["causal_attention"]
+        return self.backends
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half(), ...: the backends follow the parameters' new device and dtype.
+        module = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "backends"):
+            self.resolve_backends()
+        return module
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             # Residual projections are scaled so the residual stream's variance does not grow with depth.
-            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual_projection", False) else 0.02
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -152,14 +193,14 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward): 6N plus the attention scores' 12*L*d*T."""
-        T = seq_len or self.cfg.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layer * self.cfg.d_model * T
+        T = seq_len or self.config.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * self.config.d_model * T
 
     def hidden_states(self, idx):
         """Final-norm hidden states (B, T, d_model) for token ids idx (B, T)."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:
@@ -174,19 +215,19 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, return_logits=False):
         """idx, targets: (B, T) int64. Returns (logits (B, T, V) or None, loss or None).
 
-        With targets and cfg.fused_linear_ce, the loss is computed by linear_cross_entropy and
+        With targets and kernels.fused_linear_ce, the loss is computed by linear_cross_entropy and
         no logits are materialised (logits is None) unless return_logits=True.
         """
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h), None
-        if self.cfg.fused_linear_ce and not return_logits:
+        if self.kernels.fused_linear_ce and not return_logits:
             loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, backend=self.cfg.ce_backend)
+                                        ignore_index=IGNORE_INDEX, backend=self.loss_backend)
             return None, loss
         logits = self.lm_head(h)
         loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, backend=self.cfg.ce_backend)
+                             ignore_index=IGNORE_INDEX, backend=self.loss_backend)
         return logits, loss
 
     @torch.no_grad()
@@ -201,7 +242,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
-            context = idx[:, -self.cfg.block_size:]
+            context = idx[:, -self.config.block_size:]
             logits = self.lm_head(self.hidden_states(context)[:, -1, :]).float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)

@@ -30,8 +30,11 @@ def ascii_curve(points, width=64, height=12, label="loss"):
     return "\n".join(lines)
 
 
-def save_loss_plot(records, path, title="fastlm training"):
-    """Write train/val loss curves from metrics.jsonl records to a PNG at `path`."""
+def save_loss_plot(records, path, title="fastlm training", train_measured=False):
+    """Write train/val loss curves from metrics.jsonl records to a PNG at `path`.
+
+    train_measured: the eval records' train loss was measured in eval mode (--eval_train_split),
+    not the mean of the training batches since the previous eval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +48,8 @@ def save_loss_plot(records, path, title="fastlm training"):
     if train:
         ax.plot(*zip(*train), label="train (batch)", alpha=0.5, linewidth=1)
     if train_eval:
-        ax.plot(*zip(*train_eval), "o-", label="train (mean since the last eval)", markersize=3)
+        label = "train (eval mode)" if train_measured else "train (mean since the last eval)"
+        ax.plot(*zip(*train_eval), "o-", label=label, markersize=3)
     if val:
         ax.plot(*zip(*val), "o-", label="val", markersize=3)
     ax.set_xlabel("step")

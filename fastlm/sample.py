@@ -6,17 +6,31 @@
 import argparse
 import sys
 
+import torch
+
+from fastlm.checkpoint import load_checkpoint, model_config_from_checkpoint
 from fastlm.config import ConfigError, OneLineParser, fail
 from fastlm.data import tokenizer_from_dict
+from fastlm.distributed import resolve_device
 from fastlm.model import GPT
-from fastlm.train import load_checkpoint, model_config_from_checkpoint, resolve_device, sample_text
 
 PROG = "python -m fastlm.sample"
 
 
+def sample_text(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=None, top_p=None, seed=None,
+                device="cpu"):
+    """Continue `prompt` by max_new_tokens sampled tokens; returns prompt + continuation as text."""
+    ids = tokenizer.encode(prompt) or tokenizer.encode("\n")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return tokenizer.decode(out[0].tolist())
+
+
 def build_parser():
     p = OneLineParser(prog=PROG, description="Sample text from a fastlm checkpoint.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file, or the out_dir that holds ckpt.pt")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200, dest="max_new_tokens")
@@ -27,6 +41,13 @@ def build_parser():
     p.add_argument("--num-samples", "--num_samples", type=int, default=1, dest="num_samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return p
+
+
+def load_model(ckpt, device):
+    """The checkpoint's GPT in eval mode on `device`, with the "auto" backends of this machine."""
+    model = GPT(model_config_from_checkpoint(ckpt))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
 
 
 def main(argv=None):
@@ -44,9 +65,7 @@ def main(argv=None):
             raise ConfigError(f"--num-samples must be positive, got {args.num_samples}")
         device = resolve_device(args.device)
         ckpt = load_checkpoint(args.ckpt)
-        model = GPT(model_config_from_checkpoint(ckpt))
-        model.load_state_dict(ckpt["model"])
-        model.to(device).eval()
+        model = load_model(ckpt, device)
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     except ConfigError as exc:
         fail(PROG, str(exc))

@@ -1,9 +1,18 @@
-"""Shared test utilities: a tiny training configuration and CLI runners."""
+"""Shared test utilities: a tiny training configuration, CLI runners, and backend checks."""
+import contextlib
+import os
 import subprocess
 import sys
 
+import pytest
+
+from fastlm.ops.backends import backend_reasons
+
 TINY = ["--block_size", "16", "--n_layer", "2", "--n_head", "2", "--d_model", "32", "--batch_size", "4",
         "--eval_iters", "2", "--sample_tokens", "0", "--progress", "false", "--warmup_steps", "2"]
+# Backends that must be usable here (CI sets FASTLM_REQUIRE_BACKENDS=cpp,triton): their tests fail
+# instead of skipping, so a broken build cannot turn the fused-kernel tests into silent skips.
+REQUIRED_BACKENDS = frozenset(filter(None, os.environ.get("FASTLM_REQUIRE_BACKENDS", "").split(",")))
 
 
 def tiny_args(out_dir, *extra, steps=10):
@@ -15,3 +24,40 @@ def run_cli(module, *args, timeout=600, env=None):
     """Run `python -m module args` in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def skip_unless_usable(op, backend, device="cpu"):
+    """Skip the test when `backend` cannot run `op` on `device` here (fail if it is required)."""
+    reason = backend_reasons(op, device)[backend]
+    if reason is None:
+        return
+    if backend in REQUIRED_BACKENDS and device == "cpu":
+        pytest.fail(f"{op} backend {backend!r} must be usable here (FASTLM_REQUIRE_BACKENDS) but is not: {reason}")
+    pytest.skip(f"{op} backend {backend} unavailable: {reason}")
+
+
+@contextlib.contextmanager
+def count_calls(owner, name):
+    """Count the calls of owner[name] (a dict entry) or owner.name (an attribute) inside the block.
+
+    Yields a list that gets one entry per call, so a test can assert which kernel really ran.
+    """
+    is_dict = isinstance(owner, dict)
+    original = owner[name] if is_dict else getattr(owner, name)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    if is_dict:
+        owner[name] = spy
+    else:
+        setattr(owner, name, spy)
+    try:
+        yield calls
+    finally:
+        if is_dict:
+            owner[name] = original
+        else:
+            setattr(owner, name, original)

@@ -9,8 +9,10 @@ few awkward shapes. The `gpu` tests repeat the sweep up to T = 4096.
 import pytest
 import torch
 
-from fastlm.ops import BackendUnavailable, available_backends, causal_attention
+import fastlm.ops.attention as attention_module
+from fastlm.ops import BackendUnavailable, available_backends, causal_attention, resolve_backend
 from fastlm.ops.attention import attention_reference
+from tests.helpers import count_calls, skip_unless_usable
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 GQA = [(4, 4), (4, 2), (4, 1)]
@@ -35,8 +37,16 @@ def make_inputs(B, H, H_kv, T, D, dtype, device="cpu", transposed=False):
 
 
 def check_against_reference(backend, B, H, H_kv, T, D, dtype, scale=None, device="cpu", transposed=False):
+    if backend == "auto":
+        resolved = resolve_backend("causal_attention", device, dtype=dtype, head_dim=D)
+    else:
+        skip_unless_usable("causal_attention", backend, device)
+        resolved = backend
     q, k, v = make_inputs(B, H, H_kv, T, D, dtype, device, transposed)
-    out = causal_attention(q, k, v, scale=scale, backend=backend)
+    entry = {"torch": "attention_reference", "sdpa": "_sdpa", "triton": "_triton"}[resolved]
+    with count_calls(attention_module, entry) as calls:
+        out = causal_attention(q, k, v, scale=scale, backend=backend)
+    assert calls, f"the {resolved} path did not run"
     assert out.shape == (B, H, T, D) and out.dtype == dtype
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -204,14 +214,13 @@ def test_bad_scale_and_backend():
 # --- the GPT end to end ---------------------------------------------------------------------------
 
 def _train_losses(attn_backend, steps=20):
-    from fastlm.config import GPTConfig
+    from fastlm.config import GPTConfig, KernelConfig
     from fastlm.model import GPT
 
     torch.manual_seed(0)
     # Head size 16 with grouped-query heads; T = 20 leaves a tail past the interpreter's blocks.
-    cfg = GPTConfig(vocab_size=64, block_size=20, n_layer=2, n_head=2, n_kv_head=1, d_model=32, dropout=0.0,
-                    pos_emb="rope", attn_backend=attn_backend, ce_backend="torch")
-    model = GPT(cfg)
+    cfg = GPTConfig(vocab_size=64, block_size=20, n_layer=2, n_head=2, n_kv_head=1, d_model=32, pos_emb="rope")
+    model = GPT(cfg, kernels=KernelConfig(attn_backend=attn_backend, ce_backend="torch"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     losses = []

@@ -5,16 +5,15 @@ cancel to ~0); bf16/fp16 inputs 1e-2 (the gradient is stored in the input dtype)
 backend runs through the interpreter on CPU, so it gets a smaller sweep here and a large one
 on GPU.
 """
-import importlib
-
 import pytest
 import torch
 
 from fastlm.ops import BackendUnavailable
-from fastlm.ops.cross_entropy import (backend_reasons, cross_entropy, cross_entropy_reference,
-                                      linear_cross_entropy, linear_cross_entropy_reference)
+from fastlm.ops import loss as ce_module
+from fastlm.ops.loss import (backend_reasons, cross_entropy, cross_entropy_reference, linear_cross_entropy,
+                             linear_cross_entropy_reference)
+from tests.helpers import count_calls, skip_unless_usable
 
-ce_module = importlib.import_module("fastlm.ops.cross_entropy")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -24,9 +23,14 @@ def usable(backend, device="cpu"):
 
 
 def skip_unless(backend, device="cpu"):
-    reason = backend_reasons(torch.device(device))[backend]
-    if reason is not None:
-        pytest.skip(f"backend {backend} unavailable: {reason}")
+    skip_unless_usable("cross_entropy", backend, device)
+
+
+def ran(backend):
+    """Count the calls of `backend`'s kernel (the torch backend of cross_entropy is its reference)."""
+    if backend == "torch":
+        return count_calls(ce_module, "cross_entropy_reference")
+    return count_calls(ce_module._ROW_KERNELS, backend)
 
 
 def make_targets(n, vocab, ignore, ignore_index=-100, device="cpu"):
@@ -57,7 +61,9 @@ def check_against_reference(backend, logits, targets, grad_out_seed=1, **options
     ref = cross_entropy_reference(ref_in, targets, **options)
     # A non-leaf input, as in training, lets the fused backends reuse the logits buffer.
     leaf = logits.detach().clone().requires_grad_()
-    out = cross_entropy(leaf * 1, targets, backend=backend, **options)
+    with ran(backend) as calls:
+        out = cross_entropy(leaf * 1, targets, backend=backend, **options)
+    assert calls, f"the {backend} kernel did not run"
     assert out.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
     assert out.shape == ref.shape
     # A loss is a difference of terms of the size of the logits.
@@ -133,7 +139,9 @@ def test_gradcheck(backend, reduction):
     skip_unless(backend)
     hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    targets = make_targets(6, 9, "some")
+    # Chunks of 4 rows: each chunk has ignored and counted rows, so a chunk-accumulation bug shows.
+    targets = make_targets(6, 9, "absent")
+    targets[[1, 4]] = -100
     assert torch.autograd.gradcheck(
         lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction, label_smoothing=0.1,
                                           z_loss=0.05, chunk_size=4, backend=backend), (hidden, weight))
@@ -267,8 +275,10 @@ def test_linear(backend, reduction, with_bias, chunk_size):
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     ref = linear_cross_entropy_reference(ref_inputs[0], ref_inputs[1], targets,
                                          bias=ref_inputs[2] if with_bias else None, **options)
-    out = linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=chunk_size, backend=backend,
-                               **options)
+    with count_calls(ce_module._ROW_KERNELS, backend) as calls:
+        out = linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=chunk_size, backend=backend,
+                                   **options)
+    assert calls, f"the {backend} kernel did not run"
     assert out.dtype == torch.float32
     assert_close(out, ref, 1e-5, "loss")
     grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5

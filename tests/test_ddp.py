@@ -4,7 +4,7 @@ import socket
 
 import torch
 
-from fastlm.train import read_metrics
+from fastlm.metrics import read_metrics
 from tests.helpers import run_cli, tiny_args
 
 

@@ -6,7 +6,7 @@ import torch
 
 from fastlm import _ext
 from fastlm.ops import cross_entropy
-from fastlm.ops._common import BackendUnavailable
+from fastlm.ops import BackendUnavailable
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from fastlm.config import ConfigError, GPTConfig
+from fastlm.config import ConfigError, GPTConfig, KernelConfig
 from fastlm.model import GPT, decay_groups, filter_logits
 
 
 def tiny(**overrides):
-    cfg = dict(vocab_size=256, block_size=32, n_layer=2, n_head=4, d_model=64, dropout=0.0)
+    cfg = dict(vocab_size=256, block_size=32, n_layer=2, n_head=4, d_model=64)
     cfg.update(overrides)
     return GPTConfig(**cfg)
 
@@ -29,7 +29,7 @@ def test_loss_at_init_is_log_vocab(pos_emb, norm, mlp, n_kv_head):
 @pytest.mark.parametrize("fused", [True, False])
 def test_overfits_one_batch(fused):
     torch.manual_seed(0)
-    model = GPT(tiny(fused_linear_ce=fused))
+    model = GPT(tiny(), kernels=KernelConfig(fused_linear_ce=fused))
     idx = torch.randint(0, 256, (4, 32))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
@@ -59,7 +59,13 @@ def test_forward_without_targets_returns_logits():
 def test_tied_head_and_param_count():
     model = GPT(tiny())
     assert model.lm_head.weight is model.wte.weight
-    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    # Counted by hand for V=256, T=32, 2 layers, d=64, biases, learned positions, GELU MLP; the
+    # tied lm_head adds nothing.
+    d, V, T = 64, 256, 32
+    block = (2 * d + (d * 3 * d + 3 * d) + (d * d + d)      # norm1, qkv, attention proj
+             + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d))  # norm2, fc, mlp proj
+    assert model.num_params() == V * d + T * d + 2 * block + 2 * d == 118_528
+    assert model.num_params(non_embedding=True) == 118_528 - T * d
     assert model.flops_per_token() > 6 * model.num_params(non_embedding=True)
 
 
@@ -110,12 +116,16 @@ def test_filter_logits_top_k_and_top_p():
 @pytest.mark.parametrize("overrides,match", [
     (dict(d_model=30, n_head=4), "divisible by n_head"),
     (dict(n_head=4, n_kv_head=3), "divisible by n_kv_head"),
-    (dict(dropout=1.0), "dropout"),
     (dict(norm="batchnorm"), "norm must be one of"),
 ])
 def test_bad_model_config(overrides, match):
     with pytest.raises(ConfigError, match=match):
         GPT(tiny(**overrides))
+
+
+def test_bad_dropout():
+    with pytest.raises(ConfigError, match="dropout"):
+        GPT(tiny(), dropout=1.0)
 
 
 def test_too_long_sequence_is_rejected():

@@ -11,7 +11,8 @@ import torch
 
 from fastlm import train as train_mod
 from fastlm.config import TrainConfig
-from fastlm.train import get_lr, read_metrics
+from fastlm.metrics import read_metrics
+from fastlm.train import get_lr
 from tests.helpers import run_cli, tiny_args
 
 
@@ -154,12 +155,13 @@ def test_config_file_and_cli_precedence(tmp_path):
 
     toml = tmp_path / "c.toml"
     toml.write_text('[model]\nd_model = 64\nn_head = 2\n[train]\nlr = 0.001\nmax_steps = 7\n')
-    model, train, explicit = parse_args(["--config", str(toml), "--max_steps", "9"])
+    run = parse_args(["--config", str(toml), "--max_steps", "9"])
+    model, train = run.model, run.train
     assert (model.d_model, model.n_head, train.lr, train.max_steps) == (64, 2, 0.001, 9)
-    assert {"d_model", "max_steps"} <= explicit
+    assert {"d_model", "max_steps"} <= run.explicit
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"batch_size": 3, "compile": "false"}))
-    _, train, _ = parse_args(["--config", str(js)])
+    train = parse_args(["--config", str(js)]).train
     assert train.batch_size == 3 and train.compile is False
 
 

@@ -217,7 +217,7 @@ def write_markdown(out_dir):
                   f"{'Passed' if parity['passed'] else 'FAILED'}: {parity['steps']} training steps of "
                   f"{parity['case']['name']} (fp32, dropout 0, seed {parity['seed']}), reference vs fused "
                   f"({parity['fused_backends']}). Max relative loss difference {parity['max_loss_rel_diff']:.2e} "
-                  f"(limit {parity['loss_rtol']:.0%} at every step); final weights: max per-tensor relative L2 "
+                  f"(limit {parity['loss_rtol']:.0e} at every step); final weights: max per-tensor relative L2 "
                   f"difference {w['max_tensor_rel_l2']:.2e} (limit {parity['weight_rtol']:.0e}), max abs "
                   f"{w['max_abs']:.2e}.", ""]
     pngs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.png")))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastlm.bench.common import (max_rel_error, peak_memory_mb, save_figure, save_report, synchronize,
                                  time_ms)
-from fastlm.ops.cross_entropy import backend_reasons, cross_entropy, linear_cross_entropy
+from fastlm.ops.loss import backend_reasons, cross_entropy, linear_cross_entropy
 
 NAME = "cross_entropy"
 CE_SHAPES = [(n, v) for v in (256, 32000, 50257, 128256) for n in (4096, 16384)]

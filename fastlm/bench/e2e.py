@@ -24,7 +24,7 @@ PATHS = {
     "reference": {"attn_backend": "torch", "ce_backend": "torch", "fused_linear_ce": False, "optim_backend": "torch"},
     "fused": {"attn_backend": "auto", "ce_backend": "auto", "fused_linear_ce": True, "optim_backend": "auto"},
 }
-MODEL_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "dropout")
+MODEL_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model")
 # The default training config, and one with GPT-2's width and vocabulary (depth and batch cut
 # so that a CPU run takes about a minute).
 CASES = {
@@ -56,37 +56,19 @@ COLUMNS = [("name", "config", ""), ("ref_ms", "ref step ms", ".1f"), ("fused_ms"
 def make_trainer(case, path, device, dtype, out_dir, *, seed=1337, dropout=None, lr=3e-4, warmup_steps=10,
                  max_steps=10**6):
     """A Trainer for `case` (a CASES entry) on the reference or fused `path`, quiet and seeded."""
-    from fastlm.config import GPTConfig, TrainConfig
+    from fastlm.config import GPTConfig, KernelConfig, RunConfig, TrainConfig
     from fastlm.train import Trainer
 
-    backends = PATHS[path]
-    model = {k: case[k] for k in MODEL_KEYS if k in case}
-    if dropout is not None:
-        model["dropout"] = dropout
-    model_cfg = GPTConfig(**model, attn_backend=backends["attn_backend"], ce_backend=backends["ce_backend"],
-                          fused_linear_ce=backends["fused_linear_ce"])
-    cfg = TrainConfig(batch_size=case["batch_size"], max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
-                      optim_backend=backends["optim_backend"], device=str(device), dtype=dtype, out_dir=out_dir,
-                      seed=seed, progress=False, sample_tokens=0, overwrite=True)
-    model_cfg.validate()
-    cfg.validate()
-    return Trainer(model_cfg, cfg)
+    model_cfg = GPTConfig(**{k: case[k] for k in MODEL_KEYS if k in case})
+    train_cfg = TrainConfig(batch_size=case["batch_size"], max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
+                            device=str(device), dtype=dtype, out_dir=out_dir, seed=seed, progress=False,
+                            sample_tokens=0, overwrite=True, **({} if dropout is None else {"dropout": dropout}))
+    return Trainer(RunConfig(model_cfg, KernelConfig(**PATHS[path]), train_cfg).validate())
 
 
-def fused_backends(device):
-    """What the fused path's "auto" picks on `device`, e.g. 'attn sdpa, lce cpp, adamw cpp'."""
-    from fastlm.ops import available_backends
-
-    reasons = available_backends(device)
-    cuda = torch.device(device).type == "cuda"
-    preference = {"causal_attention": ("triton", "sdpa") if cuda else ("sdpa",),
-                  "linear_cross_entropy": ("triton",) if cuda else ("cpp",),
-                  "adamw": ("cuda", "cpp")}
-    picks = []
-    for op, short in (("causal_attention", "attn"), ("linear_cross_entropy", "lce"), ("adamw", "adamw")):
-        usable = [b for b in preference[op] if reasons[op].get(b, "unknown") is None]
-        picks.append(f"{short} {usable[0] if usable else 'torch'}")
-    return ", ".join(picks)
+def fused_backends(trainer):
+    """What the fused path's "auto" resolved to, e.g. 'causal_attention sdpa, linear_cross_entropy cpp, adamw cpp'."""
+    return ", ".join(f"{op} {name}" for op, name in trainer.backends.items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +126,7 @@ def measure_path(case, path, device, dtype):
         step_ms = time_ms(trainer.train_step, device=device, warmup=max(case["warmup"] - 1, 0),
                           repeats=case["repeats"])
         result = {"step_ms": step_ms, "first_loss": first_loss, "params": trainer.raw_model.num_params(),
-                  "flops_per_token": trainer.raw_model.flops_per_token()}
+                  "flops_per_token": trainer.raw_model.flops_per_token(), "backends": fused_backends(trainer)}
         del trainer
     gc.collect()
     if device.type == "cuda":
@@ -156,12 +138,12 @@ def measure_path(case, path, device, dtype):
 def measure_case(case, device, dtype):
     """One summary row: both paths on `case`."""
     from fastlm.config import ConfigError
-    from fastlm.train import peak_flops
+    from fastlm.metrics import peak_flops
 
     tokens = case["batch_size"] * case["block_size"]
     row = {"name": case["name"], "shape": [case["batch_size"], case["block_size"], case["d_model"],
                                            case["n_layer"], case["vocab_size"]],
-           "backend": fused_backends(device), "dtype": dtype, "tokens_per_step": tokens,
+           "backend": None, "dtype": dtype, "tokens_per_step": tokens,
            "ref_ms": None, "fused_ms": None, "speedup": None, "ref_peak_mb": None, "fused_peak_mb": None,
            "max_err": None, "ref_tokens_per_s": None, "fused_tokens_per_s": None, "ref_mfu": None,
            "fused_mfu": None, "skipped": None}
@@ -172,7 +154,7 @@ def measure_case(case, device, dtype):
         row["skipped"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
         return row
     peak = peak_flops(device)
-    row.update(ref_ms=ref["step_ms"], fused_ms=fused["step_ms"], speedup=ref["step_ms"] / fused["step_ms"],
+    row.update(backend=fused["backends"], ref_ms=ref["step_ms"], fused_ms=fused["step_ms"], speedup=ref["step_ms"] / fused["step_ms"],
                ref_peak_mb=ref["peak_mb"], fused_peak_mb=fused["peak_mb"],
                max_err=abs(fused["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"]),
                ref_tokens_per_s=tokens / ref["step_ms"] * 1e3, fused_tokens_per_s=tokens / fused["step_ms"] * 1e3,

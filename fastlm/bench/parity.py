@@ -6,6 +6,13 @@ LOSS_RTOL (relative) at every step and, at the end, every weight tensor agrees w
 WEIGHT_RTOL in relative L2 norm (||fused - ref|| / ||ref||). The max absolute and relative
 elementwise differences are reported too: Adam's normalised update amplifies rounding noise in
 near-zero gradients to up to lr per step, so a single element's difference is no pass criterion.
+
+The limits are what fp32 reordering allows, not a few percent: the two paths sum in different
+orders, so each step differs by a few fp32 ulps (~1e-7 relative) and training grows that over
+the run. Measured on CPU: 50 steps of the default model 1.7e-7 on the loss and 1.2e-4 on the
+weights; 20 steps of the tiny model 2e-7 and 7e-5. A wrong kernel fails: with the right loss
+but a gradient with 5% label smoothing mixed in, the tiny model shows 7e-5 and 3e-3 (a test
+plants it). A uniformly scaled gradient would not show at all: Adam's update is invariant to it.
 """
 import argparse
 import gc
@@ -16,10 +23,10 @@ import tempfile
 import torch
 
 from fastlm.bench.common import env_info, max_rel_error, results_dir, save_figure
-from fastlm.bench.e2e import make_trainer
+from fastlm.bench.e2e import fused_backends, make_trainer
 
-LOSS_RTOL = 0.02
-WEIGHT_RTOL = 1e-2
+LOSS_RTOL = 1e-5
+WEIGHT_RTOL = 1e-3
 # The default training config (d_model 128, 4 layers, sequence 128, batch 32, byte vocab).
 DEFAULT_CASE = dict(name="default d128 L4", vocab_size=256, block_size=128, n_layer=4, n_head=4, d_model=128,
                     batch_size=32)
@@ -33,9 +40,10 @@ def train_losses(case, path, steps, device, lr, seed):
                                warmup_steps=max(1, steps // 5), max_steps=steps)
         losses = [trainer.train_step()[0] for _ in range(steps)]
         weights = {k: v.detach().float().cpu().clone() for k, v in trainer.raw_model.state_dict().items()}
+        backends = fused_backends(trainer)
         del trainer
     gc.collect()
-    return losses, weights
+    return losses, weights, backends
 
 
 def compare_weights(ref, fused):
@@ -55,15 +63,13 @@ def run_parity(steps=50, device="cpu", case=None, lr=1e-3, seed=1337, out_dir=No
     """Train both paths `steps` steps; returns the report dict (also written as parity.json)."""
     device = torch.device(device)
     case = case or DEFAULT_CASE
-    ref_losses, ref_weights = train_losses(case, "reference", steps, device, lr, seed)
-    fused_losses, fused_weights = train_losses(case, "fused", steps, device, lr, seed)
+    ref_losses, ref_weights, _ = train_losses(case, "reference", steps, device, lr, seed)
+    fused_losses, fused_weights, backends = train_losses(case, "fused", steps, device, lr, seed)
     rel = [abs(f - r) / abs(r) for r, f in zip(ref_losses, fused_losses)]
     weights = compare_weights(ref_weights, fused_weights)
-    from fastlm.bench.e2e import fused_backends
-
     report = {
         "benchmark": "parity", "env": env_info(device), "case": case, "steps": steps, "lr": lr, "seed": seed,
-        "dtype": "float32", "dropout": 0.0, "fused_backends": fused_backends(device),
+        "dtype": "float32", "dropout": 0.0, "fused_backends": backends,
         "loss_rtol": LOSS_RTOL, "weight_rtol": WEIGHT_RTOL,
         "ref_losses": ref_losses, "fused_losses": fused_losses,
         "max_loss_rel_diff": max(rel), "worst_step": rel.index(max(rel)) + 1,
@@ -88,7 +94,7 @@ def describe(report):
         f"parity {verdict}: {report['steps']} steps of {report['case']['name']} from seed {report['seed']}, "
         f"fp32, dropout 0, reference (torch) vs fused ({report['fused_backends']})",
         f"  loss: max relative difference {report['max_loss_rel_diff']:.2e} at step {report['worst_step']} "
-        f"(limit {report['loss_rtol']:.0%} at every step){'' if report['loss_ok'] else '  <-- FAILED'}",
+        f"(limit {report['loss_rtol']:.0e} at every step){'' if report['loss_ok'] else '  <-- FAILED'}",
         f"  final weights: max per-tensor relative L2 difference {w['max_tensor_rel_l2']:.2e} ({w['worst_tensor']}; "
         f"limit {report['weight_rtol']:.0e}){'' if report['weights_ok'] else '  <-- FAILED'}; "
         f"max abs {w['max_abs']:.2e}, max |diff|/max |ref| {w['max_rel']:.2e}",
@@ -113,7 +119,7 @@ def _plot(report, device, out_dir):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax_rel.semilogy(steps, [max(r, 1e-10) for r in rel], marker=".")
-    ax_rel.axhline(report["loss_rtol"], color="red", linestyle=":", label=f"limit {report['loss_rtol']:.0%}")
+    ax_rel.axhline(report["loss_rtol"], color="red", linestyle=":", label=f"limit {report['loss_rtol']:.0e}")
     ax_rel.set_xlabel("step")
     ax_rel.set_ylabel("|fused - reference| / reference")
     ax_rel.set_title("relative loss difference (equal losses drawn at 1e-10)", fontsize=9)

@@ -7,9 +7,10 @@ head h reads key/value head h // (H // H_kv).
 Backends
   torch   explicit float math (scores, mask, softmax in fp32 or wider, weighted sum); the oracle.
   sdpa    torch.nn.functional.scaled_dot_product_attention(is_causal=True).
-  triton  FlashAttention-2 style kernels (fastlm/kernels/attention.py): O(T) memory, the
+  triton  FlashAttention-2 style kernels (fastlm/triton_kernels/attention.py): O(T) memory, the
           T x T matrix is never stored; forward and backward.
-  auto    triton on CUDA when usable (and D is one it supports), sdpa otherwise.
+  auto    triton on CUDA for bf16/fp16 when D is one it supports, sdpa otherwise. fp32 goes to
+          sdpa on CUDA too: the Triton kernel would run its fp32 dots without tensor cores.
 There is no compiled C++/CUDA attention: "cpp" and "cuda" report why.
 """
 import math
@@ -18,7 +19,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops._common import check_same_device, check_tensor, resolve_backend, triton_unusable_reason
+from fastlm.ops.backends import register_op, resolve_backend, triton_unusable_reason
+from fastlm.ops.checks import check_same_device, check_tensor, dtype_name
 
 OP = "causal_attention"
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -27,16 +29,29 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPES = TRITON_DTYPES + (torch.float64,)
 
 
-def backend_reasons(device):
-    """{backend: None if usable on `device`, else why not} (head size and dtype checked per call)."""
-    device = torch.device(device)
+def backend_reasons(device, dtype=None, head_dim=None):
+    """{backend: None if usable on `device` for this dtype and head size (when given), else why not}."""
+    triton = triton_unusable_reason(device)
+    if triton is None and head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
+        triton = f"head size D={head_dim} is not one of {TRITON_HEAD_DIMS}"
+    if triton is None and dtype is not None and dtype not in TRITON_DTYPES:
+        triton = f"dtype {dtype_name(dtype)} is not one of float16, bfloat16, float32"
     return {
         "torch": None,
         "sdpa": None,
-        "triton": triton_unusable_reason(device),
+        "triton": triton,
         "cpp": "no compiled C++ attention kernel exists; use sdpa or triton",
         "cuda": "no compiled CUDA attention kernel exists; use triton (FlashAttention-2 style) or sdpa",
     }
+
+
+def auto_preference(device, dtype=None):
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return ("triton", "sdpa")
+    return ("sdpa",)
+
+
+register_op(OP, backend_reasons, auto_preference)
 
 
 def causal_attention(q, k, v, *, scale=None, backend="auto"):
@@ -47,7 +62,11 @@ def causal_attention(q, k, v, *, scale=None, backend="auto"):
     Returns (B, H, T, D) in q's dtype. Differentiable in q, k and v on every backend.
     """
     scale = _check_inputs(q, k, v, scale)
-    name = _pick_backend(q, backend)
+    if backend == "triton" and (q.shape[-1] not in TRITON_HEAD_DIMS or q.dtype not in TRITON_DTYPES):
+        # A bad input rather than a missing backend: a ValueError naming the shape and dtype.
+        raise ValueError(f"{OP}: backend 'triton' supports D in {TRITON_HEAD_DIMS} and dtypes float16, "
+                         f"bfloat16, float32; got q {tuple(q.shape)} {_dt(q)}")
+    name = resolve_backend(OP, q.device, backend, dtype=q.dtype, head_dim=q.shape[-1])
     if name == "torch":
         return attention_reference(q, k, v, scale)
     if name == "sdpa":
@@ -82,26 +101,7 @@ def _check_inputs(q, k, v, scale):
 
 
 def _dt(t):
-    return str(t.dtype).replace("torch.", "")
-
-
-def _pick_backend(q, backend):
-    device = q.device
-    reasons = backend_reasons(device)
-    D = q.shape[-1]
-    unsupported = None
-    if D not in TRITON_HEAD_DIMS:
-        unsupported = f"head size D={D} is not one of {TRITON_HEAD_DIMS}"
-    elif q.dtype not in TRITON_DTYPES:
-        unsupported = f"dtype {_dt(q)} is not one of float16, bfloat16, float32"
-    if unsupported is not None:
-        if backend == "triton":
-            # A bad input rather than a missing backend: a ValueError naming the shape and dtype.
-            raise ValueError(f"{OP}: backend 'triton' supports D in {TRITON_HEAD_DIMS} and dtypes float16, "
-                             f"bfloat16, float32; got q {tuple(q.shape)} {_dt(q)}")
-        reasons["triton"] = reasons["triton"] or unsupported
-    preference = ("triton", "sdpa") if device.type == "cuda" else ("sdpa",)
-    return resolve_backend(OP, backend, device, reasons, preference)
+    return dtype_name(t.dtype)
 
 
 def attention_reference(q, k, v, scale):
@@ -150,7 +150,7 @@ def _triton(q, k, v, scale):
 @torch.library.custom_op("fastlm::flash_attention_forward", mutates_args=())
 def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastlm.kernels.attention import attention_forward
+    from fastlm.triton_kernels.attention import attention_forward
 
     return attention_forward(q, k, v, scale)
 
@@ -165,7 +165,7 @@ def _(q, k, v, scale):
 def _flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastlm.kernels.attention import attention_backward
+    from fastlm.triton_kernels.attention import attention_backward
 
     return attention_backward(grad_out, q, k, v, out, lse, scale)
 

@@ -13,33 +13,40 @@ amsgrad), so each optimizer loads the other's state dict. Extras over torch:
 - GradScaler: `scaler.step(opt)` hands the scale and the inf flag to the optimizer, which
   unscales inside the kernel and skips the whole step (step counts included) on inf.
 
-The math lives in one function per backend, side by side:
-  adamw_torch  plain PyTorch loop over parameters, the reference
-  adamw_cpp    torch.ops.fastlm.adamw_step_ on CPU (csrc/adamw_cpu.cpp)
-  adamw_cuda   torch.ops.fastlm.adamw_step_ on CUDA, multi-tensor apply (csrc/adamw_cuda.cu)
+The math lives in one function per implementation, side by side:
+  adamw_torch      plain PyTorch loop over parameters, the reference (backend "torch")
+  adamw_extension  torch.ops.fastlm.adamw_step_, which dispatches on the device: backend "cpp"
+                   (csrc/adamw_cpu.cpp) on CPU, backend "cuda" (csrc/adamw_cuda.cu, multi-tensor
+                   apply, no host sync) on CUDA
 """
 import math
 
 import torch
 
-from fastlm.ops._common import (FLOAT_DTYPES, BackendUnavailable, check_same_device,
-                                extension_op_unusable_reason, resolve_backend)
+from fastlm.ops.backends import extension_op_unusable_reason, register_op, resolve_backend
+from fastlm.ops.checks import FLOAT_DTYPES, check_same_device, dtype_name
 
 OP = "AdamW"
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 MASTER_KEY = "master_param"
-_BACKEND_PREFERENCE = ("cuda", "cpp")
 
 
-def backend_reasons(device):
+def backend_reasons(device, dtype=None, head_dim=None):
     """{backend: None if usable for parameters on `device`, else why not}."""
     device = torch.device(device)
     return {
         "torch": None,
         "cpp": extension_op_unusable_reason("adamw_step_", device, ("cpu",)),
         "cuda": extension_op_unusable_reason("adamw_step_", device, ("cuda",)),
-        "triton": "not offered for adamw",
+        "triton": "not offered for adamw",  # its fused GPU path is the CUDA kernel
     }
+
+
+def auto_preference(device, dtype=None):
+    return ("cuda",) if device.type == "cuda" else ("cpp",)
+
+
+register_op("adamw", backend_reasons, auto_preference)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,30 +125,19 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_pa
             param.copy_(weights)
 
 
-def adamw_cpp(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
-              *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-              grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=None):
-    """AdamW step by the C++ kernel: one pass per tensor, parallel over chunks of all tensors."""
+def adamw_extension(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+                    *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                    grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=None):
+    """AdamW step by the compiled kernel of the parameters' device: on CPU one pass per element
+    over fixed pieces of all tensors; on CUDA multi-tensor apply, a few launches for all tensors,
+    never synchronizing with the host (found_inf, grad_scale and grad_norm are read on the device)."""
     torch.ops.fastlm.adamw_step_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         grad_scale, found_inf, grad_norm, -1.0 if max_grad_norm is None else float(max_grad_norm))
 
 
-def adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
-               *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-               grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=None):
-    """AdamW step by the CUDA kernel: multi-tensor apply, a few launches for all tensors.
-
-    Never synchronizes with the host: found_inf, grad_scale and grad_norm are read on the device.
-    """
-    torch.ops.fastlm.adamw_step_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
-        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-        grad_scale, found_inf, grad_norm, -1.0 if max_grad_norm is None else float(max_grad_norm))
-
-
-_STEP_FNS = {"torch": adamw_torch, "cpp": adamw_cpp, "cuda": adamw_cuda}
+_STEP_FNS = {"torch": adamw_torch, "cpp": adamw_extension, "cuda": adamw_extension}
 _NORM_FNS = {"torch": grad_norm_torch, "cpp": grad_norm_fused, "cuda": grad_norm_fused}
 
 
@@ -191,9 +187,6 @@ class AdamW(torch.optim.Optimizer):
         if max_grad_norm is not None and not (
                 isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"{OP}: max_grad_norm must be None or a finite float > 0, got {max_grad_norm!r}")
-        if backend not in ("auto", "torch", "cpp", "cuda", "triton"):
-            raise ValueError(f"{OP}: unknown backend {backend!r}; choose one of "
-                             "['auto', 'torch', 'cpp', 'cuda', 'triton']")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, master_weights=master_weights)
         super().__init__(params, defaults)
@@ -202,7 +195,8 @@ class AdamW(torch.optim.Optimizer):
         # GradScaler.step sets self.grad_scale / self.found_inf instead of unscaling the grads.
         self._step_supports_amp_scaling = True
         self._check_params()
-        self._backend_for(self._device())
+        self._resolved = None
+        self._backend_for(self._device())  # an unknown or unusable backend fails here, not at step()
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -232,22 +226,22 @@ class AdamW(torch.optim.Optimizer):
         params = self._params()
         for i, p in enumerate(params):
             if p.dtype not in FLOAT_DTYPES:
-                names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
-                raise TypeError(f"{OP}: parameter {i} must have dtype in ({names}), "
-                                f"got {str(p.dtype).replace('torch.', '')}")
+                names = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
+                raise TypeError(f"{OP}: parameter {i} must have dtype in ({names}), got {dtype_name(p.dtype)}")
         if params:
             check_same_device(OP, **{f"param {i}": p for i, p in enumerate(params)})
 
     def _backend_for(self, device):
-        backend = self.backend
-        if backend == "triton":
-            raise BackendUnavailable(f"{OP}: backend 'triton' cannot run on {device.type}: not offered for adamw")
-        return resolve_backend(OP, backend, device, backend_reasons(device), _BACKEND_PREFERENCE)
+        """The backend for parameters on `device`, resolved once per device."""
+        if self._resolved is None or self._resolved[0] != device:
+            self._resolved = (device, resolve_backend("adamw", device, self.backend))
+        return self._resolved[1]
 
     def _init_state(self, p, group):
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
+            # On the parameter's device: the CUDA kernel reads and bumps it there, without a host sync.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -255,12 +249,6 @@ class AdamW(torch.optim.Optimizer):
         if group["master_weights"] and p.dtype != torch.float32 and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
         return state
-
-    @staticmethod
-    def _step_device(p):
-        # The CUDA kernel reads and bumps the step on the device, so it never syncs with the host;
-        # on CPU this is torch's own layout (a CPU float32 scalar).
-        return p.device
 
     def _group_lists(self, group):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps = ([] for _ in range(7))
@@ -273,8 +261,7 @@ class AdamW(torch.optim.Optimizer):
                                 f"{tuple(p.shape)} has a {g.layout} grad)")
             if g.dtype != p.dtype or g.shape != p.shape:
                 raise ValueError(f"{OP}: grad must match its parameter, got grad {tuple(g.shape)} "
-                                 f"{str(g.dtype).replace('torch.', '')} for parameter {tuple(p.shape)} "
-                                 f"{str(p.dtype).replace('torch.', '')}")
+                                 f"{dtype_name(g.dtype)} for parameter {tuple(p.shape)} {dtype_name(p.dtype)}")
             state = self._init_state(p, group)
             params.append(p)
             grads.append(g)
@@ -347,6 +334,6 @@ class AdamW(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key == "step":
                     state[key] = torch.as_tensor(value).detach().to(
-                        device=self._step_device(p), dtype=torch.float32).clone()
+                        device=p.device, dtype=torch.float32).clone()
                 elif isinstance(value, torch.Tensor) and value.is_floating_point():
                     state[key] = value.detach().to(device=p.device, dtype=torch.float32).clone()

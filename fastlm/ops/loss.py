@@ -7,7 +7,7 @@ linear_cross_entropy(hidden, weight, t)   = cross_entropy(hidden @ weight.T + bi
 Backends:
   torch   the reference: F.cross_entropy on fp32 logits; linear_cross_entropy in row chunks
           with the per-chunk gradient written by plain PyTorch (bounded memory on any device).
-  triton  fastlm/kernels/cross_entropy.py: one pass over each row with an online softmax;
+  triton  fastlm/triton_kernels/cross_entropy.py: one pass over each row with an online softmax;
           loss and log-sum-exp in the forward and, when a gradient is needed, the gradient
           written in the same pass.
   cpp     csrc/cross_entropy_cpu.cpp: the same single-pass algorithm for CPU tensors
@@ -32,9 +32,9 @@ import platform
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops._common import (FLOAT_DTYPES, check_same_device, check_tensor,
-                                extension_op_unusable_reason, resolve_backend,
-                                triton_unusable_reason)
+from fastlm.ops.backends import (extension_op_unusable_reason, register_op, resolve_backend,
+                                 triton_unusable_reason)
+from fastlm.ops.checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
 
 OP = "cross_entropy"
 LINEAR_OP = "linear_cross_entropy"
@@ -50,16 +50,15 @@ MAX_FUSED_VOCAB = 262144
 # Backends and validation
 # --------------------------------------------------------------------------------------------
 
-def backend_reasons(device, linear=False):
-    """{backend: None if usable on `device`, else why not}, for cross_entropy or (linear=True)
-    linear_cross_entropy; both have the same backends."""
-    device = torch.device(device)
+def backend_reasons(device, dtype=None, head_dim=None):
+    """{backend: None if usable on `device`, else why not}; cross_entropy and
+    linear_cross_entropy have the same backends."""
     return {
         "torch": None,
-        "triton": triton_unusable_reason(device),
+        "triton": "the triton backend takes fp32/bf16/fp16, got float64" if dtype == torch.float64
+        else triton_unusable_reason(device),
         "cpp": _cpp_unusable_reason(device),
-        "cuda": f"{LINEAR_OP if linear else OP} has no hand-written CUDA kernel; "
-                "use backend='triton' on CUDA",
+        "cuda": "cross-entropy has no hand-written CUDA kernel; use backend='triton' on CUDA",
     }
 
 
@@ -72,10 +71,13 @@ def _cpp_unusable_reason(device):
     return reason
 
 
-def _pick_backend(op, backend, device, linear):
+def auto_preference(device, dtype=None):
     # The Triton interpreter is usable on CPU but far too slow to be picked automatically.
-    preference = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
-    return resolve_backend(op, backend, device, backend_reasons(device, linear), preference)
+    return ("triton",) if device.type == "cuda" else ("cpp",)
+
+
+register_op(OP, backend_reasons, auto_preference)
+register_op(LINEAR_OP, backend_reasons, auto_preference)
 
 
 def _check_options(op, ignore_index, reduction, label_smoothing, z_loss):
@@ -136,7 +138,7 @@ def _check_same_dtype(hidden, weight, bias):
     if bias is not None:
         dtypes["bias"] = bias.dtype
     if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{k} {str(v).replace('torch.', '')}" for k, v in dtypes.items())
+        listing = ", ".join(f"{k} {dtype_name(v)}" for k, v in dtypes.items())
         raise TypeError(f"{LINEAR_OP}: hidden, weight and bias must share a dtype (outside autocast), "
                         f"got {listing}")
 
@@ -232,7 +234,7 @@ def _ce_rows_cpp(logits, targets, grad, ignore_index, label_smoothing, z_loss, g
 
 
 def _ce_rows_triton(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
-    from fastlm.kernels.cross_entropy import cross_entropy_rows
+    from fastlm.triton_kernels.cross_entropy import cross_entropy_rows
 
     return cross_entropy_rows(logits, targets, grad, ignore_index, float(label_smoothing),
                               float(z_loss), grad_scale)
@@ -303,13 +305,11 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
     logits. With a fused backend the logits buffer may be overwritten (see the module doc).
     """
     _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
-    name = _pick_backend(OP, backend, logits.device, linear=False)
+    name = resolve_backend(OP, logits.device, backend, dtype=logits.dtype)
     options = dict(ignore_index=ignore_index, reduction=reduction,
                    label_smoothing=float(label_smoothing), z_loss=float(z_loss))
     if name == "torch":
         return cross_entropy_reference(logits, targets, **options)
-    if name == "triton" and logits.dtype == torch.float64:
-        raise TypeError(f"{OP}: the triton backend takes fp32/bf16/fp16 logits, got float64")
     lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
     if vocab > MAX_FUSED_VOCAB:
         raise ValueError(f"{OP}: backend {name!r} supports V <= {MAX_FUSED_VOCAB}, got V={vocab}")
@@ -446,14 +446,12 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     _check_linear(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
                   chunk_size)
     device = hidden.device
-    name = _pick_backend(LINEAR_OP, backend, device, linear=True)
     if torch.is_autocast_enabled(device.type):
         cast = torch.get_autocast_dtype(device.type)
         hidden, weight = hidden.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
     _check_same_dtype(hidden, weight, bias)
-    if name == "triton" and hidden.dtype == torch.float64:
-        raise TypeError(f"{LINEAR_OP}: the triton backend takes fp32/bf16/fp16 inputs, got float64")
+    name = resolve_backend(LINEAR_OP, device, backend, dtype=hidden.dtype)
     if name != "torch" and weight.shape[0] > MAX_FUSED_VOCAB:
         raise ValueError(f"{LINEAR_OP}: backend {name!r} supports V <= {MAX_FUSED_VOCAB}, got V={weight.shape[0]}")
     lead_shape = hidden.shape[:-1]

@@ -1,0 +1,69 @@
+"""Where a run executes: its device, and its place among torchrun's processes.
+
+Under `torchrun` every process is one rank of a torch.distributed process group (nccl on CUDA,
+gloo on CPU); outside it the run is a world of one.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastlm.config import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def distributed(self):
+        return self.size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def resolve_device(name, local_rank=0):
+    """torch.device for "auto", "cpu", "cuda" (this rank's GPU) or "cuda:N"."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def init_world(device_name):
+    """This process's World; under torchrun the process group is initialised here."""
+    world = World(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+                  int(os.environ.get("LOCAL_RANK", "0")))
+    if world.distributed and not dist.is_initialized():
+        use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return world
+
+
+def any_rank(flag, world, device):
+    """True on every rank when `flag` is true on any (one all-reduce; free in a world of one)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one outside torchrun)."""
+    if not world.distributed:
+        return [obj]
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered

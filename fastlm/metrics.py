@@ -1,0 +1,82 @@
+"""What a run reports: metrics.jsonl, the eval table on stdout, the loss plot, and MFU.
+
+metrics.jsonl has one JSON object per line: {"type": "train", ...} every log_interval steps,
+{"type": "eval", ...} at every eval, {"type": "final", ...} at the end. Only the main process
+writes; a resumed run keeps the records up to its checkpoint's step.
+"""
+import json
+import math
+import os
+
+import torch
+
+from fastlm.files import atomic_write_text
+from fastlm.plots import ascii_curve, save_loss_plot
+
+METRICS_NAME = "metrics.jsonl"
+# Dense bf16 peak FLOP/s of common training GPUs (no sparsity), the denominator of MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+TABLE_HEADER = (f"{'step':>6} | {'train loss':>10} | {'val loss':>8} | {'val ppl':>8} | {'lr':>9} | "
+                f"{'tok/s':>8} | {'elapsed':>8}")
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak FLOP/s if known (for MFU), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def read_metrics(path):
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+class MetricsLog:
+    """metrics.jsonl of one run; a no-op on processes other than the main one."""
+
+    def __init__(self, out_dir, enabled=True):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, METRICS_NAME)
+        self.enabled = enabled
+
+    def start(self, resumed_step=None):
+        """Fresh run: an empty file. Resumed run: keep only the records up to its step."""
+        if not self.enabled:
+            return
+        kept = []
+        if resumed_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step and r.get("type") != "final"]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self):
+        return read_metrics(self.path)
+
+    def finish(self, eval_train_split):
+        """Write loss.png and return the ASCII val-loss curve for the terminal."""
+        records = self.records()
+        save_loss_plot(records, os.path.join(self.out_dir, "loss.png"), train_measured=eval_train_split)
+        return ascii_curve([(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"], label="val loss")
+
+
+def eval_record(step, losses, lr):
+    return {"type": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+            "val_ppl": math.exp(min(losses["val"], 50)), "lr": lr}
+
+
+def table_row(record, tokens_per_s, elapsed):
+    """One line of the eval table printed at every eval."""
+    train = f"{record['train_loss']:>10.4f}" if record["train_loss"] is not None else f"{'-':>10}"
+    return (f"{record['step']:>6} | {train} | {record['val_loss']:>8.4f} | {record['val_ppl']:>8.2f} | "
+            f"{record['lr']:>9.2e} | {tokens_per_s:>8.0f} | {elapsed:>7.1f}s")

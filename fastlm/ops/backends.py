@@ -1,0 +1,98 @@
+"""Backends: which implementations of an op exist, which can run here, and which `auto` picks.
+
+Every op registers two functions here: `reasons(device, dtype, head_dim)` -> {backend: None if
+usable, else why not} and `preference(device, dtype)` -> the backends `auto` tries, in order.
+`resolve_backend` is the one place a backend is chosen; the ops call it for every call (cheap:
+an explicit name is only checked), and the model calls it once when it is built or moved.
+"""
+import os
+
+import torch
+
+from fastlm import _ext
+
+_OPS = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here (the message says why)."""
+
+
+def register_op(name, reasons, preference):
+    _OPS[name] = (reasons, preference)
+
+
+def _registered(op):
+    if op not in _OPS and op == "adamw":
+        import fastlm.optim.adamw  # noqa: F401  (registers itself; lives outside fastlm.ops)
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; ops with backends: {', '.join(sorted(_OPS))}")
+    return _OPS[op]
+
+
+def backend_reasons(op, device, dtype=None, head_dim=None):
+    """{backend: None if usable for `op` on `device` (and dtype/head size, when given), else why not}."""
+    reasons, _ = _registered(op)
+    return reasons(torch.device(device), dtype=dtype, head_dim=head_dim)
+
+
+def resolve_backend(op, device, backend="auto", *, dtype=None, head_dim=None):
+    """The backend that runs `op` on `device`: `backend` itself when it is usable, or for "auto"
+    the first usable backend of the op's preference, else "torch".
+
+    An explicit backend that cannot run raises BackendUnavailable naming the reason; an unknown
+    name raises ValueError. A missing or stale extension is reported once, as a warning.
+    """
+    reasons_fn, preference_fn = _registered(op)
+    device = torch.device(device)
+    reasons = reasons_fn(device, dtype=dtype, head_dim=head_dim)
+    if backend == "auto":
+        for name in preference_fn(device, dtype):
+            if reasons.get(name, "unknown") is None:
+                return name
+            if name in ("cpp", "cuda"):
+                _ext.extension(warn=True)  # one warning per process if the extension is missing or stale
+        return "torch"
+    if backend not in reasons:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {['auto', *reasons]}")
+    if reasons[backend] is not None:
+        if backend in ("cpp", "cuda"):
+            _ext.extension(warn=True)
+        raise BackendUnavailable(f"{op}: backend {backend!r} cannot run on {device.type}: {reasons[backend]}")
+    return backend
+
+
+def available_backends(device=None):
+    """{op: {backend: None if usable on `device`, else the reason}}; device defaults to CUDA
+    when present, else CPU."""
+    _registered("adamw")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {op: backend_reasons(op, device) for op in _OPS}
+
+
+def triton_unusable_reason(device):
+    """None when Triton kernels can run on tensors of `device`, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got device {device.type!r}"
+
+
+def extension_op_unusable_reason(op_name, device, device_types=("cpu",)):
+    """None when torch.ops.fastlm.<op_name> exists and handles `device`, else why not."""
+    if device.type not in device_types:
+        return f"the compiled {op_name} kernel handles {'/'.join(device_types)} tensors, got {device.type!r}"
+    available, reason = _ext.extension_status()
+    if not available:
+        return reason
+    if not _ext.has_op(op_name):
+        return f"fastlm._C was built without the {op_name} kernel"
+    if device.type == "cuda" and not _ext.extension(warn=False).with_cuda():
+        return "fastlm._C was built without CUDA kernels"
+    return None
