@@ -10,25 +10,14 @@
 //   loss = lse - (1 - eps) x_t - eps mean(x) + z lse^2
 //   grad = grad_scale * (p (1 + 2 z lse) - eps / V - (1 - eps) [j == t]);   ignored rows: 0.
 //
-// The vector loops use at::vec::Vectorized<float>. The extension is built without -mavx2, so
-// on x86-64 this file alone is compiled for AVX2+FMA (8 fp32 lanes); the Python side only offers
-// this backend when the CPU reports AVX2.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX2__)
-#pragma GCC target("avx,avx2,fma,f16c")
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#endif
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
+// The vector loops use at::vec::Vectorized<float>. The extension is built without -march flags,
+// so on x86-64 with GCC only the vector kernels below are compiled for AVX2+FMA (in their own
+// at::vec::AVX2 namespace, as ATen builds its AVX2 kernels; every other header is included
+// before that region, so no inline code that other files share is compiled for AVX2), and they
+// run only when the CPU has AVX2+FMA+F16C. Elsewhere (older CPUs, clang) a scalar loop runs.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,6 +26,46 @@
 #include <type_traits>
 #include <vector>
 
+namespace fastlm {
+namespace {
+
+struct Options {
+  int64_t ignore_index;
+  double label_smoothing;
+  double z_loss;
+  double grad_scale;
+};
+
+}  // namespace
+}  // namespace fastlm
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY)
+#define FASTLM_AVX2_KERNELS 1
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+// The target pragma does not define the ISA macros that sleef.h and the vec headers test.
+#ifndef __AVX__
+#define __AVX__ 1
+#define FASTLM_UNDEF_AVX
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#define FASTLM_UNDEF_AVX2
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#define FASTLM_UNDEF_FMA
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#define FASTLM_UNDEF_F16C
+#endif
+#endif
+#include <ATen/cpu/vec/vec.h>
+
+namespace fastlm {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -127,88 +156,110 @@ void write_grad_row(const float* e, scalar_t* out, int64_t V, float coef, float 
   for (; j < V; ++j) out[j] = static_cast<scalar_t>(e[j] * coef - shift);
 }
 
-struct Options {
-  int64_t ignore_index;
-  double label_smoothing;
-  double z_loss;
-  double grad_scale;
-};
-
-// fp32/bf16/fp16 rows, fp32 math, vectorized.
+// Rows [begin, end) of fp32/bf16/fp16 logits, fp32 math, vectorized; `x` is V floats of scratch.
 template <typename scalar_t>
-void cross_entropy_rows_vec(const scalar_t* logits, int64_t logits_stride, const int64_t* targets,
-                            scalar_t* grad, int64_t grad_stride, float* loss, float* lse_out,
-                            int64_t N, int64_t V, const Options& opt) {
+void rows_vec(const scalar_t* logits, int64_t logits_stride, const int64_t* targets, scalar_t* grad,
+              int64_t grad_stride, float* loss, float* lse_out, int64_t begin, int64_t end, int64_t V,
+              const Options& opt, float* x) {
   const float eps = static_cast<float>(opt.label_smoothing);
   const float z = static_cast<float>(opt.z_loss);
   const float scale = static_cast<float>(opt.grad_scale);
-  const int64_t grain = std::max<int64_t>(1, 16384 / V);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(V);
-    float* x = scratch.data();
-    for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* in = logits + row * logits_stride;
-      for (int64_t j = 0; j < V; ++j) x[j] = static_cast<float>(in[j]);
-      const int64_t t = targets[row];
-      const bool valid = t != opt.ignore_index;
-      const float x_t = valid ? x[t] : 0.f;
-      RowStats stats = row_max_and_sum(x, V, eps != 0.f);
-      const bool with_grad = grad != nullptr;
-      const float sum_exp = row_exp_sum(x, V, stats.max, with_grad && valid);
-      const float lse = stats.max + std::log(sum_exp);
-      lse_out[row] = lse;
-      loss[row] = valid ? lse - (1.f - eps) * x_t - eps * (stats.sum_x / V) + z * lse * lse : 0.f;
-      if (!with_grad) continue;
-      scalar_t* g = grad + row * grad_stride;
-      if (!valid) {
-        std::fill(g, g + V, static_cast<scalar_t>(0.f));
-        continue;
-      }
-      const float coef = scale * (1.f + 2.f * z * lse) / sum_exp;
-      const float shift = scale * eps / V;
-      write_grad_row(x, g, V, coef, shift);
-      g[t] = static_cast<scalar_t>(x[t] * coef - shift - scale * (1.f - eps));
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* in = logits + row * logits_stride;
+    for (int64_t j = 0; j < V; ++j) x[j] = static_cast<float>(in[j]);
+    const int64_t t = targets[row];
+    const bool valid = t != opt.ignore_index;
+    const float x_t = valid ? x[t] : 0.f;
+    RowStats stats = row_max_and_sum(x, V, eps != 0.f);
+    const bool with_grad = grad != nullptr;
+    const float sum_exp = row_exp_sum(x, V, stats.max, with_grad && valid);
+    const float lse = stats.max + std::log(sum_exp);
+    lse_out[row] = lse;
+    loss[row] = valid ? lse - (1.f - eps) * x_t - eps * (stats.sum_x / V) + z * lse * lse : 0.f;
+    if (!with_grad) continue;
+    scalar_t* g = grad + row * grad_stride;
+    if (!valid) {
+      for (int64_t j = 0; j < V; ++j) g[j] = static_cast<scalar_t>(0.f);
+      continue;
     }
-  });
+    const float coef = scale * (1.f + 2.f * z * lse) / sum_exp;
+    const float shift = scale * eps / V;
+    write_grad_row(x, g, V, coef, shift);
+    g[t] = static_cast<scalar_t>(x[t] * coef - shift - scale * (1.f - eps));
+  }
 }
 
-// float64 rows (tests and gradcheck): the same algorithm, scalar, float64 math.
-void cross_entropy_rows_double(const double* logits, int64_t logits_stride, const int64_t* targets,
-                               double* grad, int64_t grad_stride, double* loss, double* lse_out,
-                               int64_t N, int64_t V, const Options& opt) {
-  const double eps = opt.label_smoothing, z = opt.z_loss, scale = opt.grad_scale;
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
-    std::vector<double> e(V);
-    for (int64_t row = begin; row < end; ++row) {
-      const double* x = logits + row * logits_stride;
-      const int64_t t = targets[row];
-      const bool valid = t != opt.ignore_index;
-      double max = -std::numeric_limits<double>::infinity(), sum_x = 0.0, sum_exp = 0.0;
-      for (int64_t j = 0; j < V; ++j) {
-        max = std::max(max, x[j]);
-        sum_x += x[j];
-      }
-      for (int64_t j = 0; j < V; ++j) {
-        e[j] = std::exp(x[j] - max);
-        sum_exp += e[j];
-      }
-      const double x_t = valid ? x[t] : 0.0;
-      const double lse = max + std::log(sum_exp);
-      lse_out[row] = lse;
-      loss[row] = valid ? lse - (1.0 - eps) * x_t - eps * (sum_x / V) + z * lse * lse : 0.0;
-      if (grad == nullptr) continue;
-      double* g = grad + row * grad_stride;
-      const double coef = scale * (1.0 + 2.0 * z * lse) / sum_exp, shift = scale * eps / V;
-      for (int64_t j = 0; j < V; ++j) g[j] = valid ? e[j] * coef - shift : 0.0;
-      if (valid) g[t] -= scale * (1.0 - eps);
+}  // namespace
+}  // namespace fastlm
+
+#ifdef FASTLM_AVX2_KERNELS
+#pragma GCC pop_options
+#ifdef FASTLM_UNDEF_AVX
+#undef __AVX__
+#endif
+#ifdef FASTLM_UNDEF_AVX2
+#undef __AVX2__
+#endif
+#ifdef FASTLM_UNDEF_FMA
+#undef __FMA__
+#endif
+#ifdef FASTLM_UNDEF_F16C
+#undef __F16C__
+#endif
+#endif
+
+namespace fastlm {
+namespace {
+
+// Rows [begin, end), scalar, with acc_t math: float64 logits (tests, gradcheck), and fp32/bf16/fp16
+// on CPUs the vector kernels cannot run on. `e` is V acc_t of scratch.
+template <typename scalar_t, typename acc_t>
+void rows_scalar(const scalar_t* logits, int64_t logits_stride, const int64_t* targets, scalar_t* grad,
+                 int64_t grad_stride, acc_t* loss, acc_t* lse_out, int64_t begin, int64_t end, int64_t V,
+                 const Options& opt, acc_t* e) {
+  const acc_t eps = opt.label_smoothing, z = opt.z_loss, scale = opt.grad_scale;
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* x = logits + row * logits_stride;
+    const int64_t t = targets[row];
+    const bool valid = t != opt.ignore_index;
+    acc_t max = -std::numeric_limits<acc_t>::infinity(), sum_x = 0, sum_exp = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      max = std::max(max, static_cast<acc_t>(x[j]));
+      sum_x += static_cast<acc_t>(x[j]);
     }
-  });
+    for (int64_t j = 0; j < V; ++j) {
+      e[j] = std::exp(static_cast<acc_t>(x[j]) - max);
+      sum_exp += e[j];
+    }
+    const acc_t x_t = valid ? static_cast<acc_t>(x[t]) : acc_t(0);
+    const acc_t lse = max + std::log(sum_exp);
+    lse_out[row] = lse;
+    loss[row] = valid ? lse - (1 - eps) * x_t - eps * (sum_x / V) + z * lse * lse : acc_t(0);
+    if (grad == nullptr) continue;
+    scalar_t* g = grad + row * grad_stride;
+    const acc_t coef = scale * (1 + 2 * z * lse) / sum_exp, shift = scale * eps / V;
+    for (int64_t j = 0; j < V; ++j) {
+      acc_t value = valid ? e[j] * coef - shift : acc_t(0);
+      if (valid && j == t) value -= scale * (1 - eps);
+      g[j] = static_cast<scalar_t>(value);
+    }
+  }
+}
+
+bool vector_kernels_usable() {
+#ifdef FASTLM_AVX2_KERNELS
+  static const bool usable = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                             __builtin_cpu_supports("f16c");
+  return usable;
+#else
+  return true;  // compiled for the baseline vector ISA of this target
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets,
                                                      const std::optional<at::Tensor>& grad,
                                                      int64_t ignore_index, double label_smoothing,
-                                                     double z_loss, double grad_scale) {
+                                                     double z_loss, const at::Tensor& grad_scale) {
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "cross_entropy_fwd: logits must be (N, V) with V > 0, got ",
               logits.sizes());
   TORCH_CHECK(logits.stride(1) == 1, "cross_entropy_fwd: logits rows must be contiguous, got strides ",
@@ -232,34 +283,53 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
     TORCH_CHECK(g.sizes() == logits.sizes() && g.scalar_type() == dtype && g.stride(1) == 1,
                 "cross_entropy_fwd: grad must match logits in shape and dtype, with contiguous rows");
   }
+  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device().is_cpu() && grad_scale.is_floating_point(),
+              "cross_entropy_fwd: grad_scale must be a one-element float CPU tensor, got ", grad_scale.sizes(), " ",
+              grad_scale.scalar_type(), " on ", grad_scale.device());
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
   at::Tensor lse = at::empty({N}, logits.options().dtype(acc));
-  const Options opt{ignore_index, label_smoothing, z_loss, grad_scale};
+  const Options opt{ignore_index, label_smoothing, z_loss, grad_scale.item<double>()};
   if (N == 0) return {loss, lse};
+  const int64_t grain = std::max<int64_t>(1, 16384 / V);
+  const int64_t grad_stride = g.defined() ? g.stride(0) : 0;
   if (dtype == at::kDouble) {
-    cross_entropy_rows_double(logits.data_ptr<double>(), logits.stride(0), t_ptr,
-                              g.defined() ? g.data_ptr<double>() : nullptr, g.defined() ? g.stride(0) : 0,
-                              loss.data_ptr<double>(), lse.data_ptr<double>(), N, V, opt);
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<double> scratch(V);
+      rows_scalar<double, double>(logits.data_ptr<double>(), logits.stride(0), t_ptr,
+                                  g.defined() ? g.data_ptr<double>() : nullptr, grad_stride,
+                                  loss.data_ptr<double>(), lse.data_ptr<double>(), begin, end, V, opt,
+                                  scratch.data());
+    });
     return {loss, lse};
   }
+  const bool vectorized = vector_kernels_usable();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cross_entropy_fwd", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      cross_entropy_rows_vec<scalar_t>(logits.data_ptr<scalar_t>(), logits.stride(0), t_ptr,
-                                       g.defined() ? g.data_ptr<scalar_t>() : nullptr,
-                                       g.defined() ? g.stride(0) : 0, loss.data_ptr<float>(),
-                                       lse.data_ptr<float>(), N, V, opt);
+      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(V);
+        const scalar_t* in = logits.data_ptr<scalar_t>();
+        scalar_t* out = g.defined() ? g.data_ptr<scalar_t>() : nullptr;
+        if (vectorized) {
+          rows_vec<scalar_t>(in, logits.stride(0), t_ptr, out, grad_stride, loss.data_ptr<float>(),
+                             lse.data_ptr<float>(), begin, end, V, opt, scratch.data());
+        } else {
+          rows_scalar<scalar_t, float>(in, logits.stride(0), t_ptr, out, grad_stride, loss.data_ptr<float>(),
+                                       lse.data_ptr<float>(), begin, end, V, opt, scratch.data());
+        }
+      });
     }
   });
   return {loss, lse};
 }
 
 }  // namespace
+}  // namespace fastlm
 
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor targets, Tensor(a!)? grad, int ignore_index, "
-      "float label_smoothing, float z_loss, float grad_scale) -> (Tensor loss, Tensor lse)");
+      "float label_smoothing, float z_loss, Tensor grad_scale) -> (Tensor loss, Tensor lse)");
 }
 
-TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("cross_entropy_fwd", &cross_entropy_fwd); }
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("cross_entropy_fwd", &fastlm::cross_entropy_fwd); }

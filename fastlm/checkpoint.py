@@ -62,12 +62,13 @@ def saved_settings(ckpt):
     flat = {}
     for key in ("model_config", "kernel_config", "train_config"):
         flat.update({k: v for k, v in (ckpt.get(key) or {}).items() if k in known})
+    flat.setdefault("pad_vocab_to", 1)  # written before the vocabulary was padded
     return flat
 
 
 def model_config_from_checkpoint(ckpt):
     arch = {f.name for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in arch})
+    return GPTConfig(**{k: v for k, v in saved_settings(ckpt).items() if k in arch})
 
 
 def resume_config(run, ckpt, where):

@@ -43,13 +43,14 @@ class GPTConfig:
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
     norm: str = field(default="layernorm", metadata={"help": "normalisation", "choices": ("layernorm", "rmsnorm")})
     mlp: str = field(default="gelu", metadata={"help": "MLP type (4x width)", "choices": ("gelu", "swiglu")})
+    pad_vocab_to: int = field(default=64, metadata={"help": "round the embedding and lm_head rows up to a multiple of this, for aligned kernels (the extra tokens are never predicted); 1 = no padding"})
 
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
 
     def validate(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "pad_vocab_to"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_head:
@@ -63,6 +64,11 @@ class GPTConfig:
     @property
     def head_dim(self):
         return self.d_model // self.n_head
+
+    @property
+    def padded_vocab_size(self):
+        """Rows of the embedding and lm_head: vocab_size rounded up to a multiple of pad_vocab_to."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
 
 @dataclass

@@ -137,12 +137,14 @@ class GPT(nn.Module):
         self.config = config
         self.kernels = kernels or KernelConfig()
         self.compute_dtype = compute_dtype
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        # Padded rows (config.pad_vocab_to) keep the lm_head matmul and the loss kernels aligned;
+        # no input uses them, the loss pushes their logits down, and generate never samples them.
+        self.wte = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.block_size, config.d_model) if config.pos_emb == "learned" else None
         self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layer))
         self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         if config.pos_emb == "rope":
             cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta, "cpu")
@@ -212,23 +214,27 @@ class GPT(nn.Module):
             x = block(x, rope)
         return self.norm_f(x)
 
-    def forward(self, idx, targets=None, return_logits=False):
-        """idx, targets: (B, T) int64. Returns (logits (B, T, V) or None, loss or None).
+    def forward(self, idx, targets=None, return_logits=False, grad_scale=None):
+        """idx, targets: (B, T) int64. Returns (logits (B, T, vocab_size) or None, loss or None).
 
-        With targets and kernels.fused_linear_ce, the loss is computed by linear_cross_entropy and
-        no logits are materialised (logits is None) unless return_logits=True.
+        With targets, logits are returned only when return_logits=True (a fused loss overwrites
+        the logits it is given with their gradient, so then the loss runs on the reference
+        backend); otherwise kernels.fused_linear_ce decides whether the loss is
+        linear_cross_entropy (no full logits ever exist) or lm_head + cross_entropy. grad_scale: the
+        factor the loss will be multiplied by before backward (a GradScaler's scale), so that the
+        fused loss stores its fp16 gradient already scaled (see fastlm.ops.loss).
         """
         h = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(h), None
+            return self.lm_head(h)[..., :self.config.vocab_size], None
         if self.kernels.fused_linear_ce and not return_logits:
             loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, backend=self.loss_backend)
+                                        ignore_index=IGNORE_INDEX, grad_scale=grad_scale, backend=self.loss_backend)
             return None, loss
         logits = self.lm_head(h)
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, backend=self.loss_backend)
-        return logits, loss
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                             grad_scale=grad_scale, backend="torch" if return_logits else self.loss_backend)
+        return (logits[..., :self.config.vocab_size] if return_logits else None), loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -243,7 +249,7 @@ class GPT(nn.Module):
         self.eval()
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
-            logits = self.lm_head(self.hidden_states(context)[:, -1, :]).float()
+            logits = self.lm_head(self.hidden_states(context)[:, -1, :])[:, :self.config.vocab_size].float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

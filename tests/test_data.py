@@ -82,3 +82,27 @@ def test_batch_sampler_windows_and_state():
 def test_byte_tokenizer_handles_unicode():
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("naïve — ok")) == "naïve — ok"
+
+
+@pytest.mark.parametrize("source", ["text", "directory", "token_file"])
+def test_train_then_val_is_the_token_stream_in_order(tmp_path, source):
+    """The split is a cut, not a sample: train followed by val is exactly the tokenized stream,
+    so no validation window repeats a training one (a split shifted by even one token fails)."""
+    text = embedded_corpus()[:30_000]
+    if source == "text":
+        (tmp_path / "t.txt").write_text(text)
+        path = tmp_path / "t.txt"
+    elif source == "directory":
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "a.txt").write_text(text[:12_345])
+        (tmp_path / "d" / "b.txt").write_text(text[12_345:])
+        path = tmp_path / "d"
+    else:
+        (tmp_path / "t.txt").write_text(text)
+        prepare(str(tmp_path / "t.txt"), str(tmp_path / "t.tok"))
+        path = tmp_path / "t.tok"
+    data = load_data(str(path), "byte", 256, 16)
+    stream = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    assert len(data.train) + len(data.val) == len(stream)
+    assert np.array_equal(np.concatenate([data.train, data.val]), stream)
+    assert len(data.val) == len(stream) // 10

@@ -36,6 +36,8 @@ def backend_reasons(op, device, dtype=None, head_dim=None):
     return reasons(torch.device(device), dtype=dtype, head_dim=head_dim)
 
 
+# Under torch.compile the choice is made once, while tracing, and is a constant of the graph.
+@torch.compiler.assume_constant_result
 def resolve_backend(op, device, backend="auto", *, dtype=None, head_dim=None):
     """The backend that runs `op` on `device`: `backend` itself when it is usable, or for "auto"
     the first usable backend of the op's preference, else "torch".

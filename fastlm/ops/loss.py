@@ -25,9 +25,23 @@ caller created) are never overwritten: a separate gradient buffer is used. The v
 of overwritten logits is bumped so that any other op that saved them fails loudly in backward.
 The fused cross_entropy backward scales that buffer in place, so it can run only once (no
 retain_graph); linear_cross_entropy's backward is repeatable.
+
+Loss scaling: a fused backend forms d loss / d logits in the forward and may store it in 16 bits
+(the logits' dtype). Scaled only later by a GradScaler's factor, most of its entries would have
+rounded to zero in fp16. `grad_scale=` (the factor the caller multiplies the loss by before
+backward, e.g. the GradScaler's scale tensor) makes the forward store the gradient already
+scaled; the backward divides it back out. The gradient is the same; only its rounding improves.
+
+Targets: their range is checked where that costs no device sync (CPU tensors, eager mode). On
+CUDA, and under torch.compile, it is left to the data path, which checks every token id once
+when the data is loaded.
+
+torch.compile: both ops trace without graph breaks (the kernels are custom ops with fake
+implementations; backend choice and chunk size are constants of the trace).
 """
+import functools
 import math
-import platform
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +78,8 @@ def backend_reasons(device, dtype=None, head_dim=None):
 
 def _cpp_unusable_reason(device):
     reason = extension_op_unusable_reason(CPP_OP_NAME, device)
-    # The C++ kernel is compiled for AVX2 on x86-64 (see csrc/cross_entropy_cpu.cpp).
-    if reason is None and platform.machine().lower() in ("x86_64", "amd64") and \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        reason = "the C++ cross-entropy kernel needs a CPU with AVX2"
+    if reason is None:
+        _register_cpp_fake()
     return reason
 
 
@@ -96,7 +108,8 @@ def _check_targets(op, targets, lead_shape, vocab, ignore_index):
     if tuple(targets.shape) != tuple(lead_shape):
         raise ValueError(f"{op}: targets must have shape {tuple(lead_shape)} (the leading dims of the "
                          f"input), got {tuple(targets.shape)}")
-    # One reduction over the targets (one device sync on CUDA), before any kernel runs.
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+        return  # the range check would cost a device sync (or a graph break): see the module doc
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if targets.numel() and bool(bad.any()):
         value = int(targets[bad].flatten()[0])
@@ -104,23 +117,36 @@ def _check_targets(op, targets, lead_shape, vocab, ignore_index):
                          f"got {value}")
 
 
-def _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss):
+def _check_grad_scale(op, grad_scale):
+    if grad_scale is None:
+        return
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.numel() != 1 or not grad_scale.is_floating_point():
+            raise ValueError(f"{op}: grad_scale must be a float or a one-element float tensor, "
+                             f"got a tensor of shape {tuple(grad_scale.shape)} and dtype {dtype_name(grad_scale.dtype)}")
+    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not grad_scale > 0:
+        raise ValueError(f"{op}: grad_scale must be a positive float or a scalar tensor, got {grad_scale!r}")
+
+
+def _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss, grad_scale):
     check_tensor(OP, "logits", logits, ndims=(2, 3), dtypes=LOGIT_DTYPES)
     check_same_device(OP, logits=logits, targets=targets)
     _check_options(OP, ignore_index, reduction, label_smoothing, z_loss)
+    _check_grad_scale(OP, grad_scale)
     if logits.shape[-1] == 0:
         raise ValueError(f"{OP}: logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     _check_targets(OP, targets, logits.shape[:-1], logits.shape[-1], ignore_index)
 
 
 def _check_linear(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
-                  chunk_size):
+                  chunk_size, grad_scale):
     check_tensor(LINEAR_OP, "hidden", hidden, ndims=(2, 3), dtypes=LOGIT_DTYPES)
     check_tensor(LINEAR_OP, "weight", weight, ndims=(2,), dtypes=LOGIT_DTYPES)
     if bias is not None:
         check_tensor(LINEAR_OP, "bias", bias, ndims=(1,), dtypes=LOGIT_DTYPES)
     check_same_device(LINEAR_OP, hidden=hidden, weight=weight, targets=targets, bias=bias)
     _check_options(LINEAR_OP, ignore_index, reduction, label_smoothing, z_loss)
+    _check_grad_scale(LINEAR_OP, grad_scale)
     vocab, dim = weight.shape
     if vocab == 0 or hidden.shape[-1] != dim:
         raise ValueError(f"{LINEAR_OP}: weight must have shape (V, D) with V > 0 and D = hidden.shape[-1] "
@@ -153,12 +179,24 @@ def _reduce(loss_rows, valid, reduction):
     return loss_rows.sum() / valid.sum()
 
 
-def _grad_scale(valid, reduction, dtype):
-    """Per-row weight of the unit gradient that the forward writes: 1/count for "mean"."""
+def _row_weight(valid, reduction, dtype, grad_scale):
+    """The factor of the unit gradient that the forward writes: 1/count for "mean", times the
+    caller's grad_scale (a scalar tensor on the targets' device)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if reduction == "mean":
-        return 1.0 / valid.sum().clamp_min(1).to(acc)
-    return torch.ones((), dtype=acc, device=valid.device)
+        weight = 1.0 / valid.sum().clamp_min(1).to(acc)
+    else:
+        weight = torch.ones((), dtype=acc, device=valid.device)
+    if grad_scale is None:
+        return weight
+    return weight * torch.as_tensor(grad_scale, device=valid.device).to(acc).reshape(())
+
+
+def _unscale(grad_out, grad_scale):
+    """The incoming gradient with the grad_scale that the forward already applied divided out."""
+    if grad_scale is None:
+        return grad_out
+    return grad_out / torch.as_tensor(grad_scale, device=grad_out.device).to(grad_out.dtype).reshape(())
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,23 +267,44 @@ def _ce_rows_torch(logits, targets, grad, ignore_index, label_smoothing, z_loss,
 
 def _ce_rows_cpp(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
     return torch.ops.fastlm.cross_entropy_fwd(logits, targets, grad, ignore_index,
-                                              float(label_smoothing), float(z_loss),
-                                              float(grad_scale))
+                                              float(label_smoothing), float(z_loss), grad_scale)
 
 
 def _ce_rows_triton(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
+    return _triton_rows(logits, targets, grad, ignore_index, float(label_smoothing), float(z_loss), grad_scale)
+
+
+# The Triton launch as a custom op, so that torch.compile sees one call with a known effect
+# (it writes `grad`) instead of tracing into the launcher. The kernel is imported on first call.
+@torch.library.custom_op("fastlm::cross_entropy_rows_triton", mutates_args=("grad",))
+def _triton_rows(logits: torch.Tensor, targets: torch.Tensor, grad: Optional[torch.Tensor], ignore_index: int,
+                 label_smoothing: float, z_loss: float, grad_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlm.triton_kernels.cross_entropy import cross_entropy_rows
 
-    return cross_entropy_rows(logits, targets, grad, ignore_index, float(label_smoothing),
-                              float(z_loss), grad_scale)
+    return cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale)
+
+
+@_triton_rows.register_fake
+def _(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
+    return logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape[:1],
+                                                                                     dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_cpp_fake():
+    # The C++ kernel's shapes for torch.compile, registered once the extension has defined the op.
+    @torch.library.register_fake("fastlm::cross_entropy_fwd")
+    def _(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return logits.new_empty(logits.shape[:1], dtype=acc), logits.new_empty(logits.shape[:1], dtype=acc)
 
 
 _ROW_KERNELS = {"torch": _ce_rows_torch, "cpp": _ce_rows_cpp, "triton": _ce_rows_triton}
 
 
 def _is_one(grad_out):
-    """True when the scalar grad_out is exactly 1 and checking costs no device sync."""
-    return grad_out.device.type == "cpu" and grad_out.item() == 1.0
+    """True when the scalar grad_out is exactly 1 and checking costs no device sync (or graph break)."""
+    return grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
 
 
 def _scale_in_place(t, grad_out):
@@ -264,18 +323,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, kernel,
-                overwrite):
+                overwrite, needs_grad, grad_scale):
         valid = targets != ignore_index
         grad = None
-        if ctx.needs_input_grad[0]:
+        if needs_grad:
             grad = logits if overwrite else torch.empty_like(logits)
-        scale = _grad_scale(valid, reduction, logits.dtype)
-        loss_rows, _ = kernel(logits, targets, grad, ignore_index, label_smoothing, z_loss, scale)
+        weight = _row_weight(valid, reduction, logits.dtype, grad_scale)
+        loss_rows, _ = kernel(logits, targets, grad, ignore_index, label_smoothing, z_loss, weight)
         if grad is not None:
             if overwrite:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(grad)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.grad_scale = reduction, grad_scale
         ctx.used = False
         return _reduce(loss_rows, valid, reduction)
 
@@ -286,25 +345,35 @@ class _FusedCrossEntropy(torch.autograd.Function):
                                "cannot run twice; use backend='torch' with retain_graph=True")
         ctx.used = True
         (grad,) = ctx.saved_tensors
+        grad_loss = _unscale(grad_loss, ctx.grad_scale)
         if ctx.reduction == "none":
             grad.mul_(grad_loss[:, None].to(torch.float32 if grad.dtype != torch.float64 else grad.dtype))
         else:
             _scale_in_place(grad, grad_loss)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _rows_are_a_view(logits):
+    """True when logits.reshape(-1, V) is a view (no copy) of logits."""
+    if logits.dim() == 2 or logits.shape[0] == 1 or logits.shape[1] == 1:
+        return True
+    return logits.stride(0) == logits.shape[1] * logits.stride(1)
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                  z_loss=0.0, backend="auto"):
+                  z_loss=0.0, grad_scale=None, backend="auto"):
     """Cross-entropy of `logits` against class indices `targets`.
 
     logits: (N, V) or (B, T, V), fp32/bf16/fp16 (float64 for tests); any strides.
     targets: int64 of logits.shape[:-1]; each in [0, V) or equal to ignore_index.
     reduction: "mean" (over non-ignored tokens; nan if all are ignored, as in PyTorch), "sum",
     or "none" (shape logits.shape[:-1], 0 on ignored tokens).
+    grad_scale: None, or the factor (float or scalar tensor) the loss will be multiplied by
+    before backward, e.g. a GradScaler's scale: see "Loss scaling" in the module doc.
     Returns fp32 (float64 for float64 logits) whatever the input dtype; differentiable w.r.t.
     logits. With a fused backend the logits buffer may be overwritten (see the module doc).
     """
-    _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+    _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss, grad_scale)
     name = resolve_backend(OP, logits.device, backend, dtype=logits.dtype)
     options = dict(ignore_index=ignore_index, reduction=reduction,
                    label_smoothing=float(label_smoothing), z_loss=float(z_loss))
@@ -313,33 +382,45 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
     lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
     if vocab > MAX_FUSED_VOCAB:
         raise ValueError(f"{OP}: backend {name!r} supports V <= {MAX_FUSED_VOCAB}, got V={vocab}")
-    rows = logits.reshape(-1, vocab)
-    copied = rows.stride(-1) != 1 or rows.data_ptr() != logits.data_ptr()
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    copied = logits.stride(-1) != 1 or not _rows_are_a_view(logits)
+    rows = logits.reshape(-1, vocab) if logits.stride(-1) == 1 else logits.reshape(-1, vocab).contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     # Only an autograd intermediate (or our own copy) may hold its own gradient: callers own
-    # leaves, and views of leaves.
-    base = logits._base if logits._is_view() else logits
-    overwrite = needs_grad and (copied or base.grad_fn is not None)
+    # leaves, and views of leaves. Under torch.compile the graph owns every buffer: no overwrite.
+    overwrite = needs_grad and not torch.compiler.is_compiling() and (copied or _is_intermediate(logits))
     loss = _FusedCrossEntropy.apply(rows, targets.reshape(-1), ignore_index, reduction,
                                     options["label_smoothing"], options["z_loss"],
-                                    _ROW_KERNELS[name], overwrite)
+                                    _ROW_KERNELS[name], overwrite, needs_grad, grad_scale)
     return loss.reshape(lead_shape) if reduction == "none" else loss
+
+
+def _is_intermediate(t):
+    base = t._base if t._is_view() else t
+    return base.grad_fn is not None
 
 
 # --------------------------------------------------------------------------------------------
 # linear_cross_entropy
 # --------------------------------------------------------------------------------------------
 
+CPU_CHUNK_BYTES = 256 * 2**20
+
+
+@torch.compiler.assume_constant_result
 def default_chunk_rows(n_rows, vocab, device, logits_dtype=torch.float32):
-    """Rows per chunk so that one chunk of logits stays within a memory budget:
-    256 MiB on CPU; on CUDA 1/16 of free memory, clamped to [64 MiB, 1 GiB]."""
-    device = torch.device(device)
-    budget = 256 * 2**20
+    """Rows per chunk so that one chunk of logits stays within a memory budget: 256 MiB on CPU;
+    on CUDA 1/64 of the GPU's total memory, clamped to [64 MiB, 1 GiB]. A function of the shape
+    and the device alone (not of free memory), so the chunking, and with it the summation order
+    of the weight gradient, is the same in every run and after every resume."""
+    return _chunk_rows(n_rows, vocab, torch.device(device), logits_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_rows(n_rows, vocab, device, logits_dtype):
+    budget = CPU_CHUNK_BYTES
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(max(free // 16, 64 * 2**20), 2**30)
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = min(max(total // 64, 64 * 2**20), 2**30)
     elem = torch.empty((), dtype=logits_dtype).element_size()
     return max(1, min(n_rows, budget // (vocab * elem)))
 
@@ -354,57 +435,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Rows in chunks: logits = h_c @ W.T (+ b), fused CE writing d loss / d logits in place,
     then the chunk's grad of hidden, weight and bias, all in the forward (mean/sum). For
     reduction="none" the per-row incoming gradient is only known in backward, so the backward
-    recomputes the chunks instead."""
+    recomputes the chunks instead. Without a gradient to compute (no_grad, inference_mode, or
+    no input requiring grad), the forward computes the loss only."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
-                chunk_rows, kernel):
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        valid = targets != ignore_index
-        needs_grad = any(ctx.needs_input_grad[:3])
+                chunk_rows, kernel, needs_grad, grad_scale):
         grads_now = needs_grad and reduction != "none"
-        scale = _grad_scale(valid, reduction, hidden.dtype)
-        loss_rows = torch.empty(n_rows, dtype=torch.float32 if hidden.dtype != torch.float64
-                                else torch.float64, device=hidden.device)
-        buffer = torch.empty(min(chunk_rows, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
-        grads = _ChunkedLinearCrossEntropy._grad_buffers(hidden, weight, bias) if grads_now else None
-        for start in range(0, n_rows, chunk_rows):
-            stop = min(start + chunk_rows, n_rows)
-            logits = _chunk_logits(buffer[: stop - start], hidden[start:stop], weight, bias)
-            loss_rows[start:stop], _ = kernel(logits, targets[start:stop], logits if grads_now else None,
-                                              ignore_index, label_smoothing, z_loss, scale)
-            if grads_now:
-                _ChunkedLinearCrossEntropy._accumulate(grads, logits, hidden, weight, start, stop)
-        ctx.reduction = reduction
+        valid = targets != ignore_index
+        row_weight = _row_weight(valid, reduction, hidden.dtype, grad_scale)
+        loss_rows, grads = _chunked_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss,
+                                         chunk_rows, kernel, row_weight, with_grads=grads_now)
+        ctx.reduction, ctx.grad_scale = reduction, grad_scale
         ctx.has_bias = bias is not None
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if grads_now:
             ctx.save_for_backward(*[g for g in grads if g is not None])
         elif needs_grad:
-            ctx.save_for_backward(hidden, weight, bias, targets, scale)
+            ctx.save_for_backward(hidden, weight, bias, targets, row_weight)
             ctx.options = (ignore_index, label_smoothing, z_loss, chunk_rows, kernel)
         return _reduce(loss_rows, valid, reduction)
 
     @staticmethod
-    def _grad_buffers(hidden, weight, bias):
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
-        return [torch.empty_like(hidden), torch.zeros(weight.shape, dtype=acc, device=weight.device),
-                grad_bias]
-
-    @staticmethod
-    def _accumulate(grads, dlogits, hidden, weight, start, stop):
-        grad_hidden, grad_weight, grad_bias = grads
-        torch.matmul(dlogits, weight, out=grad_hidden[start:stop])
-        if grad_weight.dtype == dlogits.dtype:
-            grad_weight.addmm_(dlogits.t(), hidden[start:stop])
-        else:  # half-precision chunk: accumulate over chunks in fp32
-            grad_weight.add_(dlogits.t() @ hidden[start:stop])
-        if grad_bias is not None:
-            grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))
-
-    @staticmethod
     def backward(ctx, grad_loss):
+        grad_loss = _unscale(grad_loss, ctx.grad_scale)
         if ctx.reduction != "none":
             saved = list(ctx.saved_tensors)
             grad_hidden, grad_weight = saved[0], saved[1]
@@ -414,37 +468,68 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
                 grad_bias = None if grad_bias is None else grad_bias * grad_loss
         else:
-            hidden, weight, bias, targets, scale = ctx.saved_tensors
+            hidden, weight, bias, targets, row_weight = ctx.saved_tensors
             ignore_index, label_smoothing, z_loss, chunk_rows, kernel = ctx.options
-            grad_hidden, grad_weight, grad_bias = _ChunkedLinearCrossEntropy._grad_buffers(hidden, weight, bias)
-            buffer = torch.empty(min(chunk_rows, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype,
-                                 device=hidden.device)
-            for start in range(0, hidden.shape[0], chunk_rows):
-                stop = min(start + chunk_rows, hidden.shape[0])
-                logits = _chunk_logits(buffer[: stop - start], hidden[start:stop], weight, bias)
-                kernel(logits, targets[start:stop], logits, ignore_index, label_smoothing, z_loss, scale)
-                logits.mul_(grad_loss[start:stop, None].to(logits.dtype))
-                _ChunkedLinearCrossEntropy._accumulate((grad_hidden, grad_weight, grad_bias), logits,
-                                                       hidden, weight, start, stop)
+            _, (grad_hidden, grad_weight, grad_bias) = _chunked_pass(
+                hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, chunk_rows, kernel,
+                row_weight, with_grads=True, row_grad_out=grad_loss)
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (grad_hidden, grad_weight.to(weight_dtype),
                 None if grad_bias is None else grad_bias.to(bias_dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
+
+
+def _chunked_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, chunk_rows, kernel,
+                  row_weight, with_grads, row_grad_out=None):
+    """One pass over the rows in chunks: (loss_rows, grads). With with_grads, grads are
+    (grad_hidden, grad_weight fp32-or-wider, grad_bias or None) of sum_rows(loss_row * row_weight
+    [* row_grad_out]); otherwise grads is None and no gradient buffer exists."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    loss_rows = torch.empty(n_rows, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
+                            device=hidden.device)
+    buffer = torch.empty(min(chunk_rows, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+    grads = None
+    if with_grads:
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grads = (torch.empty_like(hidden), torch.zeros(weight.shape, dtype=acc, device=weight.device),
+                 None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device))
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        logits = _chunk_logits(buffer[: stop - start], hidden[start:stop], weight, bias)
+        loss_rows[start:stop], _ = kernel(logits, targets[start:stop], logits if with_grads else None,
+                                          ignore_index, label_smoothing, z_loss, row_weight)
+        if with_grads:
+            if row_grad_out is not None:
+                logits.mul_(row_grad_out[start:stop, None].to(logits.dtype))
+            _accumulate(grads, logits, hidden, weight, start, stop)
+    return loss_rows, grads
+
+
+def _accumulate(grads, dlogits, hidden, weight, start, stop):
+    grad_hidden, grad_weight, grad_bias = grads
+    torch.matmul(dlogits, weight, out=grad_hidden[start:stop])
+    if grad_weight.dtype == dlogits.dtype:
+        grad_weight.addmm_(dlogits.t(), hidden[start:stop])
+    else:  # half-precision chunk: accumulate over chunks in fp32
+        grad_weight.add_(dlogits.t() @ hidden[start:stop])
+    if grad_bias is not None:
+        grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))
 
 
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, chunk_size=None, backend="auto"):
+                         label_smoothing=0.0, z_loss=0.0, chunk_size=None, grad_scale=None, backend="auto"):
     """cross_entropy(hidden @ weight.T + bias, targets) without materialising all the logits.
 
     hidden: (N, D) or (B, T, D); weight: (V, D) as in lm_head.weight; bias: (V,) or None; all of
     one float dtype (fp32/bf16/fp16; float64 for tests), or any mix under autocast, which casts
     them to the autocast dtype as F.linear would. targets: int64 of hidden.shape[:-1].
-    chunk_size: rows of logits that exist at once (None: default_chunk_rows). Other options and
-    the returned fp32 loss as in cross_entropy. Every backend (torch included) runs in chunks;
-    linear_cross_entropy_reference is the unchunked computation.
+    chunk_size: rows of logits that exist at once (None: default_chunk_rows). grad_scale, other
+    options and the returned fp32 loss as in cross_entropy. Every backend (torch included) runs
+    in chunks; linear_cross_entropy_reference is the unchunked computation. Under no_grad or
+    inference_mode only the loss is computed (no gradient buffers, no gradient matmuls).
     """
     _check_linear(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
-                  chunk_size)
+                  chunk_size, grad_scale)
     device = hidden.device
     if torch.is_autocast_enabled(device.type):
         cast = torch.get_autocast_dtype(device.type)
@@ -457,8 +542,10 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     lead_shape = hidden.shape[:-1]
     rows = hidden.reshape(-1, hidden.shape[-1])
     chunk_rows = chunk_size or default_chunk_rows(rows.shape[0], weight.shape[0], device, hidden.dtype)
+    # Grad mode decides, not requires_grad alone: under no_grad the forward must not pay for gradients.
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     with torch.autocast(device.type, enabled=False):
         loss = _ChunkedLinearCrossEntropy.apply(rows, weight, bias, targets.reshape(-1), ignore_index,
                                                 reduction, float(label_smoothing), float(z_loss),
-                                                chunk_rows, _ROW_KERNELS[name])
+                                                chunk_rows, _ROW_KERNELS[name], needs_grad, grad_scale)
     return loss.reshape(lead_shape) if reduction == "none" else loss

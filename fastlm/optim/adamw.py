@@ -19,6 +19,7 @@ The math lives in one function per implementation, side by side:
                    (csrc/adamw_cpu.cpp) on CPU, backend "cuda" (csrc/adamw_cuda.cu, multi-tensor
                    apply, no host sync) on CUDA
 """
+import functools
 import math
 
 import torch
@@ -34,12 +35,29 @@ MASTER_KEY = "master_param"
 def backend_reasons(device, dtype=None, head_dim=None):
     """{backend: None if usable for parameters on `device`, else why not}."""
     device = torch.device(device)
+    extension = {"cpp": extension_op_unusable_reason("adamw_step_", device, ("cpu",)),
+                 "cuda": extension_op_unusable_reason("adamw_step_", device, ("cuda",))}
+    if extension["cpp"] is None or extension["cuda"] is None:
+        _register_fakes()
     return {
         "torch": None,
-        "cpp": extension_op_unusable_reason("adamw_step_", device, ("cpu",)),
-        "cuda": extension_op_unusable_reason("adamw_step_", device, ("cuda",)),
+        **extension,
         "triton": "not offered for adamw",  # its fused GPU path is the CUDA kernel
     }
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fakes():
+    """What the compiled operators return, for torch.compile (a compiled optimizer.step): the
+    update mutates its lists in place and returns nothing; the norm is an fp32 scalar."""
+    @torch.library.register_fake("fastlm::adamw_step_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, beta1, beta2,
+          eps, weight_decay, amsgrad, maximize, grad_scale, found_inf, grad_norm, max_grad_norm):
+        return None
+
+    @torch.library.register_fake("fastlm::adamw_grad_norm")
+    def _(grads, grad_scale):
+        return grads[0].new_empty((), dtype=torch.float32)
 
 
 def auto_preference(device, dtype=None):
