@@ -132,3 +132,20 @@ def test_too_long_sequence_is_rejected():
     model = GPT(tiny(block_size=8))
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_vocabulary_is_padded_and_padding_is_never_predicted():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=300))
+    assert model.wte.weight.shape[0] == model.lm_head.weight.shape[0] == 320  # next multiple of 64
+    idx = torch.randint(0, 300, (2, 9))
+    logits, _ = model(idx)
+    assert logits.shape == (2, 9, 300)
+    with torch.no_grad():
+        model.lm_head.weight[300:] = 10.0 * model.lm_head.weight[:20]  # make the padding tempting
+    out = model.generate(idx[:, :2], 50, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert int(out.max()) < 300
+    _, fused = model(idx, idx)
+    logits, plain = model(idx, idx, return_logits=True)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert GPT(tiny(vocab_size=300, pad_vocab_to=1)).wte.weight.shape[0] == 300
