@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on a bare GPU machine, from the repository root,
+#
+#   bash benchmarks/gpu_check.sh                      # every phase, in order
+#   bash benchmarks/gpu_check.sh --only tests bench   # some phases again (after a fix)
+#   bash benchmarks/gpu_check.sh --dry-run            # print the commands, run nothing
+#
+# Phases: versions (GPU, driver, torch, triton, nvcc), build (the extension with CUDA for the GPU
+# present), tests (every `gpu` test, fail-fast, then the parity check and the Triton compile
+# report), bench (kernel benchmarks), e2e (the end-to-end training step). Results and a log go to
+# benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides). Each phase has its own time limit
+# (seconds: FASTLM_<PHASE>_TIMEOUT), so one slow phase cannot eat the whole GPU window.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+ALL_PHASES=(versions build tests bench e2e)
+phases=()
+dry_run=0
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --only) shift; while (($#)) && [[ "$1" != --* ]]; do phases+=("$1"); shift; done; continue ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: error: unknown argument '$1' (phases: ${ALL_PHASES[*]})" >&2; exit 2 ;;
+  esac
+  shift
+done
+((${#phases[@]})) || phases=("${ALL_PHASES[@]}")
+for phase in "${phases[@]}"; do
+  [[ " ${ALL_PHASES[*]} " == *" $phase "* ]] || {
+    echo "gpu_check.sh: error: unknown phase '$phase' (phases: ${ALL_PHASES[*]})" >&2; exit 2; }
+done
+
+PYTHON=${PYTHON:-python}
+if ((dry_run)); then
+  gpu_slug="cuda-<gpu>"
+  arch="<sm>"
+else
+  gpu_slug=$($PYTHON -c "import re, torch; print('cuda-' + re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))") || {
+    echo "gpu_check.sh: error: no CUDA device visible to torch" >&2; exit 2; }
+  arch=$($PYTHON -c "import torch; major, minor = torch.cuda.get_device_capability(); print(f'{major}{minor}')")
+fi
+RESULTS=${FASTLM_RESULTS:-benchmarks/results/$gpu_slug}
+failed=()
+
+run() {  # run PHASE TIMEOUT COMMAND...: one command of a phase, timed and logged
+  local phase=$1 limit=$2; shift 2
+  echo "+ [$phase, limit ${limit}s] $*"
+  ((dry_run)) && return 0
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local status=$?
+  echo "= [$phase] exit $status after $((SECONDS - start)) s"
+  ((status == 0)) || failed+=("$phase: $*")
+  return $status
+}
+
+if ((!dry_run)); then
+  mkdir -p "$RESULTS"
+  exec > >(tee -a "$RESULTS/gpu_check.log") 2>&1
+  echo "=== gpu_check $(date -u '+%Y-%m-%d %H:%M UTC'): phases ${phases[*]} -> $RESULTS"
+fi
+
+for phase in "${phases[@]}"; do
+  echo "=== phase: $phase"
+  case "$phase" in
+    versions)
+      run versions 60 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      run versions 60 $PYTHON -c "import torch, triton, sys; print(f'python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, device {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}')"
+      run versions 60 nvcc --version
+      ;;
+    build)
+      run build "${FASTLM_BUILD_TIMEOUT:-300}" env FASTLM_BUILD_CUDA=1 FASTLM_CUDA_ARCHS="$arch" MAX_JOBS="$(nproc 2>/dev/null || echo 8)" \
+        $PYTHON -m pip install --no-build-isolation --no-deps -q -e .
+      run build 120 $PYTHON -c "import torch, fastlm.ops as ops; from fastlm import _ext; m = _ext.extension(warn=False); assert m is not None and m.with_cuda(), _ext.extension_status(); r = ops.available_backends('cuda'); print(r); bad = {op: r[op][b] for op, b in (('cross_entropy', 'triton'), ('causal_attention', 'triton'), ('adamw', 'cuda')) if r[op][b]}; assert not bad, bad"
+      ;;
+    tests)
+      run tests "${FASTLM_TESTS_TIMEOUT:-420}" $PYTHON -m pytest -m gpu -x -q -p no:cacheprovider tests
+      run tests 300 $PYTHON -m fastlm.bench --parity --device cuda --out-dir "$RESULTS"
+      run tests 300 $PYTHON -c "from fastlm.triton_kernels import compile_report; compile_report.main()"
+      ;;
+    bench)
+      run bench "${FASTLM_BENCH_TIMEOUT:-540}" $PYTHON -m fastlm.bench --device cuda --only cross_entropy adamw attention --out-dir "$RESULTS"
+      ;;
+    e2e)
+      run e2e "${FASTLM_E2E_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only e2e --out-dir "$RESULTS/e2e"
+      ;;
+  esac
+done
+
+if ((${#failed[@]})); then
+  echo "=== gpu_check: ${#failed[@]} command(s) failed:"
+  printf '  %s\n' "${failed[@]}"
+  exit 1
+fi
+echo "=== gpu_check: done (${phases[*]}); results in $RESULTS"
