@@ -73,8 +73,9 @@ def write_markdown(out_dir):
     lines = ["# fastlm benchmarks", "", f"Measured on **{env['device']}** with torch {env['torch']}, triton "
              f"{env['triton']}, Python {env['python']}, {env['threads']} threads.", ""]
     if summary:
-        lines += [f"- {name}: `{e['command']}` ({e['date']}, {e['seconds']:.0f} s, {e['dtype']}"
-                  f"{', quick sizes' if e['quick'] else ''})" for name, e in summary["benchmarks"].items()]
+        lines += [f"- {name}: `{e['command']}` ({e['date']}, {e['seconds']:.0f} s" + "".join(
+            f", {note}" for note in (e["dtype"], e["quick"] and "quick sizes") if note) + ")"
+            for name, e in summary["benchmarks"].items()]
         lines += ["", REFERENCE_NOTE, "", markdown_table(table_rows(summary["benchmarks"])), ""]
     if parity:
         from fastlm.bench.parity import describe
