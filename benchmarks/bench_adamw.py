@@ -1,5 +1,6 @@
-"""AdamW step time, torch for-loop / foreach / fused vs fastlm cpp / cuda: python benchmarks/bench_adamw.py [--quick]."""
-from fastlm.bench.adamw import main
+"""`python benchmarks/bench_adamw.py [--quick] [...]` is `python -m fastlm.bench --only adamw [...]`."""
+import sys
 
-if __name__ == "__main__":
-    main()
+from fastlm.bench.__main__ import main
+
+sys.exit(main(["--only", "adamw", *sys.argv[1:]]))

@@ -1,5 +1,6 @@
-"""Causal attention: Triton vs sdpa vs the torch reference (see fastlm/bench/attention.py)."""
-from fastlm.bench.attention import main
+"""`python benchmarks/bench_attention.py [--quick] [...]` is `python -m fastlm.bench --only attention [...]`."""
+import sys
 
-if __name__ == "__main__":
-    main()
+from fastlm.bench.__main__ import main
+
+sys.exit(main(["--only", "attention", *sys.argv[1:]]))

@@ -1,5 +1,6 @@
-"""Fused cross-entropy and linear + cross-entropy vs PyTorch: `python benchmarks/bench_cross_entropy.py [--quick]`."""
-from fastlm.bench.cross_entropy import main
+"""`python benchmarks/bench_cross_entropy.py [--quick] [...]` is `python -m fastlm.bench --only cross_entropy [...]`."""
+import sys
 
-if __name__ == "__main__":
-    main()
+from fastlm.bench.__main__ import main
+
+sys.exit(main(["--only", "cross_entropy", *sys.argv[1:]]))

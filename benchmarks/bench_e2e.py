@@ -1,8 +1,6 @@
-"""End-to-end training step, fused vs reference path (see fastlm/bench/e2e.py).
+"""`python benchmarks/bench_e2e.py [--quick] [...]` is `python -m fastlm.bench --only e2e [...]`."""
+import sys
 
-`python -m fastlm.bench` runs this together with every kernel benchmark and writes the summary.
-"""
-from fastlm.bench.e2e import main
+from fastlm.bench.__main__ import main
 
-if __name__ == "__main__":
-    main()
+sys.exit(main(["--only", "e2e", *sys.argv[1:]]))

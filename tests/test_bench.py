@@ -1,68 +1,129 @@
-"""The benchmark runner: smoke run, numerical parity, skipped benchmarks and command-line errors."""
+"""The benchmark runner: what a run measures and where it writes, numerical parity, skipped
+benchmarks and command-line errors."""
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 from fastlm.bench import __main__ as bench_cli
-from fastlm.bench import parity
+from fastlm.bench import parity, report
+from fastlm.bench.common import Row, device_slug
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = {f.name for f in dataclasses.fields(Row)} | {"speedup"}
 
 
-def _run_cli(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "fastlm.bench", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def _run(*args, timeout=240, env=None):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def _committed_results():
+    """Every file under benchmarks/results/ with its size and modification time."""
+    found = {}
+    for root, _, files in os.walk(bench_cli.RESULTS_DIR):
+        for name in files:
+            stat = os.stat(os.path.join(root, name))
+            found[os.path.join(root, name)] = (stat.st_size, stat.st_mtime_ns)
+    return found
 
 
 def test_quick_run_measures_or_skips_every_benchmark(tmp_path):
-    proc = _run_cli("--quick", "--out-dir", str(tmp_path))
+    proc = _run("-m", "fastlm.bench", "--quick", "--out-dir", str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch " + torch.__version__ in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["benchmarks"]) == set(bench_cli.BENCHMARKS)
-    for name, result in summary["benchmarks"].items():
-        if "skipped" in result:
-            assert result["skipped"], name
+    assert list(summary["benchmarks"]) == list(bench_cli.BENCHMARKS)
+    for name, entry in summary["benchmarks"].items():
+        assert entry["quick"] is True, name
+        assert json.loads((tmp_path / f"{name}.json").read_text())["rows"] == entry.get("rows"), name
+        if "skipped" in entry:
+            assert entry["skipped"], name
             continue
-        assert result["rows"], name
-        for row in result["rows"]:
-            measured = row.get("fused_ms") is not None and not row.get("skipped")
-            assert measured or row.get("skipped"), (name, row)
-    # The end-to-end benchmark needs nothing optional: it must always be measured on CPU.
+        assert entry["rows"], name
+        for row in entry["rows"]:
+            assert set(row) == ROW_KEYS, (name, row)
+            assert report.is_measured(row) or row["skipped"], (name, row)
+    # The end-to-end benchmark and the torch baselines need nothing optional: always measured on CPU.
     e2e = summary["benchmarks"]["e2e"]["rows"]
-    assert all(r["fused_ms"] > 0 and r["ref_ms"] > 0 and r["fused_tokens_per_s"] > 0 for r in e2e)
+    assert all(r["fused_ms"] > 0 and r["ref_ms"] > 0 and r["extra"]["fused_tokens_per_s"] > 0 for r in e2e)
     assert all(r["max_err"] < 1e-4 for r in e2e)
+    sdpa = [r for r in summary["benchmarks"]["attention"]["rows"] if r["backend"] == "sdpa"]
+    assert sdpa and all(r["ref_ms"] > 0 and r["fused_ms"] is None and r["extra"]["fwd_tflops"] > 0 for r in sdpa)
+    torch_fused = [r for r in summary["benchmarks"]["adamw"]["rows"] if r["backend"] == "torch-fused"]
+    assert len(torch_fused) == 2 and all(r["ref_ms"] > 0 and r["fused_ms"] is None for r in torch_fused)
     markdown = (tmp_path / "summary.md").read_text()
-    assert "| benchmark |" in markdown and "summary_speedup.png" in markdown
-    assert (tmp_path / "summary_speedup.png").exists()
-    for row in summary["rows"]:
-        assert row["status"] in ("measured", "skipped")
-        if row["status"] == "skipped":
-            assert row["note"].startswith("skipped: ") and len(row["note"]) > len("skipped: ")
+    assert "| name | case |" in markdown and "summary_speedup.png" in markdown and "attention.png" in markdown
+    for png in (*report.SUMMARY_PLOTS, "attention"):
+        assert (tmp_path / f"{png}.png").exists(), png
 
 
-def test_parity_small_model_within_fp32_reordering(tmp_path):
-    report = parity.run_parity(steps=20, case=parity.TINY_CASE, out_dir=str(tmp_path), plot=False)
-    assert report["passed"], parity.describe(report)
-    assert len(report["ref_losses"]) == len(report["fused_losses"]) == 20
-    assert report["max_loss_rel_diff"] <= parity.LOSS_RTOL == 1e-5
-    assert report["weights"]["max_tensor_rel_l2"] <= parity.WEIGHT_RTOL
+def test_quick_with_names_runs_only_those_into_a_scratch_directory(tmp_path):
+    before = _committed_results()
+    proc = _run("-m", "fastlm.bench", "--quick", "e2e", env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out_dir = re.search(r"^results -> (\S+) \(scratch", proc.stdout, re.M).group(1)
+    assert out_dir.startswith(str(tmp_path))
+    summary = json.loads(open(os.path.join(out_dir, "summary.json")).read())
+    assert list(summary["benchmarks"]) == ["e2e"] and summary["benchmarks"]["e2e"]["quick"] is True
+    assert "=== adamw" not in proc.stdout and "=== e2e" in proc.stdout
+    assert _committed_results() == before
+
+
+@pytest.mark.parametrize("argv, names, quick", [
+    ([], list(bench_cli.BENCHMARKS), False),
+    (["--quick"], list(bench_cli.BENCHMARKS), True),
+    (["--quick", "adamw"], ["adamw"], True),
+    (["--quick", "e2e"], ["e2e"], True),
+    (["--only", "e2e", "--quick"], ["e2e"], True),
+    (["--quick", "--only", "e2e,attention"], ["e2e", "attention"], True),
+    (["--only", "attention", "e2e", "--quick", "e2e", "attention"], ["attention", "e2e"], True),
+    (["--only", "adamw"], ["adamw"], False),
+])
+def test_a_run_is_the_named_benchmarks_all_quick_or_all_full(argv, names, quick):
+    args = bench_cli.parse_args(argv)
+    assert (args.names, args.quick) == (names, quick)
+
+
+def test_quick_runs_default_to_scratch_and_full_runs_to_the_results_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    monkeypatch.setattr(bench_cli, "RESULTS_DIR", str(tmp_path / "results"))
+    os.makedirs(tmp_path / "scratch")
+
+    def out_dir(*argv):
+        args = bench_cli.parse_args(argv)
+        args.device = "cpu"
+        return bench_cli.output_dir(args)
+
+    quick = out_dir("--quick", "adamw")
+    assert quick.startswith(str(tmp_path / "scratch")) and out_dir("--quick") != quick  # a fresh one each time
+    assert out_dir("--only", "adamw") == str(tmp_path / "results" / device_slug("cpu"))
+    assert out_dir("--quick", "--out-dir", str(tmp_path / "mine")) == str(tmp_path / "mine")
+
+
+def test_parity_small_model_within_fp32_reordering():
+    result = parity.run_parity(steps=20, case=parity.TINY_CASE)
+    assert result["passed"], parity.describe(result)
+    assert len(result["ref_losses"]) == len(result["fused_losses"]) == 20
+    assert result["max_loss_rel_diff"] <= parity.LOSS_RTOL == 1e-5
+    assert result["weights"]["max_tensor_rel_l2"] <= parity.WEIGHT_RTOL == 1e-3
     # Training actually happened: the loss went down from about ln(256).
-    assert report["ref_losses"][-1] < report["ref_losses"][0] - 0.1
-    assert json.loads((tmp_path / "parity.json").read_text())["passed"]
+    assert result["ref_losses"][-1] < result["ref_losses"][0] - 0.1
 
 
-def test_parity_catches_a_slightly_wrong_gradient(tmp_path, monkeypatch):
+def test_parity_catches_a_slightly_wrong_gradient(monkeypatch):
     # The fused loss kernel returns the right loss but a gradient with 5% label smoothing mixed
     # in: a bug the tolerance must not hide. (A uniformly scaled gradient would not do: Adam's
     # update is invariant to it.)
     from fastlm.ops import loss
 
-    fused = parity.run_parity(steps=1, case=parity.TINY_CASE, out_dir=str(tmp_path), plot=False)["fused_backends"]
+    fused = parity.run_parity(steps=1, case=parity.TINY_CASE)["fused_backends"]
     name = "cpp" if "cross_entropy cpp" in fused else "torch"
     kernel = loss._ROW_KERNELS[name]
 
@@ -74,28 +135,44 @@ def test_parity_catches_a_slightly_wrong_gradient(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setitem(loss._ROW_KERNELS, name, wrong_gradient)
-    report = parity.run_parity(steps=20, case=parity.TINY_CASE, out_dir=str(tmp_path), plot=False)
-    assert not report["passed"], parity.describe(report)
+    result = parity.run_parity(steps=20, case=parity.TINY_CASE)
+    assert not result["passed"], parity.describe(result)
 
 
-def test_parity_failure_gives_exit_1(tmp_path, monkeypatch, capsys):
+def test_parity_failure_gives_exit_1_and_writes_its_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(parity, "LOSS_RTOL", -1.0)  # no pair of losses can meet this
     code = bench_cli.main(["--parity", "--quick", "--steps", "2", "--device", "cpu", "--out-dir", str(tmp_path)])
     assert code == 1
     assert "parity FAILED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] is False
+    assert "## Numerical parity" in (tmp_path / "summary.md").read_text()
 
 
-def test_missing_or_failing_benchmark_is_skipped_not_fatal(tmp_path, monkeypatch, capsys):
-    # A module that does not exist, and one that exists but has no run(): both become skipped rows.
+def test_missing_or_failing_benchmark_is_skipped_and_a_partial_run_keeps_the_others(tmp_path, monkeypatch, capsys):
+    # A module that does not exist, and one that exists but is no benchmark: both become skipped rows.
     monkeypatch.setattr(bench_cli, "BENCHMARKS", {"missing": "fastlm.bench.no_such_module",
                                                   "broken": "fastlm.bench.common"})
-    code = bench_cli.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
-    assert code == 0
+    assert bench_cli.main(["--only", "broken", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    assert bench_cli.main(["--only", "missing", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert "not in this checkout" in summary["benchmarks"]["missing"]["skipped"]
+    assert list(summary["benchmarks"]) == ["missing", "broken"]  # the runner's order, the earlier run kept
+    assert "ModuleNotFoundError" in summary["benchmarks"]["missing"]["skipped"]
     assert "AttributeError" in summary["benchmarks"]["broken"]["skipped"]
-    assert [r["status"] for r in summary["rows"]] == ["skipped", "skipped"]
-    assert "0 measured, 2 skipped" in capsys.readouterr().out
+    assert summary["benchmarks"]["missing"]["quick"] is False
+    out = capsys.readouterr().out
+    assert "0 measured, 1 skipped" in out and "keeps 1 benchmark(s) of earlier runs" in out
+    assert (tmp_path / "summary.md").read_text().count("| skipped: ") == 2
+
+
+def test_table_has_one_line_per_row_and_reference_rows_show_no_fused_time():
+    rows = [Row("attention", "B1 H4 T512 D64", "sdpa", ref_ms=5.0, max_err=1e-7, extra={"fwd_tflops": 0.01}),
+            Row("attention", "B1 H4 T512 D64", "torch", ref_ms=5.0, fused_ms=10.0, extra={"fwd_tflops": 0.005}),
+            Row("attention", "B1 H4 T512 D64", "triton", skipped="no GPU")]
+    text = report.text_table([r.to_dict() for r in rows]).splitlines()
+    assert len(text) == 2 + len(rows)
+    assert re.search(r"sdpa\s+5\.00\s+-\s+-", text[2]) and "fwd_tflops 0.01" in text[2]
+    assert re.search(r"torch\s+5\.00\s+10\.00\s+0\.50", text[3]) and text[4].endswith("skipped: no GPU")
+    assert len(report.markdown_table([r.to_dict() for r in rows]).splitlines()) == 2 + len(rows)
 
 
 def test_cuda_requested_without_cuda_is_one_line_error(tmp_path, monkeypatch, capsys):
@@ -114,8 +191,15 @@ def test_unknown_benchmark_name_exits_2_with_one_line(argv, capsys):
     assert err.count("\n") == 1 and "unknown benchmark" in err and argv[0] in err
 
 
-def test_unknown_only_name_from_the_command_line():
-    proc = _run_cli("--only", "nope", timeout=60)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("python -m fastlm.bench: error: ")
-    assert "Traceback" not in proc.stderr
+@pytest.mark.parametrize("argv", [["--only", "e2e", "--quick", "adamw"], ["--parity", "--only", "e2e"]])
+def test_contradictory_selection_exits_2_with_one_line(argv, capsys):
+    assert bench_cli.main(argv) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_unknown_name_from_the_command_line_and_from_a_benchmark_script():
+    for args in (["-m", "fastlm.bench", "--only", "nope"], ["benchmarks/bench_adamw.py", "--quick", "nope"]):
+        proc = _run(*args, timeout=60)
+        assert proc.returncode == 2, args
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("python -m fastlm.bench: error: ")
+        assert "unknown benchmark 'nope' for --quick" in proc.stderr or args[0] == "-m"

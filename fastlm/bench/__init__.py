@@ -1,7 +1,7 @@
-"""Benchmarks of fused kernels against their PyTorch references (`python -m fastlm.bench`).
+"""Benchmarks of fastlm's fused kernels and training step against their PyTorch references.
 
-One module per op (cross_entropy, adamw, attention, e2e) exposes
-`run(quick=False, device="cpu", dtype=None, out_dir=None) -> list[dict]`;
-`benchmarks/bench_<op>.py` are thin scripts around them. common.py holds timing, memory,
-error and report helpers shared by all of them.
+One module per benchmark (cross_entropy, adamw, attention, e2e) exposes `run(quick, device,
+dtype) -> list[Row]` (common.Row: one schema for every benchmark); parity.py checks that the
+reference and fused training paths agree. `python -m fastlm.bench` (__main__.py) is the one
+runner: it alone writes results, and report.py formats them.
 """

@@ -1,23 +1,61 @@
-"""Timing, peak-memory, error and report helpers shared by every benchmark.
+"""What every benchmark shares: the row it reports, timing, peak memory, errors, the device.
 
 Timing: warm-up, then the median of repeats; CUDA with events, CPU with perf_counter.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the RSS high-water mark of a
 fresh subprocess per case, so one case's allocations never hide another's.
 """
-import json
+import dataclasses
 import multiprocessing
 import os
 import platform
 import re
-import resource
 import statistics
-import sys
 import time
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "benchmarks", "results")
+from fastlm.ops import available_backends
+
+
+@dataclasses.dataclass
+class Row:
+    """One case of a benchmark: its reference against one backend, or why it was not measured.
+
+    name     the op or step measured (cross_entropy's benchmark also reports linear_cross_entropy)
+    case     the size and options, e.g. "N=4096 V=32000" or "10M (10.3M, 52 tensors) clip"
+    backend  the backend timed as fused_ms; a row with only ref_ms is the reference itself
+    ref_ms, fused_ms            medians after warm-up; speedup = ref_ms / fused_ms
+    ref_peak_mb, fused_peak_mb  peak memory one call adds over its inputs
+    max_err  error against the benchmark's oracle (its module docstring says which)
+    extra    benchmark-specific numbers: TFLOP/s, tokens/s, MFU, ...
+    """
+    name: str
+    case: str
+    backend: str
+    ref_ms: float | None = None
+    fused_ms: float | None = None
+    ref_peak_mb: float | None = None
+    fused_peak_mb: float | None = None
+    max_err: float | None = None
+    skipped: str | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self):
+        speedup = self.ref_ms / self.fused_ms if self.ref_ms and self.fused_ms else None
+        return {**dataclasses.asdict(self), "speedup": speedup}
+
+
+def timed_backends(op, device, backends):
+    """{backend: None if it is timed here, else why not}, from fastlm.ops.available_backends.
+
+    The Triton interpreter (TRITON_INTERPRET=1 on CPU) is usable but is a correctness tool, not
+    a performance path, so it is never timed.
+    """
+    reasons = available_backends(device)[op]
+    interpreted = torch.device(device).type != "cuda"
+    return {name: "the Triton interpreter on CPU is for tests, not timing"
+            if name == "triton" and interpreted and reasons[name] is None else reasons[name]
+            for name in backends}
 
 
 def synchronize(device):
@@ -25,61 +63,44 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, *, device="cpu", warmup=3, repeats=10):
-    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
+def time_ms(fn, *, device="cpu", warmup=3, repeats=10, setup=None):
+    """Median time of fn() in milliseconds after `warmup` untimed calls; setup(), when given,
+    runs untimed before every call (e.g. to make inputs that fn consumes)."""
     device = torch.device(device)
     for _ in range(warmup):
+        if setup:
+            setup()
         fn()
-    synchronize(device)
     times = []
-    if device.type == "cuda":
-        for _ in range(repeats):
+    for _ in range(repeats):
+        if setup:
+            setup()
+        synchronize(device)
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+        else:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def _status_mb(field):
-    """A field of /proc/self/status (VmRSS, VmHWM) in MiB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+def max_rel_error(out, ref):
+    """max |out - ref| / max(|ref|), a scale-free error for tables."""
+    if out.numel() == 0:
+        return 0.0
+    ref = ref.double()
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def _reset_high_water_mark():
-    """Start VmHWM afresh from the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _high_water_mb():
-    # VmHWM belongs to this process's own address space. ru_maxrss does not: on Linux it also
-    # carries the high-water mark of the parent the process was forked from, which would hide
-    # a child's smaller peak behind its parent's.
-    hwm = _status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
+# --------------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------------
 
 def peak_memory_mb(setup, *, device="cpu", **kwargs):
     """Peak memory in MiB that one call of the step built by `setup(**kwargs)` adds.
@@ -98,41 +119,42 @@ def peak_memory_mb(setup, *, device="cpu", **kwargs):
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    kwargs = dict(kwargs, _threads=torch.get_num_threads())
-    proc = ctx.Process(target=_peak_child_fresh, args=(setup, kwargs, queue))
-    proc.start()
-    status, value, _ = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"peak-memory subprocess failed: {value}")
-    return value
+    if not os.path.exists("/proc/self/status"):
+        return None  # the CPU measurement reads Linux's /proc
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a child's failure is raised here
+        return pool.apply(_peak_child, (setup, kwargs, torch.get_num_threads()))
 
 
-def _peak_child_fresh(setup, kwargs, queue):
-    """Child body: high-water mark of one step over the footprint of its inputs."""
+def _peak_child(setup, kwargs, threads):
+    """Child body: the rise of VmHWM over the footprint of the inputs. VmHWM belongs to this
+    process's own address space; ru_maxrss would also carry the high-water mark of the parent
+    the process was forked from, which would hide a child's smaller peak behind its parent's."""
+    torch.set_num_threads(threads)
+    step = setup(**kwargs)
+    before = _status_mb("VmRSS") if _reset_high_water_mark() else _status_mb("VmHWM")
+    step()
+    return max(_status_mb("VmHWM") - before, 0.0)
+
+
+def _status_mb(field):
+    """A field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+def _reset_high_water_mark():
+    """Start VmHWM afresh from the current RSS; False where the kernel does not allow it."""
     try:
-        torch.set_num_threads(int(kwargs.pop("_threads")))
-        step = setup(**kwargs)
-        before = _status_mb("VmRSS") if _reset_high_water_mark() else _high_water_mb()
-        step()
-        queue.put(("ok", max(_high_water_mb() - before, 0.0), before))
-    except BaseException as exc:  # report any failure to the parent instead of hanging it
-        queue.put(("error", f"{type(exc).__name__}: {exc}", 0.0))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-def max_abs_error(out, ref):
-    return (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
-
-
-def max_rel_error(out, ref):
-    """max |out - ref| / max(|ref|), a scale-free error for tables."""
-    if out.numel() == 0:
-        return 0.0
-    ref = ref.double()
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
+# --------------------------------------------------------------------------------------------
+# The device and the software a measurement was taken with
+# --------------------------------------------------------------------------------------------
 
 def device_name(device):
     device = torch.device(device)
@@ -156,61 +178,17 @@ def device_slug(device):
     if device.type == "cuda":
         raw = "cuda-" + torch.cuda.get_device_name(device)
     else:
-        raw = device_name(device).split(" (")[0]
-        raw = f"cpu-{os.cpu_count()}core-" + raw
+        raw = f"cpu-{os.cpu_count()}core-" + device_name(device).split(" (")[0]
     raw = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor", "", raw.lower())
     return re.sub(r"[^a-z0-9]+", "-", raw).strip("-")[:60]
 
 
 def env_info(device):
-    info = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
 
-        info["triton"] = triton.__version__
+        triton_version = triton.__version__
     except ImportError:
-        info["triton"] = None
-    info["threads"] = torch.get_num_threads()
-    return info
-
-
-def format_table(rows, columns):
-    """Plain-text table; `columns` is a list of (key, header, format spec)."""
-    cells = [[header for _, header, _ in columns]]
-    for row in rows:
-        line = []
-        for key, _, spec in columns:
-            value = row.get(key)
-            line.append("-" if value is None else (format(value, spec) if spec else str(value)))
-        cells.append(line)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def results_dir(device, out_dir=None):
-    path = out_dir or os.path.join(RESULTS_DIR, device_slug(device))
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def save_report(name, rows, columns, *, device, out_dir=None, extra=None):
-    """Print the table and write <results>/<name>.json; returns the results folder."""
-    path = results_dir(device, out_dir)
-    info = env_info(device)
-    print(f"\n{name} on {info['device']} (torch {info['torch']}, triton {info['triton']})")
-    print(format_table(rows, columns))
-    with open(os.path.join(path, f"{name}.json"), "w") as f:
-        json.dump({"benchmark": name, "env": info, "rows": rows, **(extra or {})}, f, indent=2)
-    return path
-
-
-def save_figure(fig, name, *, device, out_dir=None):
-    """Write fig as <results>/<name>.png and close it."""
-    import matplotlib.pyplot as plt
-
-    path = os.path.join(results_dir(device, out_dir), f"{name}.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+        triton_version = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}

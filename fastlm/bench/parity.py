@@ -14,16 +14,13 @@ weights; 20 steps of the tiny model 2e-7 and 7e-5. A wrong kernel fails: with th
 but a gradient with 5% label smoothing mixed in, the tiny model shows 7e-5 and 3e-3 (a test
 plants it). A uniformly scaled gradient would not show at all: Adam's update is invariant to it.
 """
-import argparse
 import gc
-import json
-import os
 import tempfile
 
 import torch
 
-from fastlm.bench.common import env_info, max_rel_error, results_dir, save_figure
-from fastlm.bench.e2e import fused_backends, make_trainer
+from fastlm.bench.common import env_info, max_rel_error
+from fastlm.bench.e2e import make_trainer, resolved_backends
 
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-3
@@ -40,7 +37,7 @@ def train_losses(case, path, steps, device, lr, seed):
                                warmup_steps=max(1, steps // 5), max_steps=steps)
         losses = [trainer.train_step()[0] for _ in range(steps)]
         weights = {k: v.detach().float().cpu().clone() for k, v in trainer.raw_model.state_dict().items()}
-        backends = fused_backends(trainer)
+        backends = resolved_backends(trainer)
         del trainer
     gc.collect()
     return losses, weights, backends
@@ -59,8 +56,8 @@ def compare_weights(ref, fused):
     return {"max_tensor_rel_l2": rel_l2, "worst_tensor": worst, "max_abs": max_abs, "max_rel": max_rel}
 
 
-def run_parity(steps=50, device="cpu", case=None, lr=1e-3, seed=1337, out_dir=None, plot=True):
-    """Train both paths `steps` steps; returns the report dict (also written as parity.json)."""
+def run_parity(steps=50, device="cpu", case=None, lr=1e-3, seed=1337):
+    """Train both paths `steps` steps; returns the report (the runner writes it as parity.json)."""
     device = torch.device(device)
     case = case or DEFAULT_CASE
     ref_losses, ref_weights, _ = train_losses(case, "reference", steps, device, lr, seed)
@@ -78,11 +75,6 @@ def run_parity(steps=50, device="cpu", case=None, lr=1e-3, seed=1337, out_dir=No
     report["loss_ok"] = report["max_loss_rel_diff"] <= LOSS_RTOL
     report["weights_ok"] = weights["max_tensor_rel_l2"] <= WEIGHT_RTOL
     report["passed"] = report["loss_ok"] and report["weights_ok"]
-    path = results_dir(device, out_dir)
-    with open(os.path.join(path, "parity.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    if plot:
-        _plot(report, device, out_dir)
     return report
 
 
@@ -102,10 +94,8 @@ def describe(report):
     ])
 
 
-def _plot(report, device, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot(report):
+    """The losses of both paths, and their relative difference against the limit."""
     import matplotlib.pyplot as plt
 
     steps = range(1, report["steps"] + 1)
@@ -125,24 +115,4 @@ def _plot(report, device, out_dir):
     ax_rel.set_title("relative loss difference (equal losses drawn at 1e-10)", fontsize=9)
     ax_rel.grid(True, alpha=0.3)
     ax_rel.legend(fontsize=8)
-    save_figure(fig, "parity", device=device, out_dir=out_dir)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--tiny", action="store_true", help="a tiny model instead of the default config")
-    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/<device slug>/")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, f"{parser.prog}: error: --device cuda but CUDA is not available\n")
-    if args.steps <= 0:
-        parser.exit(2, f"{parser.prog}: error: --steps must be positive, got {args.steps}\n")
-    report = run_parity(args.steps, args.device, TINY_CASE if args.tiny else DEFAULT_CASE, out_dir=args.out_dir)
-    print(describe(report))
-    return 0 if report["passed"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return fig
