@@ -8,7 +8,7 @@
 # Phases: versions (GPU, driver, torch, triton, nvcc), build (the extension with CUDA for the GPU
 # present), tests (every `gpu` test, fail-fast, then the parity check and the Triton compile
 # report), bench (kernel benchmarks), e2e (the end-to-end training step). Results and a log go to
-# benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides). Each phase has its own time limit
+# benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides; each run merges its benchmarks into summary.json). Each phase has its own time limit
 # (seconds: FASTLM_<PHASE>_TIMEOUT), so one slow phase cannot eat the whole GPU window.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,7 +83,7 @@ for phase in "${phases[@]}"; do
       run bench "${FASTLM_BENCH_TIMEOUT:-540}" $PYTHON -m fastlm.bench --device cuda --only cross_entropy adamw attention --out-dir "$RESULTS"
       ;;
     e2e)
-      run e2e "${FASTLM_E2E_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only e2e --out-dir "$RESULTS/e2e"
+      run e2e "${FASTLM_E2E_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only e2e --out-dir "$RESULTS"
       ;;
   esac
 done
