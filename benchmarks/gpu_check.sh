@@ -8,8 +8,9 @@
 # Phases: versions (GPU, driver, torch, triton, nvcc), build (the extension with CUDA for the GPU
 # present), tests (every `gpu` test, fail-fast, then the parity check and the Triton compile
 # report), bench (kernel benchmarks), e2e (the end-to-end training step). Results and a log go to
-# benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides; each run merges its benchmarks into summary.json). Each phase has its own time limit
-# (seconds: FASTLM_<PHASE>_TIMEOUT), so one slow phase cannot eat the whole GPU window.
+# benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides); each run merges its benchmarks into
+# summary.json. Each phase has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT), so one slow
+# phase cannot eat the whole GPU window.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --only) shift; while (($#)) && [[ "$1" != --* ]]; do phases+=("$1"); shift; done; continue ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: error: unknown argument '$1' (phases: ${ALL_PHASES[*]})" >&2; exit 2 ;;
   esac
   shift
