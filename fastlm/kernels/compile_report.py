@@ -1,0 +1,251 @@
+"""Ahead-of-time compile of every tuned config of every Triton kernel for a CUDA target (sm_90, the
+H100, by default), without a GPU: registers, spill bytes and shared memory per config.
+
+    python -m fastlm.kernels.compile_report [--dtypes bf16,fp16] [--head-dims 64,128] [--arch 90]
+
+prints one row per (kernel, config, dtype, D). tests/test_triton_compile.py asserts that every
+row compiles with no spills and within the shared-memory limit; a GPU session can print the same
+table. Arguments are described the way Triton's JIT specialises them: pointers 16-byte aligned,
+integers that are multiples of 16 marked so (strides of the GPT's layout at T = 4096).
+
+Registers and spills are read from the cubin with the cuobjdump that ships with Triton (the
+kernel is never loaded, so Triton's own n_regs/n_spills are not filled in). "spill" is the
+per-thread local memory (stack frame), the number the driver reports as Triton's n_spills.
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+# Largest dynamic shared memory one block may use on sm_90 (H100): 227 KiB.
+SMEM_LIMIT = {90: 227 * 1024}
+DEFAULT_DTYPES = (torch.bfloat16, torch.float16)
+DEFAULT_HEAD_DIMS = (64, 128)
+_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_POINTEE = {**_TRITON_DTYPE, torch.int64: "i64"}
+
+
+@dataclasses.dataclass
+class CompileRow:
+    kernel: str     # e.g. "attention_fwd", "cross_entropy"
+    config: str     # tile sizes, warps, stages
+    dtype: str      # element type of the tensors
+    shape: str      # what the specialisation depends on: D (attention) or V (cross-entropy)
+    regs: int       # registers per thread
+    spill: int      # bytes of local memory per thread (spilled registers)
+    smem: int       # bytes of shared memory per block
+
+    def __str__(self):
+        return (f"{self.kernel:<15} {self.config:<24} {self.dtype:<5} {self.shape:<10} {self.regs:>5} "
+                f"{self.spill:>6} {self.smem:>8}")
+
+
+HEADER = f"{'kernel':<15} {'config':<24} {'dtype':<5} {'shape':<10} {'regs':>5} {'spill':>6} {'smem':>8}"
+
+
+def _nvidia_bin(tool):
+    try:
+        from triton import knobs
+        return getattr(knobs.nvidia, tool).path
+    except (ImportError, AttributeError):
+        import triton.backends.nvidia as nvidia
+        return os.path.join(os.path.dirname(nvidia.__file__), "bin", tool)
+
+
+def _target(arch):
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", arch, 32)
+
+
+def _signature(fn, args, constexprs):
+    """Signature and attributes of `fn` as Triton's JIT builds them for these argument values:
+    torch dtype = pointer to that type (16-byte aligned), int = i32/i64 (divisible by 16 when it
+    is), float = fp32."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, torch.dtype):
+            signature[name] = "*" + _POINTEE[value]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def compile_kernel(fn, args, constexprs, num_warps, num_stages, arch=90):
+    """Compile the JIT function `fn` for sm_`arch`; returns (compiled kernel, regs, spill, smem)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    signature, attrs = _signature(fn, args, constexprs)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=_target(arch), options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    return kernel, int(found["REG"]), int(found["STACK"]) + int(found["LOCAL"]), kernel.metadata.shared
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(arch=90):
+    """None if Triton can compile for sm_`arch` here (with its bundled ptxas), else why not."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    if _interpreted():
+        return None  # checked again in the subprocess that compile_report starts
+
+    @triton.jit
+    def probe(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+    try:
+        compile_kernel(probe, {"x_ptr": torch.float32, "n": 7}, {"BLOCK": 16}, 4, 1, arch)
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
+        return f"triton cannot compile for sm_{arch} here: {type(e).__name__}: {str(e).strip()[:300]}"
+    return None
+
+
+def _interpreted():
+    """True when the kernels were defined for the interpreter (TRITON_INTERPRET=1), which cannot
+    compile them."""
+    from triton.runtime.jit import JITFunction
+
+    from fastlm.kernels.attention import _attn_fwd
+    return not isinstance(_attn_fwd, JITFunction)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels and their configs
+
+
+def _attention_cases(dtype, head_dim):
+    from fastlm.kernels import attention
+
+    B, H, T, D = 4, 16, 4096, head_dim
+    qkv = dict(b=T * 3 * H * D, h=D, t=3 * H * D)      # q, k, v: views of the (B, T, 3, H, D) projection
+    out = dict(b=H * T * D, h=T * D, t=D)                # o, dq, dk, dv: (B, H, T, D) contiguous
+    grad = dict(b=T * H * D, h=D, t=H * D)               # do: (B, T, H, D) seen as (B, H, T, D)
+    args = dict(H=H, H_KV=H, T=T, T_BUCKET=T, scale=D ** -0.5, qk_scale=D ** -0.5 * attention.LOG2E,
+                LSE=torch.float32, DELTA=torch.float32)
+    for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+        args[name] = dtype
+    for prefix, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", out), ("dq", out), ("dk", out),
+                            ("do", grad)):
+        for dim, stride in strides.items():
+            args[f"stride_{prefix}{dim}"] = stride
+    common = dict(GROUP=1, HEAD_DIM=D, DOT_PRECISION=attention.dot_precision(dtype, "cuda"))
+    for name, (fn, configs) in attention.cuda_kernels(head_dim).items():
+        for config in configs:
+            constexprs = {k: v for k, v in {**common, **config.kwargs}.items() if k in fn.arg_names}
+            blocks = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in config.kwargs)
+            label = f"{blocks} w{config.num_warps} s{config.num_stages}"
+            yield f"attention_{name}", label, f"D={D}", fn, args, constexprs, config.num_warps, config.num_stages
+
+
+def _cross_entropy_cases(dtype, vocabs):
+    from fastlm.kernels import cross_entropy
+
+    for vocab in vocabs:
+        block_n, block_v, num_warps = cross_entropy._tile_sizes(vocab, interpreted=False)
+        args = dict(logits_ptr=dtype, logits_stride=vocab, targets_ptr=torch.int64, grad_ptr=dtype,
+                    grad_stride=vocab, loss_ptr=torch.float32, lse_ptr=torch.float32, scale_ptr=torch.float32,
+                    n_rows=8192, n_cols=vocab, ignore_index=-100, label_smoothing=0.1, z_loss=1e-4)
+        # The most demanding variant: gradient and label smoothing on.
+        vec = 16 // torch.empty((), dtype=dtype).element_size()
+        constexprs = dict(HAS_GRAD=True, HAS_SMOOTHING=True, GRAD_SAME_STRIDE=True, ALIGNED_ROWS=vocab % vec == 0,
+                          BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec)
+        yield ("cross_entropy", f"{block_n}x{block_v} w{num_warps}", f"V={vocab}", cross_entropy._cross_entropy_kernel,
+               args, constexprs, num_warps, 1)
+
+
+# V = 50257 (GPT-2, odd row stride), 50304 (the same padded to 64), 128256 (Llama 3), 4000 (one tile).
+CROSS_ENTROPY_VOCABS = (50257, 50304, 128256, 4000)
+
+
+def _cases(dtypes, head_dims, vocabs):
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            yield from _attention_cases(dtype, head_dim)
+        yield from _cross_entropy_cases(dtype, vocabs)
+
+
+def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CROSS_ENTROPY_VOCABS, arch=90):
+    """Compile every tuned config of every Triton kernel for sm_`arch`: a list of CompileRow.
+
+    Raises RuntimeError (with unavailable_reason) where Triton cannot compile for CUDA. Under
+    TRITON_INTERPRET=1 the kernels exist only for the interpreter, so the report is built in a
+    subprocess without it.
+    """
+    reason = unavailable_reason(arch)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if _interpreted():
+        return _report_in_subprocess(dtypes, head_dims, vocabs, arch)
+    rows = []
+    for kernel, config, shape, fn, args, constexprs, num_warps, num_stages in _cases(dtypes, head_dims, vocabs):
+        _, regs, spill, smem = compile_kernel(fn, args, constexprs, num_warps, num_stages, arch)
+        rows.append(CompileRow(kernel, config, _TRITON_DTYPE[args["Q" if "Q" in args else "logits_ptr"]],
+                               shape, regs, spill, smem))
+    return rows
+
+
+def _report_in_subprocess(dtypes, head_dims, vocabs, arch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "fastlm.kernels.compile_report", "--json", "--arch", str(arch),
+               "--dtypes", ",".join(_TRITON_DTYPE[d] for d in dtypes),
+               "--head-dims", ",".join(map(str, head_dims)), "--vocabs", ",".join(map(str, vocabs))]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    return [CompileRow(**row) for row in json.loads(done.stdout.splitlines()[-1])]
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(","))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--head-dims", default="64,128", type=_ints)
+    parser.add_argument("--vocabs", default=",".join(map(str, CROSS_ENTROPY_VOCABS)), type=_ints)
+    parser.add_argument("--arch", default=90, type=int, help="compute capability, e.g. 90 for sm_90")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    args = parser.parse_args(argv)
+    by_name = {v: k for k, v in _TRITON_DTYPE.items()}
+    dtypes = tuple(by_name[d] for d in args.dtypes.split(","))
+    rows = compile_report(dtypes, args.head_dims, args.vocabs, args.arch)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return
+    limit = SMEM_LIMIT.get(args.arch)
+    print(HEADER)
+    for row in rows:
+        flag = " <- spills" if row.spill else ""
+        flag += " <- over the shared-memory limit" if limit and row.smem > limit else ""
+        print(f"{row}{flag}")
+
+
+if __name__ == "__main__":
+    main()
