@@ -23,6 +23,9 @@ import sys
 import tempfile
 
 import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 # Largest dynamic shared memory one block may use on sm_90 (H100): 227 KiB.
 SMEM_LIMIT = {90: 227 * 1024}
@@ -41,6 +44,7 @@ class CompileRow:
     regs: int       # registers per thread
     spill: int      # bytes of local memory per thread (spilled registers)
     smem: int       # bytes of shared memory per block
+    asm: dict = dataclasses.field(default_factory=dict, repr=False)  # IR texts asked for: {"ttir": ...}
 
     def __str__(self):
         return (f"{self.kernel:<15} {self.config:<24} {self.dtype:<5} {self.shape:<10} {self.regs:>5} "
@@ -88,7 +92,6 @@ def _signature(fn, args, constexprs):
 
 def compile_kernel(fn, args, constexprs, num_warps, num_stages, arch=90):
     """Compile the JIT function `fn` for sm_`arch`; returns (compiled kernel, regs, spill, smem)."""
-    import triton
     from triton.compiler import ASTSource
 
     signature, attrs = _signature(fn, args, constexprs)
@@ -103,24 +106,18 @@ def compile_kernel(fn, args, constexprs, num_warps, num_stages, arch=90):
     return kernel, int(found["REG"]), int(found["STACK"]) + int(found["LOCAL"]), kernel.metadata.shared
 
 
+def _probe(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(arch=90):
     """None if Triton can compile for sm_`arch` here (with its bundled ptxas), else why not."""
     try:
-        import triton
-        import triton.language as tl
-    except ImportError as e:
-        return f"triton is not installed ({e})"
-    if _interpreted():
-        return None  # checked again in the subprocess that compile_report starts
-
-    @triton.jit
-    def probe(x_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
-
-    try:
-        compile_kernel(probe, {"x_ptr": torch.float32, "n": 7}, {"BLOCK": 16}, 4, 1, arch)
+        # JITFunction directly, not triton.jit: under TRITON_INTERPRET=1 the latter gives a
+        # function for the interpreter, which cannot be compiled.
+        compile_kernel(JITFunction(_probe), {"x_ptr": torch.float32, "n": 7}, {"BLOCK": 16}, 4, 1, arch)
     except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
         return f"triton cannot compile for sm_{arch} here: {type(e).__name__}: {str(e).strip()[:300]}"
     return None
@@ -129,8 +126,6 @@ def unavailable_reason(arch=90):
 def _interpreted():
     """True when the kernels were defined for the interpreter (TRITON_INTERPRET=1), which cannot
     compile them."""
-    from triton.runtime.jit import JITFunction
-
     from fastlm.kernels.attention import _attn_fwd
     return not isinstance(_attn_fwd, JITFunction)
 
@@ -190,9 +185,11 @@ def _cases(dtypes, head_dims, vocabs):
         yield from _cross_entropy_cases(dtype, vocabs)
 
 
-def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CROSS_ENTROPY_VOCABS, arch=90):
+def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CROSS_ENTROPY_VOCABS, arch=90,
+                   asm=()):
     """Compile every tuned config of every Triton kernel for sm_`arch`: a list of CompileRow.
 
+    asm: IR kinds to keep in each row's `asm` ("ttir", "ttgir", "llir", "ptx").
     Raises RuntimeError (with unavailable_reason) where Triton cannot compile for CUDA. Under
     TRITON_INTERPRET=1 the kernels exist only for the interpreter, so the report is built in a
     subprocess without it.
@@ -201,20 +198,22 @@ def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CR
     if reason is not None:
         raise RuntimeError(reason)
     if _interpreted():
-        return _report_in_subprocess(dtypes, head_dims, vocabs, arch)
+        return _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm)
     rows = []
     for kernel, config, shape, fn, args, constexprs, num_warps, num_stages in _cases(dtypes, head_dims, vocabs):
-        _, regs, spill, smem = compile_kernel(fn, args, constexprs, num_warps, num_stages, arch)
-        rows.append(CompileRow(kernel, config, _TRITON_DTYPE[args["Q" if "Q" in args else "logits_ptr"]],
-                               shape, regs, spill, smem))
+        compiled, regs, spill, smem = compile_kernel(fn, args, constexprs, num_warps, num_stages, arch)
+        dtype = _TRITON_DTYPE[args["Q" if "Q" in args else "logits_ptr"]]
+        rows.append(CompileRow(kernel, config, dtype, shape, regs, spill, smem, {k: compiled.asm[k] for k in asm}))
     return rows
 
 
-def _report_in_subprocess(dtypes, head_dims, vocabs, arch):
+def _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "fastlm.kernels.compile_report", "--json", "--arch", str(arch),
                "--dtypes", ",".join(_TRITON_DTYPE[d] for d in dtypes),
                "--head-dims", ",".join(map(str, head_dims)), "--vocabs", ",".join(map(str, vocabs))]
+    if asm:
+        command += ["--asm", ",".join(asm)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
@@ -232,10 +231,12 @@ def main(argv=None):
     parser.add_argument("--vocabs", default=",".join(map(str, CROSS_ENTROPY_VOCABS)), type=_ints)
     parser.add_argument("--arch", default=90, type=int, help="compute capability, e.g. 90 for sm_90")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    parser.add_argument("--asm", default="", help="with --json: IR kinds to include, e.g. ttir,ptx")
     args = parser.parse_args(argv)
     by_name = {v: k for k, v in _TRITON_DTYPE.items()}
     dtypes = tuple(by_name[d] for d in args.dtypes.split(","))
-    rows = compile_report(dtypes, args.head_dims, args.vocabs, args.arch)
+    rows = compile_report(dtypes, args.head_dims, args.vocabs, args.arch,
+                          tuple(a for a in args.asm.split(",") if a) if args.json else ())
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
         return
