@@ -14,6 +14,10 @@ Backward: P is recomputed from lse2, so no T x T matrix is stored.
   2. dK, dV: one program per (key block, batch*kv head). It loops over the GROUP query heads
      sharing that kv head and over the query blocks at or after its diagonal, so the group sum
      happens in registers and dK/dV are written once, without atomics.
+     Not done: when B * H_kv * cdiv(T, BLOCK_N) is below the SM count (few kv heads, short T),
+     this pass leaves SMs idle. Splitting a kv head's query heads across programs would need
+     fp32 atomics (non-deterministic) or per-query-head partial dK/dV, (B, H, T, D) in fp32,
+     summed in a second pass: GROUP times the memory. Worth it only where a GPU measures it.
   3. dQ: one program per (query block, batch*head), looping over key blocks up to the diagonal.
 Separate dK/dV and dQ passes cost one extra Q K^T recompute, but avoid fp32 atomics and their
 non-determinism.
@@ -189,9 +193,13 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, s
 
 
 @triton.jit
-def _dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                      start_m, offs_n, offs_d, T, qk_scale, CAUSAL_MASK: tl.constexpr,
-                      BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_query_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, H, stride_qb, stride_qh, stride_qt,
+                      stride_dob, stride_doh, stride_dot, start_m, offs_n, offs_d, T, qk_scale,
+                      CAUSAL_MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + (b * H + h) * T
+    delta_base = DELTA + (b * H + h) * T
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < T
     q_t = tl.load(_tile_ptrs(q_base, offs_m, stride_qt, offs_d, True), mask=row_ok[None, :], other=0.0)
@@ -233,20 +241,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    diag_end = tl.minimum(start_n + BLOCK_N, T)
-    for g in range(GROUP):
-        h = h_kv * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        row_base = (b * H + h) * T
-        for start_m in range(start_n, diag_end, BLOCK_M):
-            dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                       stride_qt, stride_dot, start_m, offs_n, offs_d, T, qk_scale,
-                                       True, BLOCK_M, DOT_PRECISION)
-        for start_m in range(start_n + BLOCK_N, T, BLOCK_M):
-            dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                       stride_qt, stride_dot, start_m, offs_n, offs_d, T, qk_scale,
-                                       False, BLOCK_M, DOT_PRECISION)
+    # Query blocks on the diagonal (causal mask) then after it, for each of the GROUP query heads
+    # of this kv head. Each head x block pair is one step of a single loop: a nested loop over
+    # the heads spilled registers at D=128 on sm_90 (the pipeliner and register allocator do
+    # best on one loop level, as with GROUP = 1).
+    n_diag = tl.cdiv(tl.minimum(start_n + BLOCK_N, T) - start_n, BLOCK_M)
+    for step in range(0, GROUP * n_diag):
+        start_m = start_n + (step % n_diag) * BLOCK_M
+        dk, dv = _dkdv_query_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h_kv * GROUP + step // n_diag, H,
+                                   stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,
+                                   start_m, offs_n, offs_d, T, qk_scale, True, BLOCK_M, DOT_PRECISION)
+    n_after = tl.cdiv(tl.maximum(T - start_n - BLOCK_N, 0), BLOCK_M)
+    for step in range(0, GROUP * n_after):
+        start_m = start_n + BLOCK_N + (step % n_after) * BLOCK_M
+        dk, dv = _dkdv_query_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h_kv * GROUP + step // n_after, H,
+                                   stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,
+                                   start_m, offs_n, offs_d, T, qk_scale, False, BLOCK_M, DOT_PRECISION)
     # Scores were scaled by `scale` in the forward, so dK picks it up once here.
     dk = dk * scale
     out = _tile_ptrs(b * stride_dkb + h_kv * stride_dkh, offs_n, stride_dkt, offs_d, False)
@@ -333,7 +343,7 @@ def _configs(rows):
 
 
 # Comments give what the ahead-of-time compile for sm_90 found at the head sizes a config is not
-# tried at (bf16/fp16, with the ptxas of Triton 3.6 and 3.9).
+# tried at (bf16/fp16, GROUP 1 and 4, with the ptxas of Triton 3.6 (12.8) and 3.9 (13.x)).
 _FWD_CONFIGS = _configs([
     (128, 64, 4, 3, 64),    # D=128: spills 150-180 B
     (128, 64, 4, 4, 64),    # D=128: spills 120-160 B
@@ -343,11 +353,11 @@ _FWD_CONFIGS = _configs([
     (64, 64, 4, 3, 128), (64, 64, 4, 2, 128), (64, 32, 4, 4, 128),
 ])
 _DKDV_CONFIGS = _configs([
-    (64, 128, 8, 3, 64),    # D=128: 255 registers, spills with ptxas 13
-    (64, 64, 4, 3, 64),     # D=128: spills 160-220 B
+    (64, 128, 8, 3, 64),    # D=128: 248-254 registers, spills 40-50 B with ptxas 13
+    (64, 64, 4, 3, 64),     # D=128: spills 100-130 B
     (32, 128, 8, 3, 128), (16, 128, 8, 3, 128), (32, 64, 8, 3, 128), (32, 64, 4, 3, 128),
     (16, 64, 4, 4, 128),
-    # Dropped: (32, 128, 4, 2) spills at every head size (D=64: 64-88 B, D=128: 820-950 B).
+    # Dropped: (32, 128, 4, 2) spills at D=128 (830-960 B) and, with ptxas 13, at D=64 (40 B).
 ])
 _DQ_CONFIGS = _configs([
     (128, 32, 4, 2, 64),    # D=128: spills 200-260 B

@@ -47,11 +47,11 @@ class CompileRow:
     asm: dict = dataclasses.field(default_factory=dict, repr=False)  # IR texts asked for: {"ttir": ...}
 
     def __str__(self):
-        return (f"{self.kernel:<15} {self.config:<24} {self.dtype:<5} {self.shape:<10} {self.regs:>5} "
+        return (f"{self.kernel:<19} {self.config:<14} {self.dtype:<5} {self.shape:<10} {self.regs:>5} "
                 f"{self.spill:>6} {self.smem:>8}")
 
 
-HEADER = f"{'kernel':<15} {'config':<24} {'dtype':<5} {'shape':<10} {'regs':>5} {'spill':>6} {'smem':>8}"
+HEADER = f"{'kernel':<19} {'config':<14} {'dtype':<5} {'shape':<10} {'regs':>5} {'spill':>6} {'smem':>8}"
 
 
 def _nvidia_bin(tool):
@@ -134,6 +134,10 @@ def _interpreted():
 # The kernels and their configs
 
 
+# Grouped-query attention: 1 (multi-head) and 4 query heads per kv head.
+GQA_GROUPS = (1, 4)
+
+
 def _attention_cases(dtype, head_dim):
     from fastlm.kernels import attention
 
@@ -149,13 +153,17 @@ def _attention_cases(dtype, head_dim):
                             ("do", grad)):
         for dim, stride in strides.items():
             args[f"stride_{prefix}{dim}"] = stride
-    common = dict(GROUP=1, HEAD_DIM=D, DOT_PRECISION=attention.dot_precision(dtype, "cuda"))
     for name, (fn, configs) in attention.cuda_kernels(head_dim).items():
-        for config in configs:
-            constexprs = {k: v for k, v in {**common, **config.kwargs}.items() if k in fn.arg_names}
-            blocks = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in config.kwargs)
-            label = f"{blocks} w{config.num_warps} s{config.num_stages}"
-            yield f"attention_{name}", label, f"D={D}", fn, args, constexprs, config.num_warps, config.num_stages
+        # GROUP (query heads per kv head) is a loop bound in dK/dV only; the other kernels use it
+        # for one index division.
+        for group in GQA_GROUPS if name == "bwd_dkdv" else (1,):
+            common = dict(GROUP=group, HEAD_DIM=D, DOT_PRECISION=attention.dot_precision(dtype, "cuda"))
+            shape = f"D={D}" if group == 1 else f"D={D} G={group}"
+            for config in configs:
+                constexprs = {k: v for k, v in {**common, **config.kwargs}.items() if k in fn.arg_names}
+                blocks = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in config.kwargs)
+                label = f"{blocks} w{config.num_warps} s{config.num_stages}"
+                yield f"attention_{name}", label, shape, fn, args, constexprs, config.num_warps, config.num_stages
 
 
 def _cross_entropy_cases(dtype, vocabs):
@@ -208,20 +216,27 @@ def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CR
 
 
 def _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm):
+    """compile_report in subprocesses without TRITON_INTERPRET, one per head size, run side by
+    side (the compiles are independent and each takes a second or two)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastlm.kernels.compile_report", "--json", "--arch", str(arch),
-               "--dtypes", ",".join(_TRITON_DTYPE[d] for d in dtypes),
-               "--head-dims", ",".join(map(str, head_dims)), "--vocabs", ",".join(map(str, vocabs))]
-    if asm:
-        command += ["--asm", ",".join(asm)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
-    return [CompileRow(**row) for row in json.loads(done.stdout.splitlines()[-1])]
+    running = []
+    for i, head_dim in enumerate(head_dims):
+        command = [sys.executable, "-m", "fastlm.kernels.compile_report", "--json", "--arch", str(arch),
+                   "--dtypes", ",".join(_TRITON_DTYPE[d] for d in dtypes), "--head-dims", str(head_dim),
+                   "--vocabs", ",".join(map(str, vocabs if i == 0 else ())), "--asm", ",".join(asm)]
+        running.append((command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                  text=True, env=env)))
+    rows = []
+    for command, process in running:
+        out, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{err[-4000:]}")
+        rows += [CompileRow(**row) for row in json.loads(out.splitlines()[-1])]
+    return rows
 
 
 def _ints(text):
-    return tuple(int(x) for x in text.split(","))
+    return tuple(int(x) for x in text.split(",") if x)
 
 
 def main(argv=None):
