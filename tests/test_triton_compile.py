@@ -2,7 +2,9 @@
 
 fastlm.kernels.compile_report compiles each autotune config of the attention kernels (forward,
 delta, dK/dV, dQ) at D = 64 and 128 (dK/dV also with 4 query heads per kv head), and the
-cross-entropy kernel at the vocabularies it lists, in bf16 (fp16 builds the same tiles; `python -m fastlm.kernels.compile_report` prints both).
+cross-entropy kernel at the vocabularies it lists, in bf16 (fp16 builds the same tiles;
+`python -m fastlm.kernels.compile_report` prints both); about 90 s of CPU in all.
+
 A config that spills registers runs far slower than its tuning neighbours, and one over the
 shared-memory limit fails to launch, so both are errors here. The same compiles give the IR
 that the address-arithmetic and vector-access checks below read. Skipped where Triton or its

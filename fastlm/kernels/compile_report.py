@@ -25,6 +25,8 @@ import tempfile
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 # Largest dynamic shared memory one block may use on sm_90 (H100): 227 KiB.
@@ -55,17 +57,13 @@ HEADER = f"{'kernel':<19} {'config':<14} {'dtype':<5} {'shape':<10} {'regs':>5} 
 
 
 def _nvidia_bin(tool):
+    """Path of a CUDA tool bundled with Triton (triton.knobs exists from Triton 3.4)."""
     try:
         from triton import knobs
         return getattr(knobs.nvidia, tool).path
     except (ImportError, AttributeError):
         import triton.backends.nvidia as nvidia
         return os.path.join(os.path.dirname(nvidia.__file__), "bin", tool)
-
-
-def _target(arch):
-    from triton.backends.compiler import GPUTarget
-    return GPUTarget("cuda", arch, 32)
 
 
 def _signature(fn, args, constexprs):
@@ -92,11 +90,10 @@ def _signature(fn, args, constexprs):
 
 def compile_kernel(fn, args, constexprs, num_warps, num_stages, arch=90):
     """Compile the JIT function `fn` for sm_`arch`; returns (compiled kernel, regs, spill, smem)."""
-    from triton.compiler import ASTSource
-
     signature, attrs = _signature(fn, args, constexprs)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(source, target=_target(arch), options=dict(num_warps=num_warps, num_stages=num_stages))
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -119,7 +116,7 @@ def unavailable_reason(arch=90):
         # function for the interpreter, which cannot be compiled.
         compile_kernel(JITFunction(_probe), {"x_ptr": torch.float32, "n": 7}, {"BLOCK": 16}, 4, 1, arch)
     except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
-        return f"triton cannot compile for sm_{arch} here: {type(e).__name__}: {str(e).strip()[:300]}"
+        return f"triton cannot compile for sm_{arch} here: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
     return None
 
 
