@@ -78,7 +78,7 @@ for phase in "${phases[@]}"; do
     tests)
       run tests "${FASTLM_TESTS_TIMEOUT:-420}" $PYTHON -m pytest -m gpu -x -q -p no:cacheprovider tests
       run tests 300 $PYTHON -m fastlm.bench --parity --device cuda --out-dir "$RESULTS"
-      run tests 300 $PYTHON -c "from fastlm.triton_kernels import compile_report; compile_report.main()"
+      run tests 300 $PYTHON -m fastlm.triton_kernels.compile_report --arch "$arch"
       ;;
     bench)
       run bench "${FASTLM_BENCH_TIMEOUT:-540}" $PYTHON -m fastlm.bench --device cuda --only cross_entropy adamw attention --out-dir "$RESULTS"

@@ -274,3 +274,90 @@ def test_auto_on_cuda_is_triton_under_bf16_autocast():
     assert out.dtype == torch.bfloat16
     ref = attention_reference(q.double(), k.double(), v.double(), 64 ** -0.5)
     assert rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
+# --- grid and offsets (issue 15) -------------------------------------------------------------------
+
+def test_launch_grid_fits_cuda_limits_for_large_batch_times_heads():
+    # Grid axis 1 stops at 65535: B * H = 2**17 heads must not sit there.
+    from fastlm.triton_kernels.attention import MAX_GRID, launch_grid
+
+    for T, block in ((1, 16), (4096, 64), (4097, 128)):
+        grid = launch_grid(T, block, 2**17)
+        assert grid == (-(-T // block) * 2**17,)
+        assert all(n <= limit for n, limit in zip(grid, MAX_GRID)), grid
+    with pytest.raises(ValueError, match=r"exceed the CUDA grid limit"):
+        launch_grid(2**20, 16, 2**15)
+
+
+def test_launchers_build_grids_with_launch_grid(monkeypatch):
+    # Every launch, forward and backward, uses one axis of cdiv(T, block) * heads programs.
+    from fastlm.triton_kernels import attention
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel, self.grids = kernel, []
+
+        def __getitem__(self, grid):
+            self.grids.append(grid)
+            return self.kernel[grid]
+
+    names = ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq")
+    recorders = {name: Recorder(getattr(attention, name)) for name in names}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(attention, name, recorder)
+    B, H, H_kv, T = 2, 4, 2, 37
+    q, k, v = make_inputs(B, H, H_kv, T, 16, torch.float32)
+    causal_attention(q, k, v, backend="triton").sum().backward()
+    blocks = attention.INTERPRET_BLOCKS
+    expected = {"_attn_fwd": attention.launch_grid(T, blocks["fwd"][0], B * H),
+                "_attn_bwd_delta": attention.launch_grid(T, blocks["delta"], B * H),
+                "_attn_bwd_dkdv": attention.launch_grid(T, blocks["dkdv"][1], B * H_kv),
+                "_attn_bwd_dq": attention.launch_grid(T, blocks["dq"][0], B * H)}
+    for name, recorder in recorders.items():
+        assert recorder.grids == [expected[name]], name
+
+
+def test_programs_run_heaviest_causal_blocks_first(monkeypatch):
+    # Program p of a launch_grid grid: block p % n_blocks of head p // n_blocks, reversed where
+    # the causal work grows with the block (forward, dQ), so each head's last block runs first.
+    import triton
+    import triton.language as tl
+
+    from fastlm.triton_kernels.attention import _block_and_head, launch_grid
+
+    # A kernel finds the functions it calls among its module's globals.
+    monkeypatch.setitem(globals(), "_block_and_head", _block_and_head)
+
+    @triton.jit
+    def order(out, T, BLOCK: tl.constexpr, LAST_BLOCK_FIRST: tl.constexpr):
+        block, head = _block_and_head(T, BLOCK, LAST_BLOCK_FIRST)
+        tl.store(out + 2 * tl.program_id(0), block)
+        tl.store(out + 2 * tl.program_id(0) + 1, head)
+
+    T, block, heads = 50, 16, 3  # 4 blocks per head, the last one partial
+    for last_first in (True, False):
+        grid = launch_grid(T, block, heads)
+        out = torch.full((grid[0], 2), -1, dtype=torch.int32)
+        order[grid](out, T, BLOCK=block, LAST_BLOCK_FIRST=last_first)
+        blocks = [3, 2, 1, 0] if last_first else [0, 1, 2, 3]
+        assert out.tolist() == [[b, h] for h in range(heads) for b in blocks], last_first
+
+
+@pytest.mark.gpu
+def test_triton_cuda_row_offsets_past_2_to_the_31():
+    # q, k, v: strided views of one buffer whose row stride puts the last rows past 2**31
+    # elements (like v in the qkv projection at very long T); 32-bit row offsets wrap there.
+    T, D, stride = 80, 64, 2**25 + 3 * 64
+    assert (T - 1) * stride > 2**31
+    buf = torch.randn(T, stride, device="cuda", dtype=torch.bfloat16)
+    views = [buf[:, i * D:(i + 1) * D].as_strided((1, 1, T, D), (T * stride, T * stride, stride, 1)).requires_grad_()
+             for i in range(3)]
+    out = causal_attention(*views, backend="triton")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, views, grad_out)
+    dense = [t.detach().contiguous().double().requires_grad_() for t in views]
+    ref = attention_reference(*dense, D ** -0.5)
+    ref_grads = torch.autograd.grad(ref, dense, grad_out.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert rel_err(got, want) <= TOL[torch.bfloat16], name

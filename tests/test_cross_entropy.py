@@ -488,3 +488,99 @@ def test_ops_compile_without_graph_breaks(backend):
         assert_close(out, fn(*[x.detach() for x in inputs], targets), 1e-5, f"{fn.__name__} compiled loss")
         for leaf, eager in zip(leaves, eager_leaves):
             assert_close(leaf.grad, eager.grad, 1e-5, f"{fn.__name__} compiled grad")
+
+# Kernel hardening (issue 15): -inf tiles, unaligned rows, the device guard
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_starting_with_whole_tiles_of_minus_inf(backend, dtype):
+    # Vocabulary masking with -inf: rows whose first 16384 logits (whole tiles of 2048 under the
+    # interpreter, of 8192 on GPU) are -inf gave NaN, as exp(-inf - -inf) is.
+    skip_unless(backend)
+    vocab = 20000
+    logits = torch.randn(5, vocab) * 3
+    logits[0, :16384] = float("-inf")
+    logits[1, :19990] = float("-inf")        # 10 finite logits, all in the last tile
+    logits[2, 2048:4096] = float("-inf")     # a whole tile in the middle
+    logits[3, 16384:] = float("-inf")        # -inf only after the finite part
+    logits = logits.to(dtype)
+    targets = torch.tensor([16400, 19995, 100, 5, 12345])
+    ref_in = logits.double().requires_grad_()
+    ref = cross_entropy_reference(ref_in, targets, reduction="none", z_loss=1e-4)
+    leaf = logits.clone().requires_grad_()
+    out = cross_entropy(leaf * 1, targets, reduction="none", z_loss=1e-4, backend=backend)
+    assert torch.isfinite(out).all(), out
+    assert_close(out, ref, TOL[dtype], "loss", floor=1.0)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert_close(leaf.grad, ref_in.grad, TOL[dtype], "grad", floor=1.0)
+
+
+def _strided_rows(n, vocab, row_stride, col_offset, dtype, device):
+    """(n, vocab) logits at column `col_offset` of rows `row_stride` apart in a larger buffer."""
+    buffer = torch.randn(n, row_stride, device=device) * 3
+    return buffer.to(dtype)[:, col_offset:col_offset + vocab]
+
+
+# (vocab, row stride, column offset): odd V and stride, so each row starts at a different
+# offset from a 16-byte boundary (head of 0 to VEC - 1 columns); storage padded to a multiple of
+# 8 with an odd V (aligned starts, a foot); V a multiple of 8 at odd starts; V smaller than a
+# vector group; one column.
+ROW_LAYOUTS = [(4099, 4099, 0), (4099, 4104, 0), (4096, 4101, 3), (3, 7, 1), (1, 1, 0)]
+
+
+def check_rows_kernel(vocab, row_stride, col_offset, dtype, grad_mode, device):
+    from fastlm.triton_kernels.cross_entropy import cross_entropy_rows
+
+    n = 11  # more rows than the interpreter's 8 per program
+    logits = _strided_rows(n, vocab, row_stride, col_offset, dtype, device)
+    targets = make_targets(n, vocab, "some", device=device)
+    scale = torch.tensor(0.5, device=device)
+    ref_grad = torch.empty(n, vocab, dtype=torch.float64, device=device)
+    ref_loss, ref_lse = ce_module._ce_rows_torch(logits.double(), targets, ref_grad, -100, 0.1, 1e-4, scale)
+    if grad_mode == "in place":
+        grad = logits
+    elif grad_mode == "other stride":
+        grad = torch.empty(n, vocab + 5, dtype=dtype, device=device)[:, :vocab]
+    else:
+        grad = None
+    loss, lse = cross_entropy_rows(logits, targets, grad, -100, 0.1, 1e-4, scale)
+    tol = TOL[dtype]
+    assert_close(loss, ref_loss, tol, "loss", floor=1.0)
+    assert_close(lse, ref_lse, tol, "lse", floor=1.0)
+    if grad is not None:
+        assert_close(grad, ref_grad, tol, "grad", floor=0.5)
+
+
+@pytest.mark.parametrize("grad_mode", ["in place", "other stride", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=lambda c: "V{}-stride{}-at{}".format(*c))
+def test_triton_rows_at_any_alignment(layout, dtype, grad_mode):
+    # The kernel walks each row as head | aligned body | foot (fastlm/triton_kernels/cross_entropy.py);
+    # every column must be counted once, whatever the row's alignment and the gradient's stride.
+    skip_unless("triton")
+    check_rows_kernel(*layout, dtype, grad_mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_mode", ["in place", "other stride", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ROW_LAYOUTS + [(50257, 50257, 0), (50257, 50304, 0), (50304, 50311, 7)],
+                         ids=lambda c: "V{}-stride{}-at{}".format(*c))
+def test_triton_gpu_rows_at_any_alignment(layout, dtype, grad_mode):
+    skip_unless("triton", "cuda")
+    check_rows_kernel(*layout, dtype, grad_mode, "cuda")
+
+
+@pytest.mark.gpu
+def test_triton_gpu_logits_on_a_device_that_is_not_current():
+    # Triton launches on the current device: logits on cuda:1 with device 0 current need a guard.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    skip_unless("triton", "cuda")
+    with torch.cuda.device(0):
+        logits = torch.randn(257, 1000, device="cuda:1") * 3
+        targets = make_targets(257, 1000, "some", device="cuda:1")
+        check_against_reference("triton", logits, targets, reduction="none", label_smoothing=0.1)

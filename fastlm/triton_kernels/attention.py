@@ -14,18 +14,33 @@ Backward: P is recomputed from lse2, so no T x T matrix is stored.
   2. dK, dV: one program per (key block, batch*kv head). It loops over the GROUP query heads
      sharing that kv head and over the query blocks at or after its diagonal, so the group sum
      happens in registers and dK/dV are written once, without atomics.
+     Not done: when B * H_kv * cdiv(T, BLOCK_N) is below the SM count (few kv heads, short T),
+     this pass leaves SMs idle. Splitting a kv head's query heads across programs would need
+     fp32 atomics (non-deterministic) or per-query-head partial dK/dV, (B, H, T, D) in fp32,
+     summed in a second pass: GROUP times the memory. Worth it only where a GPU measures it.
   3. dQ: one program per (query block, batch*head), looping over key blocks up to the diagonal.
 Separate dK/dV and dQ passes cost one extra Q K^T recompute, but avoid fp32 atomics and their
 non-determinism.
 
+Grid: one axis of cdiv(T, BLOCK) * B * heads programs (launch_grid), so B * H is bounded by
+2**31 - 1 programs in all rather than by the 65535 of grid axis 1. Consecutive programs share a
+head (its K/V stay in L2), and within a head the causal work is launched heaviest first: the
+forward and dQ walk their query blocks from the last (which sees every key) to the first; dK/dV
+key blocks already are heaviest first in natural order. The programs launched last are then
+the cheap ones, which keeps the SMs busy to the end.
+
+Offsets: every row offset (row index x row stride) is computed in int64, like the batch and head
+offsets: v is a strided view of the qkv projection, so T x stride_t passes 2**31 near T = 175K
+at d_model 4096.
+
 Block sizes: autotuned per (D, T bucket, GROUP) on CUDA; fixed and small on CPU tensors, which
 only run under the interpreter (TRITON_INTERPRET=1) and only need to be correct.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from fastlm.triton_kernels._launch import device_guard
 
 LOG2E = 1.4426950408889634
 
@@ -34,8 +49,21 @@ LOG2E = 1.4426950408889634
 INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16), "delta": 32}
 
 
+# CUDA grid limits: axis 0 up to 2**31 - 1, axes 1 and 2 up to 65535.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
 def _t_bucket(T):
     return max(16, triton.next_power_of_2(T))
+
+
+def launch_grid(T, block, heads):
+    """Grid of a kernel that runs one program per (block of `block` rows of T, head of `heads`)."""
+    programs = triton.cdiv(T, block) * heads
+    if programs > MAX_GRID[0]:
+        raise ValueError(f"attention: {programs} programs (T={T}, block {block}, {heads} batch x heads) "
+                         f"exceed the CUDA grid limit {MAX_GRID[0]}")
+    return (programs,)
 
 
 @triton.jit
@@ -48,6 +76,30 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _block_and_head(T, BLOCK: tl.constexpr, LAST_BLOCK_FIRST: tl.constexpr):
+    """(block index along T, batch*head index) of this program in a launch_grid grid."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(T, BLOCK)
+    block = pid % n_blocks
+    if LAST_BLOCK_FIRST:
+        # Causal work grows with the block index here: launch the last block first.
+        block = n_blocks - 1 - block
+    return block, pid // n_blocks
+
+
+@triton.jit
+def _tile_ptrs(base, rows, stride, offs_d, TRANSPOSED: tl.constexpr):
+    """Pointers to rows x offs_d (or its transpose) of a (T, HEAD_DIM) matrix with row stride
+    `stride` at `base`; the row offsets are int64 (see the module doc)."""
+    rows = rows.to(tl.int64)
+    if TRANSPOSED:
+        ptrs = base + rows[None, :] * stride + offs_d[:, None]
+    else:
+        ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    return ptrs
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 
@@ -57,12 +109,14 @@ def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start
                    offs_n, offs_d, T, qk_scale, CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     cols = start_n + offs_n
+    k_ptrs = _tile_ptrs(k_base, cols, stride_kt, offs_d, True)
+    v_ptrs = _tile_ptrs(v_base, cols, stride_vt, offs_d, False)
     if BOUNDS_MASK:
-        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+        k_t = tl.load(k_ptrs, mask=cols[None, :] < T, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
     else:
-        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+        k_t = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     s = _dot(q, k_t, None, DOT_PRECISION) * qk_scale
     if CAUSAL_MASK:
         s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
@@ -84,8 +138,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, T, T_BUCKET, qk_scale,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(T, BLOCK_M, True)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     h_kv = h // GROUP
@@ -99,7 +152,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(_tile_ptrs(q_base, offs_m, stride_qt, offs_d, False), mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -114,7 +167,7 @@ def _attn_fwd(Q, K, V, O, LSE,
                                        offs_m, offs_n, offs_d, T, qk_scale, True, True, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+    tl.store(_tile_ptrs(o_base, offs_m, stride_ot, offs_d, False), acc.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -126,28 +179,31 @@ def _attn_fwd(Q, K, V, O, LSE,
 @triton.jit
 def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
                     H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(T, BLOCK_M, False)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask = offs_m[:, None] < T
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+    o = tl.load(_tile_ptrs(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, offs_d, False),
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+    do = tl.load(_tile_ptrs(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, False),
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
 @triton.jit
-def _dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                      start_m, offs_n, offs_d, T, qk_scale, CAUSAL_MASK: tl.constexpr,
-                      BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_query_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, H, stride_qb, stride_qh, stride_qt,
+                      stride_dob, stride_doh, stride_dot, start_m, offs_n, offs_d, T, qk_scale,
+                      CAUSAL_MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + (b * H + h) * T
+    delta_base = DELTA + (b * H + h) * T
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < T
-    q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_t = tl.load(_tile_ptrs(q_base, offs_m, stride_qt, offs_d, True), mask=row_ok[None, :], other=0.0)
+    do = tl.load(_tile_ptrs(do_base, offs_m, stride_dot, offs_d, False), mask=row_ok[:, None], other=0.0)
     # lse2 = +inf past T makes those columns of P exactly 0 (q is 0 there, so s is finite).
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -171,37 +227,39 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    H, H_KV, T, T_BUCKET, scale, qk_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    # Key block n meets the T - n * BLOCK_N queries after it: natural order is heaviest first.
+    pid_n, pid_bkv = _block_and_head(T, BLOCK_N, False)
     b = (pid_bkv // H_KV).to(tl.int64)
     h_kv = (pid_bkv % H_KV).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < T
-    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+    k = tl.load(_tile_ptrs(K + b * stride_kb + h_kv * stride_kh, offs_n, stride_kt, offs_d, False),
                 mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+    v = tl.load(_tile_ptrs(V + b * stride_vb + h_kv * stride_vh, offs_n, stride_vt, offs_d, False),
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    diag_end = tl.minimum(start_n + BLOCK_N, T)
-    for g in range(GROUP):
-        h = h_kv * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        row_base = (b * H + h) * T
-        for start_m in range(start_n, diag_end, BLOCK_M):
-            dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                       stride_qt, stride_dot, start_m, offs_n, offs_d, T, qk_scale,
-                                       True, BLOCK_M, DOT_PRECISION)
-        for start_m in range(start_n + BLOCK_N, T, BLOCK_M):
-            dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                       stride_qt, stride_dot, start_m, offs_n, offs_d, T, qk_scale,
-                                       False, BLOCK_M, DOT_PRECISION)
+    # Query blocks on the diagonal (causal mask) then after it, for each of the GROUP query heads
+    # of this kv head. Each head x block pair is one step of a single loop: a nested loop over
+    # the heads spilled registers at D=128 on sm_90 (the pipeliner and register allocator do
+    # best on one loop level, as with GROUP = 1).
+    n_diag = tl.cdiv(tl.minimum(start_n + BLOCK_N, T) - start_n, BLOCK_M)
+    for step in range(0, GROUP * n_diag):
+        start_m = start_n + (step % n_diag) * BLOCK_M
+        dk, dv = _dkdv_query_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h_kv * GROUP + step // n_diag, H,
+                                   stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,
+                                   start_m, offs_n, offs_d, T, qk_scale, True, BLOCK_M, DOT_PRECISION)
+    n_after = tl.cdiv(tl.maximum(T - start_n - BLOCK_N, 0), BLOCK_M)
+    for step in range(0, GROUP * n_after):
+        start_m = start_n + BLOCK_N + (step % n_after) * BLOCK_M
+        dk, dv = _dkdv_query_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h_kv * GROUP + step // n_after, H,
+                                   stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,
+                                   start_m, offs_n, offs_d, T, qk_scale, False, BLOCK_M, DOT_PRECISION)
     # Scores were scaled by `scale` in the forward, so dK picks it up once here.
     dk = dk * scale
-    out = b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    out = _tile_ptrs(b * stride_dkb + h_kv * stride_dkh, offs_n, stride_dkt, offs_d, False)
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -210,12 +268,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 def _dq_key_block(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_n,
                   offs_d, T, qk_scale, CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     cols = start_n + offs_n
+    k_ptrs = _tile_ptrs(k_base, cols, stride_kt, offs_d, True)
+    v_ptrs = _tile_ptrs(v_base, cols, stride_vt, offs_d, True)
     if CAUSAL_MASK:
-        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+        k_t = tl.load(k_ptrs, mask=cols[None, :] < T, other=0.0)
+        v_t = tl.load(v_ptrs, mask=cols[None, :] < T, other=0.0)
     else:
-        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
-        v_t = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None])
+        k_t = tl.load(k_ptrs)
+        v_t = tl.load(v_ptrs)
     s = _dot(q, k_t, None, DOT_PRECISION) * qk_scale
     if CAUSAL_MASK:
         s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
@@ -234,8 +294,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  H, T, T_BUCKET, scale, qk_scale,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(T, BLOCK_M, True)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     h_kv = h // GROUP
@@ -246,9 +305,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(_tile_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, False),
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+    do = tl.load(_tile_ptrs(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, False),
                  mask=row_ok[:, None], other=0.0)
     row_base = pid_bh.to(tl.int64) * T
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
@@ -262,32 +321,77 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         dq = _dq_key_block(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m,
                            offs_n, offs_d, T, qk_scale, True, DOT_PRECISION)
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+    tl.store(_tile_ptrs(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqt, offs_d, False),
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
 # autotuned variants (CUDA only). Forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs
-# BLOCK_N % BLOCK_M == 0, so the diagonal is covered by whole sub-blocks. Configs that do not
-# fit in shared memory are dropped by the autotuner itself.
+# BLOCK_N % BLOCK_M == 0, so the diagonal is covered by whole sub-blocks.
+#
+# Each config row is (BLOCK_M, BLOCK_N, num_warps, num_stages, largest HEAD_DIM it is tried at).
+# The lists are checked by compiling them for sm_90 (python -m fastlm.triton_kernels.compile_report,
+# tests/test_triton_compile.py): a config that spills registers or sits at the shared-memory
+# limit at some head size is not tried there, so tuning time goes to configs that can win.
 
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "GROUP"]
 
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _configs(rows):
+    return [(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s), max_head_dim)
+            for m, n, w, s, max_head_dim in rows]
 
 
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 128, 8, 3),
-                         (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 4), (64, 64, 4, 2)])
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                          (32, 128, 4, 2), (16, 64, 4, 4)])
-_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3),
-                        (128, 32, 4, 2), (64, 16, 4, 4)])
+# Comments give what the ahead-of-time compile for sm_90 found at the head sizes a config is not
+# tried at (bf16/fp16, GROUP 1 and 4, with the ptxas of Triton 3.6 (12.8) and 3.9 (13.x)).
+_FWD_CONFIGS = _configs([
+    (128, 64, 4, 3, 64),    # D=128: spills 150-180 B
+    (128, 64, 4, 4, 64),    # D=128: spills 120-160 B
+    (128, 32, 4, 3, 64),    # D=128: 255 registers, spills with ptxas 13
+    (128, 128, 8, 3, 64),   # D=128: 224 KiB of shared memory, at the 227 KiB limit
+    (128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (128, 32, 8, 3, 128),
+    (64, 64, 4, 3, 128), (64, 64, 4, 2, 128), (64, 32, 4, 4, 128),
+])
+_DKDV_CONFIGS = _configs([
+    (64, 128, 8, 3, 64),    # D=128: 248-254 registers, spills 40-50 B with ptxas 13
+    (64, 64, 4, 3, 64),     # D=128: spills 100-130 B
+    (32, 128, 8, 3, 128), (16, 128, 8, 3, 128), (32, 64, 8, 3, 128), (32, 64, 4, 3, 128),
+    (16, 64, 4, 4, 128),
+    # Dropped: (32, 128, 4, 2) spills at D=128 (830-960 B) and, with ptxas 13, at D=64 (40 B).
+])
+_DQ_CONFIGS = _configs([
+    (128, 32, 4, 2, 64),    # D=128: spills 200-260 B
+    (128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128),
+    (64, 16, 4, 4, 128),
+])
+# The delta kernel is not tuned: one config, used by the launcher and by compile_report.
+_DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)
 
-_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+
+def _configs_for(table, head_dim):
+    return [config for config, max_head_dim in table if head_dim <= max_head_dim]
+
+
+def _autotune(kernel, table):
+    def prune(configs, named_args, **kwargs):
+        return _configs_for(table, kwargs["HEAD_DIM"])
+
+    return triton.autotune([config for config, _ in table], key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_attn_fwd_tuned = _autotune(_attn_fwd, _FWD_CONFIGS)
+_attn_bwd_dkdv_tuned = _autotune(_attn_bwd_dkdv, _DKDV_CONFIGS)
+_attn_bwd_dq_tuned = _autotune(_attn_bwd_dq, _DQ_CONFIGS)
+
+
+def cuda_kernels(head_dim):
+    """{name: (kernel, configs)}: every attention kernel launched on CUDA with the configs it may
+    run with at this head size (for fastlm.triton_kernels.compile_report)."""
+    return {"fwd": (_attn_fwd, _configs_for(_FWD_CONFIGS, head_dim)),
+            "bwd_delta": (_attn_bwd_delta, [_DELTA_CONFIG]),
+            "bwd_dkdv": (_attn_bwd_dkdv, _configs_for(_DKDV_CONFIGS, head_dim)),
+            "bwd_dq": (_attn_bwd_dq, _configs_for(_DQ_CONFIGS, head_dim))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +402,12 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _dot_precision(t):
+def dot_precision(dtype, device_type):
+    """DOT_PRECISION for tensors of `dtype` on `device_type` ("cuda", or "cpu" = interpreter)."""
     # fp32 inputs get true fp32 products: tf32 would miss the fp32 tolerance by orders of magnitude.
-    if t.dtype == torch.float32:
+    if dtype == torch.float32:
         return "ieee"
-    return "upcast" if t.device.type != "cuda" and t.dtype == torch.bfloat16 else "tf32"
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return "upcast" if device_type != "cuda" and dtype == torch.bfloat16 else "tf32"
 
 
 def attention_forward(q, k, v, scale):
@@ -318,14 +419,13 @@ def attention_forward(q, k, v, scale):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, T, _t_bucket(T), scale * LOG2E)
-    common = dict(GROUP=group, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q))
-    with _device_guard(q):
+    common = dict(GROUP=group, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype, q.device.type))
+    with device_guard(q):
         if q.device.type == "cuda":
-            grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-            _attn_fwd_tuned[grid](*args, **common)
+            _attn_fwd_tuned[lambda meta: launch_grid(T, meta["BLOCK_M"], B * H)](*args, **common)
         else:
             block_m, block_n = INTERPRET_BLOCKS["fwd"]
-            _attn_fwd[(triton.cdiv(T, block_m), B * H)](*args, **common, BLOCK_M=block_m, BLOCK_N=block_n)
+            _attn_fwd[launch_grid(T, block_m, B * H)](*args, **common, BLOCK_M=block_m, BLOCK_N=block_n)
     return o, lse
 
 
@@ -340,26 +440,32 @@ def attention_backward(do, q, k, v, o, lse, scale):
     dk = torch.empty((B, H_kv, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H_kv, T, D), dtype=v.dtype, device=v.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    common = dict(GROUP=group, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q))
+    common = dict(GROUP=group, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype, q.device.type))
     t_bucket = _t_bucket(T)
     qk_scale = scale * LOG2E
     on_cuda = q.device.type == "cuda"
-    with _device_guard(q):
-        delta_block = 64 if on_cuda else INTERPRET_BLOCKS["delta"]
-        _attn_bwd_delta[(triton.cdiv(T, delta_block), B * H)](
-            o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=delta_block)
+    with device_guard(q):
+        delta_args = (o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T)
+        if on_cuda:
+            block_m = _DELTA_CONFIG.kwargs["BLOCK_M"]
+            _attn_bwd_delta[launch_grid(T, block_m, B * H)](*delta_args, HEAD_DIM=D, BLOCK_M=block_m,
+                                                             num_warps=_DELTA_CONFIG.num_warps,
+                                                             num_stages=_DELTA_CONFIG.num_stages)
+        else:
+            block_m = INTERPRET_BLOCKS["delta"]
+            _attn_bwd_delta[launch_grid(T, block_m, B * H)](*delta_args, HEAD_DIM=D, BLOCK_M=block_m)
 
         dkdv_args = (q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], H, H_kv, T, t_bucket,
                      scale, qk_scale)
         dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3], H, T, t_bucket, scale, qk_scale)
         if on_cuda:
-            _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)](*dkdv_args, **common)
-            _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*dq_args, **common)
+            _attn_bwd_dkdv_tuned[lambda meta: launch_grid(T, meta["BLOCK_N"], B * H_kv)](*dkdv_args, **common)
+            _attn_bwd_dq_tuned[lambda meta: launch_grid(T, meta["BLOCK_M"], B * H)](*dq_args, **common)
         else:
             block_m, block_n = INTERPRET_BLOCKS["dkdv"]
-            _attn_bwd_dkdv[(triton.cdiv(T, block_n), B * H_kv)](*dkdv_args, **common, BLOCK_M=block_m,
-                                                                  BLOCK_N=block_n)
+            _attn_bwd_dkdv[launch_grid(T, block_n, B * H_kv)](*dkdv_args, **common, BLOCK_M=block_m,
+                                                               BLOCK_N=block_n)
             block_m, block_n = INTERPRET_BLOCKS["dq"]
-            _attn_bwd_dq[(triton.cdiv(T, block_m), B * H)](*dq_args, **common, BLOCK_M=block_m, BLOCK_N=block_n)
+            _attn_bwd_dq[launch_grid(T, block_m, B * H)](*dq_args, **common, BLOCK_M=block_m, BLOCK_N=block_n)
     return dq, dk, dv
 

@@ -6,6 +6,17 @@ the log-sum-exp; the second, only when a gradient is wanted, writes d loss / d l
 `grad`, which may be the logits buffer itself (each tile is read before it is overwritten, by
 the same program). Row offsets are int64, so N * V may exceed 2**31.
 
+Alignment: Triton vectorises a load or store (16 bytes per access instead of one element) only
+where it can prove that the addresses are 16-byte aligned and that the mask is uniform over each
+group of VEC = 16 / element size columns. A row of V = 50257 logits starts at an unaligned
+element and ends mid-group, so a walk over `col < V` tiles from the row start would be all
+scalar accesses. Each walk therefore splits a row into a head (the < VEC columns before the
+row's first aligned element), a body of whole VEC-groups from there (vector accesses; its tile
+mask is `col < n_body`, a multiple of VEC) and a foot (the last < VEC columns). When every row
+starts aligned and V is a multiple of VEC (ALIGNED_ROWS, e.g. a vocabulary padded to 64) there
+is no head or foot. Vector access also needs the base pointers 16-byte aligned, which Triton's
+launcher checks and specialises on.
+
 No autotuning: when `grad` aliases the logits, trial runs would destroy their own input. Tile
 sizes come from a heuristic on V instead.
 """
@@ -15,38 +26,83 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.triton_kernels._launch import device_guard
+
+
+@triton.jit
+def _lse_tile(ptrs, mask, running_max, running_sum, sum_x, HAS_SMOOTHING: tl.constexpr):
+    """Fold one tile of logits (masked entries read as -inf) into the online softmax."""
+    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    new_max = tl.maximum(running_max, tl.max(x, axis=1))
+    # A row whose tiles so far are all -inf (vocabulary masking, or rows past n_rows) has
+    # new_max = -inf, and exp(-inf - -inf) is NaN: shift such rows by 0, which adds exp(-inf) = 0.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    if HAS_SMOOTHING:
+        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
+    return new_max, running_sum, sum_x
+
+
+@triton.jit
+def _grad_tile(ptrs, grad_ptrs, cols, mask, lse, prob_coef, shift, target_coef, targets):
+    """Write the gradient of one tile of logits (columns `cols`)."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.exp(x - lse[:, None]) * prob_coef[:, None] - shift[:, None]
+    grad -= tl.where(cols == targets[:, None], target_coef[:, None], 0.0)
+    tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride, loss_ptr,
                           lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
                           HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                          GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
     targets = tl.load(targets_ptr + rows64, mask=row_mask, other=ignore_index)
     valid = (targets != ignore_index) & row_mask
-    row_ptrs = logits_ptr + rows64 * logits_stride
+    row_starts = rows64 * logits_stride
+    grad_starts = row_starts if GRAD_SAME_STRIDE else rows64 * grad_stride
+
+    # A row is walked as head | body | foot (module doc). The body's offsets are multiples of VEC
+    # by construction and its mask `col < n_body` is uniform over each VEC-group; telling Triton
+    # so (multiple_of) lets it use vector accesses. Head and foot columns are taken one at a time
+    # as [BLOCK_N, 1] tiles, which keeps them off the body's layout and registers.
+    if ALIGNED_ROWS:
+        head = tl.zeros([BLOCK_N], tl.int32)
+        body_starts = tl.multiple_of(row_starts, VEC)
+    else:
+        head = tl.minimum((VEC - row_starts % VEC) % VEC, n_cols).to(tl.int32)
+        body_starts = tl.multiple_of(row_starts + head, VEC)
+    n_body = tl.multiple_of((n_cols - head) // VEC * VEC, VEC)
+    body_cols = tl.max_contiguous(tl.arange(0, BLOCK_V), BLOCK_V)[None, :]
+    foot_start = head + n_body
 
     running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_N], tl.float32)
     sum_x = tl.zeros([BLOCK_N], tl.float32)
+    if not ALIGNED_ROWS:
+        for i in range(0, VEC):
+            head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
+            foot_col = foot_start[:, None] + i
+            running_max, running_sum, sum_x = _lse_tile(
+                logits_ptr + row_starts[:, None] + head_col, row_mask[:, None] & (head_col < head[:, None]),
+                running_max, running_sum, sum_x, HAS_SMOOTHING)
+            running_max, running_sum, sum_x = _lse_tile(
+                logits_ptr + row_starts[:, None] + foot_col, row_mask[:, None] & (foot_col < n_cols),
+                running_max, running_sum, sum_x, HAS_SMOOTHING)
     for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        # Rows past n_rows are all -inf; keep their arithmetic finite (they are never stored).
-        new_max = tl.where(row_mask, new_max, 0.0)
-        running_sum = running_sum * tl.exp(running_max - new_max) + \
-            tl.sum(tl.exp(x - new_max[:, None]), axis=1)
-        running_max = new_max
-        if HAS_SMOOTHING:
-            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
-    lse = running_max + tl.log(tl.where(row_mask, running_sum, 1.0))
+        running_max, running_sum, sum_x = _lse_tile(
+            logits_ptr + body_starts[:, None] + start + body_cols,
+            row_mask[:, None] & (start + body_cols < n_body[:, None]), running_max, running_sum, sum_x,
+            HAS_SMOOTHING)
+    # Rows past n_rows get lse 0 (never stored) so that the gradient walk stays finite.
+    lse = tl.where(row_mask, running_max + tl.log(tl.where(row_mask, running_sum, 1.0)), 0.0)
 
     safe_targets = tl.where(valid, targets, 0)
-    target_logit = tl.load(logits_ptr + rows64 * logits_stride + safe_targets, mask=valid, other=0.0).to(tl.float32)
+    target_logit = tl.load(logits_ptr + row_starts + safe_targets, mask=valid, other=0.0).to(tl.float32)
     loss = lse - (1.0 - label_smoothing) * target_logit + z_loss * lse * lse
     if HAS_SMOOTHING:
         loss -= label_smoothing * (sum_x / n_cols)
@@ -58,15 +114,21 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
         prob_coef = tl.where(valid, scale * (1.0 + 2.0 * z_loss * lse), 0.0)
         shift = tl.where(valid, scale * label_smoothing / n_cols, 0.0)
         target_coef = tl.where(valid, scale * (1.0 - label_smoothing), 0.0)
-        grad_ptrs = grad_ptr + rows64 * grad_stride
+        coefs = (lse, prob_coef, shift, target_coef, safe_targets)
+        if not ALIGNED_ROWS:
+            for i in range(0, VEC):
+                head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
+                foot_col = foot_start[:, None] + i
+                _grad_tile(logits_ptr + row_starts[:, None] + head_col, grad_ptr + grad_starts[:, None] + head_col,
+                           head_col, row_mask[:, None] & (head_col < head[:, None]), *coefs)
+                _grad_tile(logits_ptr + row_starts[:, None] + foot_col, grad_ptr + grad_starts[:, None] + foot_col,
+                           foot_col, row_mask[:, None] & (foot_col < n_cols), *coefs)
+        # With the logits' row stride the gradient shares their aligned body offsets.
+        grad_body_starts = body_starts if GRAD_SAME_STRIDE else grad_starts + head
         for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            probs = tl.exp(x - lse[:, None])
-            grad = probs * prob_coef[:, None] - shift[:, None]
-            grad -= tl.where(cols[None, :] == safe_targets[:, None], target_coef[:, None], 0.0)
-            tl.store(grad_ptrs[:, None] + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            _grad_tile(logits_ptr + body_starts[:, None] + start + body_cols,
+                       grad_ptr + grad_body_starts[:, None] + start + body_cols, head[:, None] + start + body_cols,
+                       row_mask[:, None] & (start + body_cols < n_body[:, None]), *coefs)
 
 
 def _tile_sizes(n_cols, interpreted):
@@ -97,9 +159,14 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     block_n, block_v, num_warps = _tile_sizes(n_cols, interpreted)
     grid = (triton.cdiv(n_rows, block_n),)
-    _cross_entropy_kernel[grid](
-        logits, logits.stride(0), targets, logits if grad is None else grad,
-        0 if grad is None else grad.stride(0), loss, lse, scale, n_rows, n_cols, ignore_index,
-        label_smoothing, z_loss, HAS_GRAD=grad is not None, HAS_SMOOTHING=label_smoothing != 0.0,
-        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
+    stride = logits.stride(0)
+    grad_stride = stride if grad is None else grad.stride(0)
+    vec = 16 // logits.element_size()
+    with device_guard(logits):
+        _cross_entropy_kernel[grid](
+            logits, stride, targets, logits if grad is None else grad, grad_stride, loss, lse, scale, n_rows,
+            n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD=grad is not None,
+            HAS_SMOOTHING=label_smoothing != 0.0, GRAD_SAME_STRIDE=grad_stride == stride,
+            ALIGNED_ROWS=stride % vec == 0 and n_cols % vec == 0, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
+            num_warps=num_warps)
     return loss, lse

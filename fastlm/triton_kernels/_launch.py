@@ -1,0 +1,10 @@
+"""Launch helpers shared by the Triton kernels of fastlm/triton_kernels/."""
+import contextlib
+
+import torch
+
+
+def device_guard(t):
+    """Make t's CUDA device current while a kernel is launched: Triton launches on the current
+    device, which need not be the one holding the tensors (logits on cuda:1, current device 0)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

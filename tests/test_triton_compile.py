@@ -1,0 +1,72 @@
+"""Every config of every Triton kernel, compiled ahead of time for sm_90 (H100) without a GPU.
+
+fastlm.triton_kernels.compile_report compiles each autotune config of the attention kernels (forward,
+delta, dK/dV, dQ) at D = 64 and 128 (dK/dV also with 4 query heads per kv head), and the
+cross-entropy kernel at the vocabularies it lists, in bf16 (fp16 builds the same tiles;
+`python -m fastlm.triton_kernels.compile_report` prints both); about 90 s of CPU in all.
+
+A config that spills registers runs far slower than its tuning neighbours, and one over the
+shared-memory limit fails to launch, so both are errors here. The same compiles give the IR
+that the address-arithmetic and vector-access checks below read. Skipped where Triton or its
+bundled ptxas cannot compile for CUDA.
+"""
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from fastlm.triton_kernels import compile_report as cr  # noqa: E402
+
+ARCH = 90
+HEAD_DIMS = (64, 128)
+
+
+@pytest.fixture(scope="module")
+def report():
+    reason = cr.unavailable_reason(ARCH)
+    if reason is not None:
+        pytest.skip(reason)
+    return cr.compile_report(dtypes=(torch.bfloat16,), head_dims=HEAD_DIMS, arch=ARCH, asm=("ttir", "ptx"))
+
+
+def test_every_config_compiles_without_spills_within_shared_memory(report):
+    from fastlm.triton_kernels import attention
+
+    # Every kernel and every kept config is in the report, once.
+    for head_dim in HEAD_DIMS:
+        for name, (_, configs) in attention.cuda_kernels(head_dim).items():
+            groups = cr.GQA_GROUPS if name == "bwd_dkdv" else (1,)
+            rows = [r for r in report if r.kernel == f"attention_{name}" and r.shape.startswith(f"D={head_dim}")]
+            assert len(rows) == len(configs) * len(groups) > 0, (name, head_dim)
+    assert len([r for r in report if r.kernel == "cross_entropy"]) == len(cr.CROSS_ENTROPY_VOCABS)
+
+    limit = cr.SMEM_LIMIT[ARCH]
+    bad = [r for r in report if r.spill > 0 or r.smem > limit]
+    assert not bad, (f"configs that spill or pass the {limit} B shared-memory limit on sm_{ARCH}:\n{cr.HEADER}\n"
+                     + "\n".join(map(str, bad)))
+
+
+def test_attention_row_offsets_are_64_bit(report):
+    # v is a strided view of the qkv projection: row * stride_t passes 2**31 near T = 175K at
+    # d_model 4096. Row indices are the only integer tensors the kernels multiply, so any
+    # 32-bit integer tensor multiplication is a row offset computed in int32.
+    int32_tensor_mul = re.compile(r"arith\.muli .*: tensor<[0-9x]+xi32>")
+    for row in report:
+        if row.kernel.startswith("attention"):
+            lines = [line.strip() for line in row.asm["ttir"].splitlines() if int32_tensor_mul.search(line)]
+            assert not lines, f"{row.kernel} {row.config} {row.shape}: 32-bit offset products:\n" + "\n".join(lines)
+            assert re.search(r"arith\.muli .*: tensor<[0-9x]+xi64>", row.asm["ttir"]), row.kernel
+
+
+def test_cross_entropy_unpadded_vocab_uses_vector_access(report):
+    # V = 50257: rows start at unaligned elements and end mid-group. The body of each row must
+    # still be read and written 16 bytes at a time (ld/st.global.v4), and the padded V = 50304
+    # must be all vector access in its tile loops (one scalar load: the target logit).
+    rows = {r.shape: r for r in report if r.kernel == "cross_entropy"}
+    for shape in ("V=50257", "V=50304"):
+        ptx = rows[shape].asm["ptx"]
+        assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"{shape}: no vector loads"
+        assert re.search(r"st\.global(\.\w+)*\.v4", ptx), f"{shape}: no vector stores"
+    scalar_half_loads = re.findall(r"ld\.global(?:\.\w+)*\.b16\b", rows["V=50304"].asm["ptx"])
+    assert len(scalar_half_loads) <= 1, f"V=50304: {len(scalar_half_loads)} scalar 2-byte loads"
