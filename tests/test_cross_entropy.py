@@ -584,3 +584,17 @@ def test_triton_gpu_logits_on_a_device_that_is_not_current():
         logits = torch.randn(257, 1000, device="cuda:1") * 3
         targets = make_targets(257, 1000, "some", device="cuda:1")
         check_against_reference("triton", logits, targets, reduction="none", label_smoothing=0.1)
+
+
+def test_triton_out_of_range_target_gives_nan_not_a_wild_read():
+    """On CUDA the op leaves the target range to the data path; the kernel itself must then
+    neither read out of bounds nor return a plausible loss for a bad target."""
+    skip_unless("triton")
+    from fastlm.triton_kernels.cross_entropy import cross_entropy_rows
+
+    logits = torch.randn(4, 37)
+    targets = torch.tensor([3, 37, -5, -100])
+    loss, _ = cross_entropy_rows(logits, targets, None, -100, 0.0, 0.0, torch.ones(()))
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert loss[3] == 0.0
+    assert_close(loss[0], cross_entropy_reference(logits[:1], targets[:1]), 1e-5, "valid row")

@@ -101,11 +101,15 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
     # Rows past n_rows get lse 0 (never stored) so that the gradient walk stays finite.
     lse = tl.where(row_mask, running_max + tl.log(tl.where(row_mask, running_sum, 1.0)), 0.0)
 
-    safe_targets = tl.where(valid, targets, 0)
-    target_logit = tl.load(logits_ptr + row_starts + safe_targets, mask=valid, other=0.0).to(tl.float32)
+    # The op does not check the target range on CUDA (a device sync per call): a target outside
+    # [0, V) reads nothing out of bounds and gives a NaN loss, which the trainer's check reports.
+    in_range = (targets >= 0) & (targets < n_cols)
+    safe_targets = tl.where(valid & in_range, targets, 0)
+    target_logit = tl.load(logits_ptr + row_starts + safe_targets, mask=valid & in_range, other=0.0).to(tl.float32)
     loss = lse - (1.0 - label_smoothing) * target_logit + z_loss * lse * lse
     if HAS_SMOOTHING:
         loss -= label_smoothing * (sum_x / n_cols)
+    loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_ptr + rows64, tl.where(valid, loss, 0.0), mask=row_mask)
     tl.store(lse_ptr + rows64, lse, mask=row_mask)
 
