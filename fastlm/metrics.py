@@ -29,12 +29,16 @@ def peak_flops(device):
 
 
 def read_metrics(path):
-    records = []
+    """The records of a metrics.jsonl. A last line without its newline that does not parse is
+    what a killed writer left half-written: it is dropped (a resumed run rewrites the file)."""
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
+        *lines, tail = f.read().split("\n")
+    records = [json.loads(line) for line in lines if line.strip()]
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except ValueError:
+            pass
     return records
 
 

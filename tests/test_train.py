@@ -136,7 +136,8 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypatch, ca
         train_mod.main(tiny_args(out, "--resume", "--ckpt_interval", "1", steps=10))
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "loss became nan at step 3" in err[0]
+    # Steps are numbered as in metrics.jsonl: the 4th step, the first after the checkpoint of step 3.
+    assert len(err) == 1 and "loss became nan at step 4" in err[0] and "step 3, is kept" in err[0]
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -238,6 +239,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", "--d_model", "64", steps=4)),
                     "incompatible", "d_model")
     after = {p.name: p.read_bytes() for p in out.iterdir()}
+    before.pop(".lock"), after.pop(".lock")  # each run writes its pid into the lock file
     assert before == after
 
 
