@@ -6,8 +6,8 @@ of them, and `ckpt.pt`, a hard link to the newest (a copy where the filesystem h
 links): `python -m fastlm.sample --ckpt out/ckpt.pt` and older tools keep working. Each file is
 written to a temporary name, fsync'ed and renamed, so at every moment, kill -9 and a full disk
 included, the directory holds whole checkpoints only. Loading a directory takes the newest
-checkpoint that loads; a corrupt one (truncated, bytes flipped) is skipped with one line saying
-so. A checkpoint is loaded with weights_only=True and holds the three configs, the model,
+checkpoint that loads and passes its CRC checks; a corrupt one (truncated, bytes flipped) is
+skipped with one line saying so. A checkpoint is loaded with weights_only=True and holds the three configs, the model,
 optimizer and grad-scaler states, the step, every rank's RNG and data-sampler state, the
 tokenizer, the data's fingerprint, and the loop's running totals (train-loss window, skipped steps).
 """
@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 
 import torch
 
@@ -194,6 +195,12 @@ def load_checkpoint(path, warn=_warn):
 
 def _load_file(path):
     try:
+        # torch.load does not check the CRC32 that torch.save records for every entry of its zip
+        # archive, so flipped bytes in a tensor would load silently: check them first.
+        with zipfile.ZipFile(path) as archive:
+            bad_entry = archive.testzip()
+        if bad_entry is not None:
+            raise ValueError(f"CRC mismatch in {bad_entry}")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         first_line = str(exc).splitlines()[0][:120] if str(exc) else ""

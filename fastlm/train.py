@@ -428,12 +428,13 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     break
+            bar.close()
+            if self._saved_step != self.step:
+                self.save_checkpoint()  # a second signal during this write leaves the previous checkpoint
         finally:
             bar.close()
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
-        if self._saved_step != self.step:
-            self.save_checkpoint()
         if self._stop_signal is None:
             self._finish(started)
         elif self.world.is_main:
