@@ -26,7 +26,7 @@ from fastlm.config import ConfigError, fail, parse_args
 from fastlm.data import BatchSampler, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
 from fastlm.files import DirectoryLock, atomic_write_text, remove_stale_temporaries
-from fastlm.metrics import TABLE_HEADER, MetricsLog, eval_record, peak_flops, table_row
+from fastlm.metrics import TABLE_HEADER, MetricsLog, Throughput, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
 from fastlm.sample import sample_text
@@ -110,6 +110,7 @@ class Trainer:
                                betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8,
                                max_grad_norm=train_cfg.grad_clip or None, backend=run.kernels.optim_backend)
         self.backends = {**self.model.backends, "adamw": self.optimizer._backend_for(self.device)}
+        self.peak_flops = peak_flops(self.device)  # the denominator of MFU, None if unknown
         self.scaler = torch.amp.GradScaler("cuda") if train_cfg.dtype == "float16" else None
         self.autocast = (torch.autocast(self.device.type, dtype=compute_dtype)
                          if train_cfg.dtype != "float32" else contextlib.nullcontext())
@@ -376,7 +377,6 @@ class Trainer:
         """
         cfg = self.train_cfg
         tokens_per_step = cfg.batch_size * self.model_cfg.block_size * cfg.grad_accum_steps * self.world.size
-        flops_per_token, peak = self.raw_model.flops_per_token(), peak_flops(self.device)
         if self.world.is_main:
             atomic_write_text(os.path.join(self.out_dir, "config.json"), self._config_json())
             atomic_write_text(os.path.join(self.out_dir, "tokenizer.json"),
@@ -389,46 +389,31 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.world.is_main and cfg.progress), file=sys.stderr)
         started = time.perf_counter()
-        window_start, window_steps, tokens_per_s = time.perf_counter(), 0, 0.0
+        throughput = Throughput(tokens_per_step)
         try:
             if self.step == 0:  # a resumed run already evaluated at its checkpoint's step
-                self._eval_and_report(bar, tokens_per_s, started)
+                self._eval_and_report(bar, throughput.tokens_per_s, started)
             while self.step < cfg.max_steps:
                 fault_trace("step", self.step)
                 self.advance()
-                window_steps += 1
+                throughput.count_step()
                 bar.update(1)
                 at_log = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
                 at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
                 at_ckpt = bool(cfg.ckpt_interval) and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps
-                signalled = self._stop_signal is not None and not self.world.distributed
+                signalled_alone = self._stop_signal is not None and not self.world.distributed
                 stop = False
-                if at_log or at_eval or at_ckpt or signalled or cfg.check_every_step:
+                if at_log or at_eval or at_ckpt or cfg.check_every_step or signalled_alone:
                     loss, norm, lr = self._read_pending()
-                    now = time.perf_counter()
                     if at_log:
-                        if now > window_start:
-                            tokens_per_s = window_steps * tokens_per_step / (now - window_start)
-                        finite = math.isfinite(loss)  # not, only on a step --skip_nonfinite_steps skipped
-                        record = {"type": "train", "step": self.step, "loss": loss if finite else None, "lr": lr,
-                                  "grad_norm": norm if norm is None or math.isfinite(norm) else None,
-                                  "tokens_per_s": tokens_per_s, "elapsed_s": now - started}
-                        if peak:
-                            record["mfu"] = flops_per_token * tokens_per_s / peak
-                        if cfg.skip_nonfinite_steps:
-                            record["skipped_steps"] = self.skipped_steps
-                        self.metrics.log(record)
-                        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1e3:.1f}k tok/s",
-                                            refresh=False)  # the last logged step's values
-                        window_start, window_steps = time.perf_counter(), 0
+                        self._log_train(loss, norm, lr, throughput.measure(), time.perf_counter() - started, bar)
                     stop = self._should_stop()
                 if at_eval:
-                    self._eval_and_report(bar, tokens_per_s, started)
+                    self._eval_and_report(bar, throughput.tokens_per_s, started)
                 if at_ckpt:
                     self.save_checkpoint()
                 if stop:
                     break
-            bar.close()
             if self._saved_step != self.step:
                 self.save_checkpoint()  # a second signal during this write leaves the previous checkpoint
         finally:
@@ -468,6 +453,20 @@ class Trainer:
               f"out_dir {self.out_dir}")
         print(f"fastlm: backends: {backends}")
         print(TABLE_HEADER)
+
+    def _log_train(self, loss, norm, lr, tokens_per_s, elapsed, bar):
+        """The metrics.jsonl record of a log step, and the progress bar's values (the last logged)."""
+        finite = math.isfinite(loss)  # not, only on a step --skip_nonfinite_steps skipped
+        record = {"type": "train", "step": self.step, "loss": loss if finite else None, "lr": lr,
+                  "grad_norm": norm if norm is None or math.isfinite(norm) else None,
+                  "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
+        if self.peak_flops:
+            record["mfu"] = self.raw_model.flops_per_token() * tokens_per_s / self.peak_flops
+        if self.train_cfg.skip_nonfinite_steps:
+            record["skipped_steps"] = self.skipped_steps
+        self.metrics.log(record)
+        if finite:
+            bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
 
     def _eval_and_report(self, bar, tokens_per_s, started):
         """Evaluate val loss (and, with --eval_train_split, train loss) and print a table row.
