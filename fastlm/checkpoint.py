@@ -276,6 +276,8 @@ def check_same_data(ckpt, data, override):
     saved = ckpt.get("data") or {}
     if not saved.get("fingerprint") or saved["fingerprint"] == data.fingerprint:
         return None
+    if override and saved.get("source") != data.source:
+        return None  # an explicit --data change, already reported by resume_config
     what = (f"data {data.source} is not what the checkpoint trained on ({saved.get('source')}, "
             f"fingerprint {saved['fingerprint'][:12]}; now {data.fingerprint[:12]})")
     if not override:

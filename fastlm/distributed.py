@@ -53,17 +53,11 @@ def init_world(device_name):
 
 def any_rank(flag, world, device):
     """True on every rank when `flag` is true on any (one all-reduce; free in a world of one)."""
-    return any_ranks([flag], world, device)[0]
-
-
-def any_ranks(flags, world, device):
-    """[flag i is true on any rank, ...] on every rank: one all-reduce (and one host sync) for
-    all the flags; free in a world of one."""
     if not world.distributed:
-        return [bool(f) for f in flags]
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
 
 
 def gather(obj, world):
