@@ -1,30 +1,31 @@
 """kill -9 trials: does a run killed at a random moment and resumed end exactly like one never killed?
 
-Each trial starts a short CPU training run as a subprocess, SIGKILLs it at a random moment of a
-step, an eval or a checkpoint write (aimed by phase, attributed afterwards from the run's
-FASTLM_FAULT_TRACE), checks that out_dir still holds whole checkpoints only, then resumes with
-`--resume --out_dir X` alone (or restarts, if no checkpoint was written yet) until the run is
-done, and compares the final weights, optimizer state and every logged loss with an
+Each trial starts a short CPU training run in a process of its own, SIGKILLs it at a random
+moment of a step, an eval or a checkpoint write (aimed by phase, attributed afterwards from the
+run's FASTLM_FAULT_TRACE), checks that out_dir still holds whole checkpoints only, then resumes
+with `--resume --out_dir X` alone (or restarts, if no checkpoint was written yet) until the run
+is done, and compares the final weights, optimizer state and every logged loss with an
 uninterrupted run, bit for bit.
 
-    python benchmarks/kill_trials.py --trials 100            # writes benchmarks/results/<device>/kill_trials.json
+The runs are `fastlm.train.main(argv)`, what `python -m fastlm.train argv` runs, in processes
+forked from a server that has imported torch and fastlm once (multiprocessing's forkserver):
+a trial then costs its training, not two interpreter start-ups.
+
+    python benchmarks/kill_trials.py --trials 100      # writes benchmarks/results/<device>/kill_trials.json
 
 tests/test_faults.py runs 10 trials through run_trials().
 """
 import argparse
 import json
+import multiprocessing
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-# The tiny configuration of tests/helpers.py, with frequent checkpoints and evals so that kills
-# land in all three phases. A checkpoint write pauses (FASTLM_FAULT_PAUSE_S) to widen its window.
 # A small CPU run (about 30 ms a step, 150 ms an eval, 90 ms a checkpoint write with the pause
 # below, on one core) with frequent evals and checkpoints, so that kills land in all three phases.
 RUN_ARGS = ["--block_size", "32", "--n_layer", "2", "--n_head", "2", "--d_model", "64", "--batch_size", "8",
@@ -37,20 +38,34 @@ PHASES = ("step", "eval", "save")
 # uniform delay up to about half the phase's length.
 OCCURRENCES = {"step": 24, "eval": 7, "save": 8}
 MAX_DELAY_S = {"step": 0.015, "eval": 0.07, "save": SAVE_PAUSE_S}
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 
 
-def run_env(trace):
-    env = dict(os.environ, FASTLM_FAULT_TRACE=str(trace), FASTLM_FAULT_PAUSE_S=str(SAVE_PAUSE_S),
-               OMP_NUM_THREADS="1", FASTLM_NO_EXT_WARNING="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
+def _run(argv, trace, log):
+    """Body of a run's process: `python -m fastlm.train argv`, its output to `log`."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(FASTLM_FAULT_TRACE=trace, FASTLM_FAULT_PAUSE_S=str(SAVE_PAUSE_S), FASTLM_NO_EXT_WARNING="1")
+    torch.set_num_threads(1)  # the same arithmetic in every run, and no oversubscribed cores
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())  # not its default multiprocessing lock, which a SIGKILL would leak
+    from fastlm import train
+
+    sys.exit(train.main(argv))
 
 
-def train_command(out_dir, resume):
-    if resume:
-        return [sys.executable, "-m", "fastlm.train", "--resume", "--out_dir", str(out_dir)]
-    return [sys.executable, "-m", "fastlm.train", *RUN_ARGS, "--out_dir", str(out_dir)]
+def start_run(out_dir, trace, resume):
+    """Start a run (a fresh one, or `--resume --out_dir` alone) in a process of its own."""
+    argv = ["--resume", "--out_dir", str(out_dir)] if resume else [*RUN_ARGS, "--out_dir", str(out_dir)]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["fastlm.train", "torch._dynamo"])  # the imports every run pays
+    proc = context.Process(target=_run, args=(argv, str(trace), f"{trace}.log"), daemon=True)
+    proc.start()
+    return proc
 
 
 def read_trace(path):
@@ -63,14 +78,14 @@ def read_trace(path):
 
 
 def run_to_end(out_dir, trace):
-    """Run (resuming if out_dir holds a checkpoint) until done; returns stderr of the last run."""
+    """Run until done, resuming if out_dir holds a checkpoint (else starting afresh)."""
     from fastlm.checkpoint import checkpoint_files
 
-    result = subprocess.run(train_command(out_dir, resume=bool(checkpoint_files(out_dir))), env=run_env(trace),
-                            capture_output=True, text=True, timeout=TIMEOUT_S)
-    if result.returncode != 0:
-        raise AssertionError(f"run in {out_dir} failed ({result.returncode}): {result.stderr[-2000:]}")
-    return result.stderr
+    proc = start_run(out_dir, trace, resume=bool(checkpoint_files(str(out_dir))))
+    proc.join(TIMEOUT_S)
+    if proc.exitcode != 0:
+        with open(f"{trace}.log") as f:
+            raise AssertionError(f"run in {out_dir} failed ({proc.exitcode}): {f.read()[-2000:]}")
 
 
 def outcome(out_dir):
@@ -128,7 +143,7 @@ def check_directory(out_dir, trace):
 
 def wait_for(trace, phase, occurrence, proc, deadline):
     """Wait until `phase` has been entered `occurrence` times (or the run ended)."""
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.is_alive():
         if sum(1 for p, _ in read_trace(trace) if p == phase) >= occurrence:
             return True
         time.sleep(0.002)
@@ -141,13 +156,12 @@ def kill_trial(workdir, index, rng, reference):
     target = PHASES[index % len(PHASES)]
     occurrence = rng.randint(1, OCCURRENCES[target])
     delay = rng.uniform(0, MAX_DELAY_S[target])
-    proc = subprocess.Popen(train_command(out_dir, resume=False), env=run_env(trace),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_run(out_dir, trace, resume=False)
     wait_for(trace, target, occurrence, proc, time.time() + TIMEOUT_S)
     time.sleep(delay)
-    finished_first = proc.poll() is not None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    finished_first = not proc.is_alive()
+    proc.kill()  # SIGKILL
+    proc.join()
     lines = read_trace(trace)
     landed = "finished" if finished_first else (lines[-1][0] if lines else "startup")
     landed = {"saved": "step"}.get(landed, landed)  # between a write and the next step

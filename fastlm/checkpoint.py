@@ -44,19 +44,23 @@ RESUME_OVERRIDABLE = QUIET_FLAGS | {"max_steps", "eval_interval", "eval_iters", 
 
 # --------------------------------------------------------------------------- fault injection
 # tests/test_faults.py and benchmarks/kill_trials.py kill runs at random moments. Two environment
-# variables, read once at import and costing one `is None` test when unset, let them attribute
-# each kill and widen the window of a checkpoint write. Not for use in real runs.
+# variables (one dictionary look-up each when unset) let them attribute each kill and widen the
+# window of a checkpoint write. Not for use in real runs.
 #   FASTLM_FAULT_TRACE=FILE   append "<phase> <step>" to FILE as the loop enters each phase
 #   FASTLM_FAULT_PAUSE_S=T    sleep T seconds inside each checkpoint write, before its rename
-_TRACE_PATH = os.environ.get("FASTLM_FAULT_TRACE")
-_SAVE_PAUSE_S = float(os.environ.get("FASTLM_FAULT_PAUSE_S", "0") or 0)
 
 
 def fault_trace(phase, step):
-    if _TRACE_PATH is None:
-        return
-    with open(_TRACE_PATH, "a") as f:
-        f.write(f"{phase} {step}\n")
+    path = os.environ.get("FASTLM_FAULT_TRACE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{phase} {step}\n")
+
+
+def _fault_pause():
+    seconds = os.environ.get("FASTLM_FAULT_PAUSE_S")
+    if seconds:
+        time.sleep(float(seconds))
 
 
 # --------------------------------------------------------------------------- files of a run
@@ -117,9 +121,7 @@ def save_checkpoint(state, out_dir, keep=2):
     path = os.path.join(out_dir, numbered_name(step))
     with atomic_write(path) as f:
         torch.save(state, f)
-        if _SAVE_PAUSE_S:
-            f.flush()
-            time.sleep(_SAVE_PAUSE_S)
+        _fault_pause()
     _point_latest_at(path, os.path.join(out_dir, CKPT_NAME))
     kept = sorted((s for s in _numbered_steps(out_dir) if s[0] <= step), reverse=True)[:max(keep, 1)]
     for s, old in _numbered_steps(out_dir):

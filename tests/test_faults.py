@@ -24,12 +24,10 @@ from tests.helpers import run_cli, tiny_args
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kill_trials():
-    """benchmarks/kill_trials.py as a module: the test runs its trials, fewer of them."""
-    spec = importlib.util.spec_from_file_location("kill_trials", REPO / "benchmarks" / "kill_trials.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def kill_trials(monkeypatch):
+    """benchmarks/kill_trials.py as a module (importable by name: its runs' processes import it)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    return importlib.import_module("kill_trials")
 
 
 def losses(out_dir):
@@ -111,11 +109,11 @@ def trained_steps(out_dir):
 # --------------------------------------------------------------------------- kill -9
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path, monkeypatch):
     """10 trials of benchmarks/kill_trials.py (it runs 100): killed in a step, an eval or a
     checkpoint write, out_dir holds whole checkpoints only, and `--resume --out_dir` alone ends
     with the weights, optimizer state and logged losses of the uninterrupted run, bit for bit."""
-    summary = kill_trials().run_trials(10, seed=2024, workdir=tmp_path, log=lambda line: None)
+    summary = kill_trials(monkeypatch).run_trials(10, seed=2024, workdir=tmp_path, log=lambda line: None)
     failed = [r for r in summary["results"] if not r["recovered_bit_exact"]]
     assert not failed, failed
     assert {"step", "eval", "save"} <= set(summary["landed_in"]), summary["landed_in"]
