@@ -6,10 +6,11 @@ of them, and `ckpt.pt`, a hard link to the newest (a copy where the filesystem h
 links): `python -m fastlm.sample --ckpt out/ckpt.pt` and older tools keep working. Each file is
 written to a temporary name, fsync'ed and renamed, so at every moment, kill -9 and a full disk
 included, the directory holds whole checkpoints only. Loading a directory takes the newest
-checkpoint that loads and passes its CRC checks; a corrupt one (truncated, bytes flipped) is
-skipped with one line saying so. A checkpoint is loaded with weights_only=True and holds the three configs, the model,
-optimizer and grad-scaler states, the step, every rank's RNG and data-sampler state, the
-tokenizer, the data's fingerprint, and the loop's running totals (train-loss window, skipped steps).
+checkpoint that passes its CRC checks and loads; a corrupt one (truncated, bytes flipped) is
+skipped with one line saying so. A checkpoint is loaded with weights_only=True and holds the
+three configs, the model, optimizer and grad-scaler states, the step, every rank's RNG and
+data-sampler state, the tokenizer, the data's fingerprint, and the loop's running totals
+(the train-loss window of the next eval, the skipped steps).
 """
 import contextlib
 import dataclasses
@@ -72,12 +73,7 @@ def numbered_name(step):
 def checkpoint_files(out_dir):
     """The checkpoint files in out_dir, newest first: the numbered ones by step, then ckpt.pt
     unless it is one of them (a hard link). Empty if out_dir holds none or does not exist."""
-    try:
-        names = os.listdir(out_dir)
-    except OSError:
-        return []
-    numbered = sorted(((int(m.group(1)), name) for name in names if (m := _NUMBERED.match(name))), reverse=True)
-    paths = [os.path.join(out_dir, name) for _, name in numbered]
+    paths = [path for _, path in sorted(_numbered_steps(out_dir), reverse=True)]
     latest = os.path.join(out_dir, CKPT_NAME)
     if os.path.isfile(latest):
         identities = {_identity(p) for p in paths}
@@ -94,6 +90,7 @@ def _identity(path):
 
 
 def _numbered_steps(out_dir):
+    """[(step, path)] of out_dir's ckpt-<step>.pt files, in no particular order."""
     try:
         names = os.listdir(out_dir)
     except OSError:

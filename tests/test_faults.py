@@ -2,7 +2,7 @@
 kill -9 at random moments, corrupt checkpoints, a full disk, SIGTERM/SIGINT (once and twice),
 NaN/inf in the loss or the gradients, and two runs on one out_dir."""
 import errno
-import importlib.util
+import importlib
 import os
 import resource
 import signal
