@@ -102,8 +102,11 @@ class TrainConfig:
     eval_train_split: bool = field(default=False, metadata={"help": "also evaluate the train split in eval mode (else the train column is the mean batch loss since the last eval)"})
     log_interval: int = field(default=10, metadata={"help": "write a metrics.jsonl line every this many steps"})
     ckpt_interval: int = field(default=500, metadata={"help": "checkpoint every this many steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "numbered checkpoints to keep in out_dir (a corrupt newest one falls back to the previous)"})
+    skip_nonfinite_steps: int = field(default=0, metadata={"help": "skip the update of up to this many steps whose loss or grad norm is NaN/inf, instead of stopping at the first"})
+    check_every_step: bool = field(default=False, metadata={"help": "read the loss and check it for NaN/inf (and, under torchrun, for a stop signal) every step, not only at log, eval and checkpoint steps (a host sync per step on GPU)"})
     out_dir: str = field(default="out", metadata={"help": "where checkpoints, metrics and plots go"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its newest checkpoint, with its settings"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if out_dir already holds a run"})
     override_resume_config: bool = field(default=False, metadata={"help": "with --resume, let flags change settings that alter what the run computes (data, batch, schedule, seed, ...)"})
     data: Optional[str] = field(default=None, metadata={"help": "UTF-8 text file, directory of .txt files, or a token file from fastlm.prepare (default: the embedded corpus)"})
@@ -123,7 +126,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        for name in ("warmup_steps", "ckpt_interval", "sample_tokens"):
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        for name in ("warmup_steps", "ckpt_interval", "sample_tokens", "skip_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0:

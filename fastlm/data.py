@@ -8,10 +8,12 @@ Data can be: nothing (the embedded corpus), a UTF-8 text file, a directory of .t
 token file written by `python -m fastlm.prepare` (a small JSON header followed by uint16/uint32
 token ids, read through a memmap so large corpora are never loaded whole).
 The split is 90/10 train/val; batches are random windows drawn from a seeded torch.Generator
-whose state goes into the checkpoint, so a resumed run sees the same batches.
+whose state goes into the checkpoint, so a resumed run sees the same batches. Every source has a
+content fingerprint, which the checkpoint records so that a run never resumes on other data.
 """
 import glob
 import gzip
+import hashlib
 import json
 import os
 import struct
@@ -192,6 +194,7 @@ class TokenData:
     val: np.ndarray
     tokenizer: object
     source: str
+    fingerprint: str = ""  # of the source's content: see text_fingerprint / file_fingerprint
 
     @property
     def vocab_size(self):
@@ -221,7 +224,7 @@ def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None):
         if header["vocab_size"] > vocab_size:
             raise DataError(f"{path} was tokenized with vocabulary {header['vocab_size']}, larger than the "
                             f"model's vocab_size {vocab_size}")
-        source = path
+        source, fingerprint = path, file_fingerprint(path)
     else:
         if path is None:
             text, source = embedded_corpus(), "the embedded corpus"
@@ -229,6 +232,7 @@ def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None):
             text, source = "".join(_read_text_file(p) for p in text_files(path)), path
         if not text:
             raise DataError(f"{source} is empty")
+        fingerprint = text_fingerprint(text)
         if tokenizer is not None:
             tok = tokenizer
         elif tokenizer_kind == "byte":
@@ -242,7 +246,36 @@ def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None):
         raise DataError(f"the {tok.kind} tokenizer has {tok.vocab_size} tokens but vocab_size is {vocab_size}")
     check_token_range(tokens, vocab_size, source)
     train, val = split_tokens(tokens, block_size, source)
-    return TokenData(train=train, val=val, tokenizer=tok, source=source)
+    return TokenData(train=train, val=val, tokenizer=tok, source=source, fingerprint=fingerprint)
+
+
+# Token files up to this size are hashed whole (about a second per GiB); larger ones by their
+# size, header and evenly spaced blocks, so a resume never reads terabytes to check them.
+FULL_HASH_MAX_BYTES = 1 << 30
+_SAMPLED_BLOCKS, _BLOCK_BYTES = 256, 1 << 20
+
+
+def text_fingerprint(text):
+    """'sha256:<hex>' of the UTF-8 text (the concatenation, for a directory of files)."""
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_fingerprint(path):
+    """'sha256:<hex>' of the file's bytes, or for files over FULL_HASH_MAX_BYTES
+    'sampled-sha256:<hex>' of its size and 256 evenly spaced 1 MiB blocks (first and last included)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_MAX_BYTES:
+            for block in iter(lambda: f.read(_BLOCK_BYTES), b""):
+                digest.update(block)
+            return "sha256:" + digest.hexdigest()
+        digest.update(str(size).encode())
+        last = size - _BLOCK_BYTES
+        for i in range(_SAMPLED_BLOCKS):
+            f.seek(last * i // (_SAMPLED_BLOCKS - 1))
+            digest.update(f.read(_BLOCK_BYTES))
+    return "sampled-sha256:" + digest.hexdigest()
 
 
 def check_token_range(tokens, vocab_size, source, chunk=1 << 24):

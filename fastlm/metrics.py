@@ -7,6 +7,7 @@ writes; a resumed run keeps the records up to its checkpoint's step.
 import json
 import math
 import os
+import time
 
 import torch
 
@@ -29,12 +30,16 @@ def peak_flops(device):
 
 
 def read_metrics(path):
-    records = []
+    """The records of a metrics.jsonl. A last line without its newline that does not parse is
+    what a killed writer left half-written: it is dropped (a resumed run rewrites the file)."""
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
+        *lines, tail = f.read().split("\n")
+    records = [json.loads(line) for line in lines if line.strip()]
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except ValueError:
+            pass
     return records
 
 
@@ -68,6 +73,26 @@ class MetricsLog:
         records = self.records()
         save_loss_plot(records, os.path.join(self.out_dir, "loss.png"), train_measured=eval_train_split)
         return ascii_curve([(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"], label="val loss")
+
+
+class Throughput:
+    """Tokens per second over the steps since the last measurement (measured at log steps, after
+    the loop has read the device, so that the time of queued GPU work is counted)."""
+
+    def __init__(self, tokens_per_step):
+        self.tokens_per_step = tokens_per_step
+        self.tokens_per_s = 0.0
+        self._start, self._steps = time.perf_counter(), 0
+
+    def count_step(self):
+        self._steps += 1
+
+    def measure(self):
+        now = time.perf_counter()
+        if now > self._start:
+            self.tokens_per_s = self._steps * self.tokens_per_step / (now - self._start)
+        self._start, self._steps = now, 0
+        return self.tokens_per_s
 
 
 def eval_record(step, losses, lr):

@@ -30,33 +30,41 @@ def ascii_curve(points, width=64, height=12, label="loss"):
     return "\n".join(lines)
 
 
-def save_loss_plot(records, path, title="fastlm training", train_measured=False):
-    """Write train/val loss curves from metrics.jsonl records to a PNG at `path`.
+def loss_curves(records, train_measured=False):
+    """[(label, [(step, loss), ...], style)] of metrics.jsonl records, as save_loss_plot draws them.
 
     train_measured: the eval records' train loss was measured in eval mode (--eval_train_split),
     not the mean of the training batches since the previous eval."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
+    train_eval = [(r["step"], r["train_loss"]) for r in records
+                  if r.get("type") == "eval" and r.get("train_loss") is not None]
+    label = "train (eval mode)" if train_measured else "train (mean since the last eval)"
+    curves = [("train (batch)", train, "-"), (label, train_eval, "o-"), ("val", val, "o-")]
+    return [curve for curve in curves if curve[1]]
+
+
+def save_loss_plot(records, path, title="fastlm training", train_measured=False):
+    """Write train/val loss curves from metrics.jsonl records to a PNG at `path` (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
-    train_eval = [(r["step"], r["train_loss"]) for r in records
-                  if r.get("type") == "eval" and r.get("train_loss") is not None]
+    from fastlm.files import atomic_write
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        ax.plot(*zip(*train), label="train (batch)", alpha=0.5, linewidth=1)
-    if train_eval:
-        label = "train (eval mode)" if train_measured else "train (mean since the last eval)"
-        ax.plot(*zip(*train_eval), "o-", label=label, markersize=3)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val", markersize=3)
+    for label, points, style in loss_curves(records, train_measured):
+        if style == "-":
+            ax.plot(*zip(*points), label=label, alpha=0.5, linewidth=1)
+        else:
+            ax.plot(*zip(*points), style, label=label, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

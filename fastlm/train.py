@@ -13,17 +13,20 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from fastlm import ops
-from fastlm.checkpoint import CKPT_FORMAT, CKPT_NAME, load_checkpoint, resume_config, save_checkpoint
+from fastlm.checkpoint import (CKPT_FORMAT, CKPT_NAME, check_same_data, checkpoint_files, fault_trace, load_checkpoint,
+                               remove_checkpoints, resume_config, save_checkpoint)
 from fastlm.config import ConfigError, fail, parse_args
 from fastlm.data import BatchSampler, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
-from fastlm.files import atomic_write_text
-from fastlm.metrics import TABLE_HEADER, MetricsLog, eval_record, peak_flops, table_row
+from fastlm.files import DirectoryLock, atomic_write_text, remove_stale_temporaries
+from fastlm.metrics import TABLE_HEADER, MetricsLog, Throughput, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
 from fastlm.sample import sample_text
@@ -32,7 +35,15 @@ PROG = "python -m fastlm.train"
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss became NaN); nothing bad has been saved."""
+    """The run cannot go on (a NaN loss, a full disk); nothing bad has been saved."""
+
+
+class Interrupted(BaseException):
+    """A second SIGINT/SIGTERM: leave at once, without writing (raised by the signal handler)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def get_lr(step, train_cfg):
@@ -45,15 +56,33 @@ def get_lr(step, train_cfg):
     return train_cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train_cfg.lr - train_cfg.min_lr)
 
 
+@dataclass
+class PendingStep:
+    """A finished step whose loss and grad norm are still device tensors (not read yet)."""
+
+    step: int
+    lr: float
+    loss: torch.Tensor
+    grad_norm: Optional[torch.Tensor]
+    skipped: Optional[torch.Tensor]  # 1.0 where --skip_nonfinite_steps skipped the update
+
+
 class Trainer:
     def __init__(self, run):
-        train_cfg = run.train
-        self.world = init_world(train_cfg.device)
-        self.device = resolve_device(train_cfg.device, self.world.local_rank)
+        self.world = init_world(run.train.device)
+        self.device = resolve_device(run.train.device, self.world.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # kernels launch on the run's GPU, whichever is current
-        self.out_dir = train_cfg.out_dir
-        ckpt = self._prepare_out_dir(train_cfg)
+        self.out_dir = run.train.out_dir
+        self._lock = None
+        try:
+            self._setup(run)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, run):
+        ckpt = self._prepare_out_dir(run.train)
         if ckpt is not None:
             run, changes = resume_config(run, ckpt, self.out_dir)
             if self.world.is_main and changes:
@@ -66,6 +95,10 @@ class Trainer:
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
                               self.model_cfg.block_size, tokenizer)
         self.tokenizer = self.data.tokenizer
+        if ckpt is not None:
+            change = check_same_data(ckpt, self.data, train_cfg.override_resume_config)
+            if change and self.world.is_main:
+                print(f"fastlm: resuming with changes: {change}")
 
         compute_dtype = getattr(torch, train_cfg.dtype)
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
@@ -77,6 +110,7 @@ class Trainer:
                                betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8,
                                max_grad_norm=train_cfg.grad_clip or None, backend=run.kernels.optim_backend)
         self.backends = {**self.model.backends, "adamw": self.optimizer._backend_for(self.device)}
+        self.peak_flops = peak_flops(self.device)  # the denominator of MFU, None if unknown
         self.scaler = torch.amp.GradScaler("cuda") if train_cfg.dtype == "float16" else None
         self.autocast = (torch.autocast(self.device.type, dtype=compute_dtype)
                          if train_cfg.dtype != "float32" else contextlib.nullcontext())
@@ -84,6 +118,11 @@ class Trainer:
         self.train_batches = BatchSampler(self.data.train, self.model_cfg.block_size, train_cfg.batch_size,
                                           seed=train_cfg.seed + 1 + self.world.rank, device=self.device)
         self.step = 0
+        # The loop's running totals, part of the checkpoint so that a resumed run reports what an
+        # uninterrupted one would: the train losses since the last eval, and the skipped steps.
+        self.window_loss_sum, self.window_steps, self.skipped_steps = 0.0, 0, 0
+        self._pending = []  # PendingStep of the steps since the values were last read
+        self._saved_step = None  # the step of the newest checkpoint in out_dir
         if ckpt is not None:
             self._restore(ckpt)
         self.raw_model = self.model
@@ -97,30 +136,48 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, enabled=self.world.is_main)
         self._stop_signal = None
 
+    def close(self):
+        """Release out_dir (the lock); the Trainer cannot train afterwards."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     # ----------------------------------------------------------------- setup and checkpoints
 
     def _prepare_out_dir(self, train_cfg):
-        """Check out_dir before anything is written; return the checkpoint to resume, if any."""
-        path = os.path.join(self.out_dir, CKPT_NAME)
-        if train_cfg.resume:
-            if not os.path.isfile(path):
-                raise ConfigError(f"--resume: no checkpoint at {path}")
-            ckpt = load_checkpoint(path)
-        else:
-            if os.path.exists(path) and not train_cfg.overwrite:
-                raise ConfigError(f"{self.out_dir} already holds a run ({CKPT_NAME}); pass --resume to continue it, "
-                                  "--overwrite to replace it, or choose another --out_dir")
-            ckpt = None
+        """Check and lock out_dir before anything is written; return the checkpoint to resume, if any."""
+        existing = checkpoint_files(self.out_dir)
+        if train_cfg.resume and not existing:
+            raise ConfigError(f"--resume: no checkpoint in {self.out_dir}")
+        if not train_cfg.resume and existing and not train_cfg.overwrite:
+            raise ConfigError(f"{self.out_dir} already holds a run ({os.path.basename(existing[0])}); pass --resume "
+                              "to continue it, --overwrite to replace it, or choose another --out_dir")
+        self._lock_out_dir()
+        if self.world.is_main:
+            remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
+            if train_cfg.overwrite and not train_cfg.resume:
+                remove_checkpoints(self.out_dir)
+        if not train_cfg.resume:
+            return None
+        return load_checkpoint(self.out_dir, warn=_warn if self.world.is_main else None)
+
+    def _lock_out_dir(self):
+        """Create out_dir and take its lock (rank 0 alone); every rank fails if that fails."""
+        error = None
         if self.world.is_main:
             try:
                 os.makedirs(self.out_dir, exist_ok=True)
-                probe = os.path.join(self.out_dir, f".write-test-{os.getpid()}")
-                with open(probe, "w"):
-                    pass
-                os.remove(probe)
+                lock = DirectoryLock(self.out_dir)
+                if lock.acquire():
+                    self._lock = lock
+                else:
+                    owner = lock.owner()
+                    error = (f"{self.out_dir} is in use by another run{f' ({owner})' if owner else ''}; wait for it "
+                             "to finish or choose another --out_dir")
             except OSError as exc:
-                raise ConfigError(f"out_dir {self.out_dir} is not writable ({exc.strerror})") from None
-        return ckpt
+                error = f"out_dir {self.out_dir} is not writable ({exc.strerror})"
+        if any_rank(error is not None, self.world, self.device):
+            raise ConfigError(error or f"rank 0 could not take out_dir {self.out_dir} (see its error)")
 
     def _rng_state(self):
         state = {"torch": torch.get_rng_state(), "sampler": self.train_batches.state_dict()["generator"]}
@@ -133,7 +190,11 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
+        self.step = self._saved_step = int(ckpt["step"])
+        loop = ckpt.get("loop") or {}
+        self.window_loss_sum = float(loop.get("window_loss_sum", 0.0))
+        self.window_steps = int(loop.get("window_steps", 0))
+        self.skipped_steps = int(loop.get("skipped_steps", 0))
         states = ckpt["rng"]
         if len(states) != self.world.size:
             print(f"{PROG}: warning: checkpoint was written by {len(states)} process(es), resuming with "
@@ -145,20 +206,40 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def save_checkpoint(self):
+        """Write a checkpoint of the current step (all ranks call this: it gathers their RNG states).
+
+        Only checked weights are saved: the pending steps are read and checked for NaN/inf first.
+        A failed write (full disk, unwritable directory) is a TrainingError on every rank, and
+        leaves the previous checkpoint as it was.
+        """
+        if self._pending:
+            self._read_pending()
         rng = gather(self._rng_state(), self.world)  # collective under DDP: every rank must call this
-        if not self.world.is_main:
-            return
-        run = self.run.as_dict()
-        save_checkpoint({
-            "format": CKPT_FORMAT,
-            "model_config": run["model"], "kernel_config": run["kernels"], "train_config": run["train"],
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "step": self.step,
-            "rng": rng,
-            "tokenizer": self.tokenizer.to_dict(),
-        }, os.path.join(self.out_dir, CKPT_NAME))
+        error = None
+        if self.world.is_main:
+            fault_trace("save", self.step)
+            run = self.run.as_dict()
+            state = {
+                "format": CKPT_FORMAT,
+                "model_config": run["model"], "kernel_config": run["kernels"], "train_config": run["train"],
+                "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "step": self.step,
+                "rng": rng,
+                "tokenizer": self.tokenizer.to_dict(),
+                "data": {"source": self.data.source, "fingerprint": self.data.fingerprint},
+                "loop": {"window_loss_sum": self.window_loss_sum, "window_steps": self.window_steps,
+                         "skipped_steps": self.skipped_steps},
+            }
+            try:
+                save_checkpoint(state, self.out_dir, keep=self.train_cfg.keep_checkpoints)
+            except OSError as exc:
+                error = f"cannot write a checkpoint ({exc.strerror or exc}); {self._kept()}"
+            fault_trace("saved", self.step)
+        if any_rank(error is not None, self.world, self.device):
+            raise TrainingError(error or "rank 0 could not write a checkpoint (see its error)")
+        self._saved_step = self.step
 
     # ----------------------------------------------------------------- evaluation
 
@@ -186,7 +267,19 @@ class Trainer:
     # ----------------------------------------------------------------- training
 
     def train_step(self):
-        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm, lr)."""
+        """One optimizer step, read at once (a host sync): returns (loss, grad norm or None, lr)
+        as Python floats. For benchmarks and tests; the loop calls advance() and reads later."""
+        self.advance()
+        return self._read_pending()
+
+    def advance(self):
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        Nothing here waits for the device: the loss and grad norm stay device tensors, queued as
+        a PendingStep until the loop reads them (_read_pending) at a log, eval or checkpoint step.
+        With --skip_nonfinite_steps, a NaN/inf loss or grad norm (agreed across ranks) reaches the
+        optimizer as its found_inf flag, which skips the whole update on the device.
+        """
         accum = self.train_cfg.grad_accum_steps
         lr = get_lr(self.step, self.train_cfg)
         for group in self.optimizer.param_groups:
@@ -204,24 +297,86 @@ class Trainer:
             else:
                 loss.backward()
             loss_sum += loss.detach()
+        skipped = self._nonfinite_flag(loss_sum) if self.train_cfg.skip_nonfinite_steps else None
         if self.scaler is not None:
-            norm = self.scaler.step(self.optimizer)
+            norm = self.scaler.step(self.optimizer)  # the scaler skips non-finite grads itself
             self.scaler.update()
         else:
-            norm = self.optimizer.step()
+            if skipped is not None:
+                self.optimizer.found_inf = skipped  # as GradScaler hands it over: nonzero skips the update
+            try:
+                norm = self.optimizer.step()
+            finally:
+                self.optimizer.found_inf = None
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"loss became {loss_value} at step {self.step}; stopping without saving "
-                                f"(the last good checkpoint in {self.out_dir} is kept). Try a lower --lr.")
         self.step += 1
-        return loss_value, (float(norm) if norm is not None else None), lr
+        self._pending.append(PendingStep(self.step, lr, loss_sum, norm, skipped))
+
+    def _nonfinite_flag(self, loss_sum):
+        """1.0 (a device scalar) when this step's loss or gradients hold a NaN/inf on any rank."""
+        bad = ~torch.isfinite(loss_sum)
+        if self.scaler is None:  # with a scaler, inf grads are routine and the scaler skips them
+            grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+            bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        flag = bad.float()
+        if self.world.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
+
+    def _read_pending(self):
+        """Read the queued steps' values (one host sync), check them, and fold them into the
+        eval window. Returns the last step's (loss, grad norm, lr); raises TrainingError at the first
+        non-finite step that was not skipped, or when more steps were skipped than allowed."""
+        pending, self._pending = self._pending, []
+        columns = [torch.stack([p.loss.float() for p in pending])]
+        has_norm = pending[0].grad_norm is not None
+        if has_norm:
+            columns.append(torch.stack([p.grad_norm.float().to(self.device) for p in pending]))
+        has_skip = pending[0].skipped is not None
+        if has_skip:
+            columns.append(torch.stack([p.skipped for p in pending]))
+        rows = list(zip(*torch.stack(columns).tolist()))  # the sync
+        cfg, loss, norm = self.train_cfg, None, None
+        for item, row in zip(pending, rows):
+            loss = row[0]
+            norm = row[1] if has_norm else None
+            bad = None
+            if not math.isfinite(loss):
+                bad = f"loss became {loss}"
+            elif norm is not None and self.scaler is None and not math.isfinite(norm):
+                bad = f"grad norm became {norm}"
+            if has_skip and row[-1]:
+                self.skipped_steps += 1
+                if self.skipped_steps > cfg.skip_nonfinite_steps:
+                    raise TrainingError(f"{bad or 'a non-finite value on another rank'} at step {item.step}, "
+                                        f"more than --skip_nonfinite_steps {cfg.skip_nonfinite_steps} bad steps; "
+                                        f"stopping without saving ({self._kept()})")
+                if self.world.is_main:
+                    _warn(f"{bad or 'a non-finite value on another rank'} at step {item.step}: update skipped "
+                          f"({self.skipped_steps} of at most {cfg.skip_nonfinite_steps})")
+                continue
+            if bad:
+                raise TrainingError(f"{bad} at step {item.step}; stopping without saving ({self._kept()}). "
+                                    "Try a lower --lr, or --skip_nonfinite_steps N")
+            self.window_loss_sum += loss
+            self.window_steps += 1
+        return loss, norm, pending[-1].lr
+
+    def _kept(self):
+        if self._saved_step is None:
+            return f"no checkpoint written in {self.out_dir} yet"
+        return f"the last good checkpoint in {self.out_dir}, step {self._saved_step}, is kept"
 
     def train(self):
-        """Train to max_steps (or a signal); returns the process exit code."""
+        """Train to max_steps (or a signal); returns the process exit code.
+
+        The loop reads the device (one host sync) only at log, eval and checkpoint steps, or every
+        step with --check_every_step: that is where losses are logged, NaN/inf is caught and,
+        under torchrun, the ranks agree to stop on a signal. A single process stops right after
+        the step in flight; under torchrun, at the next of those steps.
+        """
         cfg = self.train_cfg
         tokens_per_step = cfg.batch_size * self.model_cfg.block_size * cfg.grad_accum_steps * self.world.size
-        flops_per_token, peak = self.raw_model.flops_per_token(), peak_flops(self.device)
         if self.world.is_main:
             atomic_write_text(os.path.join(self.out_dir, "config.json"), self._config_json())
             atomic_write_text(os.path.join(self.out_dir, "tokenizer.json"),
@@ -234,38 +389,37 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.world.is_main and cfg.progress), file=sys.stderr)
         started = time.perf_counter()
-        self._window_losses = []
-        window_start, window_steps, tokens_per_s = time.perf_counter(), 0, 0.0
+        throughput = Throughput(tokens_per_step)
         try:
             if self.step == 0:  # a resumed run already evaluated at its checkpoint's step
-                self._eval_and_report(bar, tokens_per_s, started)
+                self._eval_and_report(bar, throughput.tokens_per_s, started)
             while self.step < cfg.max_steps:
-                loss, norm, lr = self.train_step()
-                self._window_losses.append(loss)
-                window_steps += 1
-                now = time.perf_counter()
-                if now > window_start:
-                    tokens_per_s = window_steps * tokens_per_step / (now - window_start)
-                bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
+                fault_trace("step", self.step)
+                self.advance()
+                throughput.count_step()
                 bar.update(1)
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    record = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                              "tokens_per_s": tokens_per_s, "elapsed_s": now - started}
-                    if peak:
-                        record["mfu"] = flops_per_token * tokens_per_s / peak
-                    self.metrics.log(record)
-                    window_start, window_steps = time.perf_counter(), 0
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                    self._eval_and_report(bar, tokens_per_s, started)
-                if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
+                at_log = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
+                at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
+                at_ckpt = bool(cfg.ckpt_interval) and self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps
+                signalled_alone = self._stop_signal is not None and not self.world.distributed
+                stop = False
+                if at_log or at_eval or at_ckpt or cfg.check_every_step or signalled_alone:
+                    loss, norm, lr = self._read_pending()
+                    if at_log:
+                        self._log_train(loss, norm, lr, throughput.measure(), time.perf_counter() - started, bar)
+                    stop = self._should_stop()
+                if at_eval:
+                    self._eval_and_report(bar, throughput.tokens_per_s, started)
+                if at_ckpt:
                     self.save_checkpoint()
-                if self._should_stop():
+                if stop:
                     break
+            if self._saved_step != self.step:
+                self.save_checkpoint()  # a second signal during this write leaves the previous checkpoint
         finally:
             bar.close()
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
-        self.save_checkpoint()
         if self._stop_signal is None:
             self._finish(started)
         elif self.world.is_main:
@@ -276,9 +430,12 @@ class Trainer:
         return 0 if self._stop_signal is None else 128 + self._stop_signal
 
     def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # the second one: leave now, whatever is in flight
+            raise Interrupted(signum)
         self._stop_signal = signum
 
     def _should_stop(self):
+        """Whether any rank got a signal (an all-reduce under torchrun: call at the agreed steps only)."""
         return any_rank(self._stop_signal is not None, self.world, self.device)
 
     # ----------------------------------------------------------------- reporting
@@ -297,17 +454,31 @@ class Trainer:
         print(f"fastlm: backends: {backends}")
         print(TABLE_HEADER)
 
+    def _log_train(self, loss, norm, lr, tokens_per_s, elapsed, bar):
+        """The metrics.jsonl record of a log step, and the progress bar's values (the last logged)."""
+        finite = math.isfinite(loss)  # not, only on a step --skip_nonfinite_steps skipped
+        record = {"type": "train", "step": self.step, "loss": loss if finite else None, "lr": lr,
+                  "grad_norm": norm if norm is None or math.isfinite(norm) else None,
+                  "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
+        if self.peak_flops:
+            record["mfu"] = self.raw_model.flops_per_token() * tokens_per_s / self.peak_flops
+        if self.train_cfg.skip_nonfinite_steps:
+            record["skipped_steps"] = self.skipped_steps
+        self.metrics.log(record)
+        if finite:
+            bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
+
     def _eval_and_report(self, bar, tokens_per_s, started):
         """Evaluate val loss (and, with --eval_train_split, train loss) and print a table row.
 
         Without --eval_train_split the train column is the mean training-batch loss since the
         previous eval, which costs nothing; the val loss is always measured in eval mode.
         """
+        fault_trace("eval", self.step)
         losses = self.evaluate(("train", "val") if self.train_cfg.eval_train_split else ("val",))
         if "train" not in losses:
-            window = self._window_losses
-            losses["train"] = sum(window) / len(window) if window else None
-        self._window_losses = []
+            losses["train"] = self.window_loss_sum / self.window_steps if self.window_steps else None
+        self.window_loss_sum, self.window_steps = 0.0, 0
         record = eval_record(self.step, losses, get_lr(max(self.step - 1, 0), self.train_cfg))
         self.metrics.log(record)
         if self.world.is_main:
@@ -327,7 +498,8 @@ class Trainer:
             return
         print()
         print(self.metrics.finish(self.train_cfg.eval_train_split))
-        print(f"\nwrote {os.path.join(self.out_dir, CKPT_NAME)}, metrics.jsonl and loss.png in {self.out_dir}")
+        print(f"\nwrote {CKPT_NAME} (the newest of {self.train_cfg.keep_checkpoints} kept), metrics.jsonl and "
+              f"loss.png in {self.out_dir}")
         if self.train_cfg.sample_tokens:
             print("\nsample:\n" + sample_text(self.raw_model, self.tokenizer, "\n", self.train_cfg.sample_tokens,
                                              temperature=0.8, top_k=20, seed=self.train_cfg.seed,
@@ -342,16 +514,32 @@ def weights_digest(model):
     return digest.hexdigest()
 
 
+def _warn(message):
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None):
-    code = 2
+    code, trainer = 2, None
     try:
         run = parse_args(argv, prog=PROG, description="Train a GPT with fastlm.")
-        code = Trainer(run).train()
+        trainer = Trainer(run)
+        code = trainer.train()
     except (ConfigError, ops.BackendUnavailable) as exc:
         fail(PROG, str(exc), code=2)
     except TrainingError as exc:
         fail(PROG, str(exc), code=1)
+    except OSError as exc:  # e.g. a full disk while writing metrics: one line, not a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        fail(PROG, f"cannot write{where}: {exc.strerror or exc}", code=1)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        saved = f" (step {trainer._saved_step})" if trainer is not None and trainer._saved_step is not None else ""
+        print(f"{PROG}: interrupted by signal {signum}: exiting at once; the last good checkpoint{saved} is kept",
+              file=sys.stderr)
+        code = 128 + signum
     finally:
+        if trainer is not None:
+            trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return code

@@ -39,6 +39,9 @@ def test_two_gloo_ranks_end_with_identical_weights_and_resume(tmp_path):
     assert len(ckpt["rng"]) == 2
     # Each rank drew its own batches: the two samplers' states differ.
     assert not torch.equal(ckpt["rng"][0]["sampler"], ckpt["rng"][1]["sampler"])
+    # ... and its own dropout masks: rank 1 reseeds torch with seed + 1 after building the model
+    # (the same initial weights on both), so the two torch RNG states differ too.
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     resumed = torchrun(*tiny_args(out, "--resume", steps=9))
     assert resumed.returncode == 0, diagnose(resumed)
     final = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "final"]

@@ -9,9 +9,11 @@ import time
 import pytest
 import torch
 
+from fastlm import metrics as metrics_mod
 from fastlm import train as train_mod
 from fastlm.config import TrainConfig
 from fastlm.metrics import read_metrics
+from fastlm.plots import loss_curves
 from fastlm.train import get_lr
 from tests.helpers import run_cli, tiny_args
 
@@ -59,11 +61,25 @@ def test_end_to_end_training_writes_outputs(tmp_path, capsys):
     assert config["model"]["d_model"] == 32 and config["train"]["max_steps"] == 30
 
 
-def test_eval_train_split_measures_train_loss_in_eval_mode(tmp_path):
+def test_eval_train_split_measures_train_loss_in_eval_mode(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    plotted = []
+    original = metrics_mod.save_loss_plot
+
+    def spy(records, path, train_measured=False):
+        plotted.append(train_measured)
+        return original(records, path, train_measured=train_measured)
+
+    monkeypatch.setattr(metrics_mod, "save_loss_plot", spy)
     assert train_mod.main(tiny_args(out, "--eval_train_split", "true", steps=2)) == 0
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
+    records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if r["type"] == "eval"]
     assert all(isinstance(e["train_loss"], float) for e in evals)
+    # The plot labels that curve as measured in eval mode, not as the mean since the last eval.
+    assert plotted == [True]
+    labels = [label for label, _, _ in loss_curves(records, train_measured=True)]
+    assert labels == ["train (batch)", "train (eval mode)", "val"]
+    assert [label for label, _, _ in loss_curves(records)][1] == "train (mean since the last eval)"
 
 
 def stop_at(step):
@@ -102,6 +118,119 @@ def test_resume_takes_architecture_from_checkpoint(tmp_path):
     assert json.loads((out / "config.json").read_text())["model"]["n_kv_head"] == 1
 
 
+def evals(out_dir):
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+            if r["type"] == "eval"]
+
+
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(("the quick brown fox jumps over the lazy dog. " * 40 + "pack my box with five dozen liquor jugs. "
+                     * 40 + "how vexingly quick daft zebras jump! " * 40) * 3)
+    return path
+
+
+def non_default(kind, tmp_path):
+    """Flags of a run that differs from the defaults in what it computes."""
+    if kind == "batch_lr_accum":
+        return ["--batch_size", "3", "--lr", "2e-3", "--min_lr", "1e-4", "--grad_accum_steps", "2", "--seed", "7",
+                "--warmup_steps", "3", "--weight_decay", "0.05", "--grad_clip", "0.5"]
+    if kind == "bpe_text":
+        return ["--data", corpus(tmp_path), "--tokenizer", "bpe", "--vocab_size", "300"]
+    from fastlm.prepare import prepare
+
+    token_file = tmp_path / "corpus.tok"
+    prepare(str(corpus(tmp_path)), str(token_file), "bpe", 300)
+    return ["--data", token_file, "--vocab_size", "300"]
+
+
+@pytest.mark.parametrize("kind", ["batch_lr_accum", "bpe_text", "token_file"])
+def test_resume_with_only_resume_and_out_dir_continues_exactly(tmp_path, monkeypatch, kind):
+    """`--resume --out_dir X` alone: every setting comes back from the checkpoint, and the run
+    ends bit for bit as the uninterrupted one (losses, evals, weights, config)."""
+    extra = [*non_default(kind, tmp_path), "--eval_interval", "3", "--eval_iters", "1"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_mod.main(tiny_args(full, *extra, steps=8)) == 0
+    monkeypatch.setattr(train_mod.Trainer, "_should_stop", stop_at(4))
+    assert train_mod.main(tiny_args(split, *extra, steps=8)) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert train_mod.main(["--resume", "--out_dir", str(split)]) == 0
+    assert losses(full) == losses(split) and sorted(losses(split)) == list(range(1, 9))
+    assert evals(full) == evals(split) and [e[0] for e in evals(split)] == [0, 3, 6, 8]
+    wa = torch.load(full / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(split / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    config_a, config_b = (json.loads((d / "config.json").read_text()) for d in (full, split))
+    for config in (config_a, config_b):
+        config["train"].pop("out_dir"), config["train"].pop("resume")
+    assert config_a == config_b
+
+
+def test_resume_restores_the_training_config_and_max_steps_extends_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = ["--batch_size", "5", "--lr", "1e-3", "--eval_interval", "3", "--eval_iters", "1", "--seed", "11"]
+    assert train_mod.main(tiny_args(out, *first, steps=4)) == 0
+    before = json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    assert train_mod.main(["--resume", "--out_dir", str(out), "--max_steps", "7"]) == 0
+    changes = [line for line in capsys.readouterr().out.splitlines() if "resuming with changes" in line]
+    assert changes == ["fastlm: resuming with changes: max_steps 4 -> 7 (the cosine schedule now ends there)"]
+    after = json.loads((out / "config.json").read_text())
+    assert after["train"] == {**before["train"], "max_steps": 7, "resume": True}
+    assert after["model"] == before["model"]
+    assert [e[0] for e in evals(out)] == [0, 3, 4, 6, 7]  # eval_interval 3 came back (4: the first run's end)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    assert train_mod.main(tiny_args(out, "--lr", "3e-3", steps=2)) == 0
+    return out
+
+
+@pytest.mark.parametrize("flag,value", [("batch_size", "5"), ("lr", "1e-2"), ("grad_accum_steps", "2"),
+                                        ("seed", "3"), ("dtype", "bfloat16"), ("tokenizer", "bpe"),
+                                        ("warmup_steps", "5"), ("dropout", "0.0")])
+def test_resume_refuses_a_change_of_what_the_run_computes(finished_run, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--resume", "--out_dir", str(finished_run), "--max_steps", "3", f"--{flag}", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--{flag} " in err[0] and "--override_resume_config" in err[0], err
+
+
+def test_override_resume_config_says_what_changed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--lr", "3e-3", steps=2)) == 0
+    capsys.readouterr()
+    assert train_mod.main(["--resume", "--out_dir", str(out), "--max_steps", "3", "--lr", "1e-3",
+                           "--override_resume_config"]) == 0
+    changes = [line for line in capsys.readouterr().out.splitlines() if "resuming with changes" in line]
+    assert len(changes) == 1 and "lr 0.003 -> 0.001 (overridden)" in changes[0]
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-3
+
+
+def test_resume_on_changed_data_is_an_error(tmp_path, capsys):
+    text = corpus(tmp_path)
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--data", text, steps=2)) == 0
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["data"]
+    assert saved["source"] == str(text) and saved["fingerprint"].startswith("sha256:")
+    text.write_text(text.read_text().replace("fox", "cat"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--resume", "--out_dir", str(out), "--max_steps", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not what the checkpoint trained on" in err[0], err
+    assert train_mod.main(["--resume", "--out_dir", str(out), "--max_steps", "3", "--override_resume_config"]) == 0
+    assert "is not what the checkpoint trained on" in capsys.readouterr().out
+    text.unlink()  # gone: an error too, never a silent switch to the embedded corpus
+    with pytest.raises(SystemExit):
+        train_mod.main(["--resume", "--out_dir", str(out), "--max_steps", "4"])
+    assert "data path not found" in capsys.readouterr().err
+
+
 def test_sigint_saves_a_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fastlm.train", *tiny_args(out, steps=100000)],
@@ -136,7 +265,8 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypatch, ca
         train_mod.main(tiny_args(out, "--resume", "--ckpt_interval", "1", steps=10))
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "loss became nan at step 3" in err[0]
+    # Steps are numbered as in metrics.jsonl: the 4th step, the first after the checkpoint of step 3.
+    assert len(err) == 1 and "loss became nan at step 4" in err[0] and "step 3, is kept" in err[0]
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -238,6 +368,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", "--d_model", "64", steps=4)),
                     "incompatible", "d_model")
     after = {p.name: p.read_bytes() for p in out.iterdir()}
+    before.pop(".lock"), after.pop(".lock")  # each run writes its pid into the lock file
     assert before == after
 
 
