@@ -272,6 +272,15 @@ class Trainer:
         self.advance()
         return self._read_pending()
 
+    def _loss_scale(self):
+        """The GradScaler's scale as it stands (a device tensor: no host sync), so that the fused
+        loss stores its fp16 gradient already scaled; None without a scaler."""
+        if self.scaler is None:
+            return None
+        # GradScaler keeps the scale on the device in _scale; before its first scale() call,
+        # get_scale() returns the initial scale without touching the device.
+        return self.scaler._scale if self.scaler._scale is not None else self.scaler.get_scale()
+
     def advance(self):
         """One optimizer step over grad_accum_steps micro-batches.
 
@@ -290,7 +299,7 @@ class Trainer:
             # Under DDP, gradients are all-reduced only in the last micro-batch's backward.
             skip_sync = self.world.distributed and micro < accum - 1
             with self.model.no_sync() if skip_sync else contextlib.nullcontext(), self.autocast:
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y, grad_scale=self._loss_scale())
                 loss = loss / accum
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

@@ -71,8 +71,8 @@ def poison(monkeypatch, steps, what="loss"):
     original = train_mod.GPT.forward
     calls = [0]
 
-    def poisoned(self, idx, targets=None, return_logits=False):
-        logits, loss = original(self, idx, targets, return_logits)
+    def poisoned(self, idx, targets=None, return_logits=False, **kwargs):
+        logits, loss = original(self, idx, targets, return_logits, **kwargs)
         if self.training and loss is not None:
             calls[0] += 1
             if calls[0] in steps:

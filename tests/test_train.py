@@ -256,8 +256,8 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypatch, ca
     before = (out / "ckpt.pt").read_bytes()
     original = train_mod.GPT.forward
 
-    def poisoned(self, idx, targets=None, return_logits=False):
-        logits, loss = original(self, idx, targets, return_logits)
+    def poisoned(self, idx, targets=None, return_logits=False, **kwargs):
+        logits, loss = original(self, idx, targets, return_logits, **kwargs)
         return logits, (loss * float("nan") if self.training and loss is not None else loss)
 
     monkeypatch.setattr(train_mod.GPT, "forward", poisoned)
