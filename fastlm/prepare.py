@@ -232,10 +232,11 @@ def _init_worker(spec):
 
 
 def _tokenize(pieces):
-    """Token ids (uint32) of the pieces of one task, and the number of documents they start."""
+    """Token ids (the shard dtype) of the pieces of one task, and the number of documents they start."""
     arrays = [document_tokens(_worker_tokenizer, text) if starts else _worker_tokenizer.encode_array(text)
               for text, starts in pieces]
-    ids = np.concatenate(arrays).astype(np.uint32) if arrays else np.zeros(0, np.uint32)
+    dtype = shard_dtype(_worker_tokenizer.vocab_size)  # half the bytes back from the worker for uint16
+    ids = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
     return ids, sum(1 for _, starts in pieces if starts)
 
 
