@@ -323,7 +323,7 @@ def _shards_tokenizer(flavour, manifest, directory, tokenizer_kind, tokenizer_fi
     if manifest is not None:
         tok = tokenizer_from_dict(manifest["tokenizer"])
         if tokenizer_file and getattr(tok, "file", 1) is None:
-            tok.file = tokenizer_file
+            tok.file = os.path.abspath(tokenizer_file)
         return tok
     meta = os.path.join(directory, "meta.pkl")
     if flavour == "nanogpt" and os.path.isfile(meta):

@@ -350,7 +350,7 @@ def prepare_shards(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_
                               "remove the directory to start afresh")
         tokenizer = tokenizer_from_dict(state["tokenizer"])
         if tokenizer_file and hasattr(tokenizer, "file"):
-            tokenizer.file = tokenizer_file
+            tokenizer.file = os.path.abspath(tokenizer_file)
         val_tokens = state["val_tokens"]
         carry = np.load(os.path.join(out, CARRY_NAME))
     else:

@@ -10,6 +10,7 @@ per line; GPT-2's ranks are r50k_base.tiktoken). A tokenizer is saved in checkpo
 The encoding is loaded lazily: training on shards that are already tokenized needs only the
 vocabulary size, which is known for the named encodings without their file.
 """
+import os
 import pickle
 from unittest import mock
 
@@ -74,7 +75,7 @@ class TiktokenTokenizer:
 
     def __init__(self, name, file=None, encoding=None):
         self.kind = name  # what the run prints: "gpt2 tokenizer"
-        self.name, self.file = name, file
+        self.name, self.file = name, (os.path.abspath(file) if file else None)  # saved: works from any cwd
         self._encoding = encoding
         self._vocab_size = encoding.n_vocab if encoding is not None else TIKTOKEN_VOCAB.get(name)
         if self._vocab_size is None:
@@ -101,7 +102,17 @@ class TiktokenTokenizer:
         return np.asarray(self.encode(text), dtype=np.uint32)
 
     def decode(self, ids):
-        return self.encoding.decode([int(i) for i in ids if 0 <= int(i) < self.encoding.n_vocab])
+        ids = [int(i) for i in ids]
+        try:
+            return self.encoding.decode(ids)
+        except KeyError:  # an id the encoding lacks (a gap in its ranks, a padding row): skip it
+            pieces = []
+            for i in ids:
+                try:
+                    pieces.append(self.encoding.decode_single_token_bytes(i))
+                except KeyError:
+                    pass
+            return b"".join(pieces).decode("utf-8", errors="replace")
 
     def to_dict(self):
         return {"kind": "tiktoken", "name": self.name, "file": self.file, "vocab_size": self._vocab_size}
