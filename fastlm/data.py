@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -359,6 +360,11 @@ def _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokeni
     for tokens, what in ((train, "training"), (val, "validation")):
         if len(tokens) < block_size + 1:
             raise DataError(f"{path}: the {what} tokens ({len(tokens)}) are fewer than block_size + 1 = {block_size + 1}")
+    if hasattr(tok, "can_load_offline") and not tok.can_load_offline():
+        # Training needs only the ids; decoding (the end-of-run sample, fastlm.sample) needs the file.
+        warnings.warn(f"the {tok.kind} tokenizer's BPE file is neither cached nor given: training works, "
+                      "sampling will try to download it (set TIKTOKEN_CACHE_DIR, pass --tokenizer_file, "
+                      "or --sample_tokens 0)", stacklevel=2)
     source = f"{path} ({flavour} shards: {len(train_files)} train, {len(val_files)} val)"
     return TokenData(train=train, val=val, tokenizer=tok, source=source)
 

@@ -354,7 +354,8 @@ def prepare_shards(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_
         val_tokens = state["val_tokens"]
         carry = np.load(os.path.join(out, CARRY_NAME))
     else:
-        if os.path.isdir(out) and os.listdir(out):
+        # a run killed before its first resume point leaves at most half-written temporaries
+        if os.path.isdir(out) and any(".tmp-" not in name for name in os.listdir(out)):
             raise ConfigError(f"--out {out} exists and is not empty; choose a new directory")
         if tokenizer_kind == "bpe":
             texts = _bpe_training_texts(files, text_field, bpe_train_mb * 1e6)

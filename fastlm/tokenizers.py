@@ -21,6 +21,23 @@ TIKTOKEN_VOCAB = {"gpt2": 50257, "r50k_base": 50257, "p50k_base": 50281, "cl100k
                   "o200k_base": 200019}
 TIKTOKEN_NAMES = tuple(TIKTOKEN_VOCAB)
 _FILE_HINT = {"gpt2": "r50k_base.tiktoken (the same ranks as gpt2)"}
+_BLOB = "https://openaipublic.blob.core.windows.net/"
+# The files tiktoken fetches per encoding (tiktoken_ext/openai_public.py): where its cache keeps them.
+_TIKTOKEN_URLS = {
+    "gpt2": (_BLOB + "gpt-2/encodings/main/vocab.bpe", _BLOB + "gpt-2/encodings/main/encoder.json"),
+    **{name: (f"{_BLOB}encodings/{name}.tiktoken",) for name in ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")},
+}
+
+
+def tiktoken_cached(name):
+    """Whether tiktoken's cache holds the files of encoding `name` (no download is tried)."""
+    import hashlib
+    import tempfile
+
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    cache = os.path.join(tempfile.gettempdir(), "data-gym-cache") if cache is None else cache
+    return bool(cache) and all(os.path.isfile(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
+                               for url in _TIKTOKEN_URLS.get(name, ("",)))
 
 
 def _data_error(message):
@@ -80,6 +97,10 @@ class TiktokenTokenizer:
         self._vocab_size = encoding.n_vocab if encoding is not None else TIKTOKEN_VOCAB.get(name)
         if self._vocab_size is None:
             self._vocab_size = self.encoding.n_vocab
+
+    def can_load_offline(self):
+        """Whether the encoding is loaded, or a local file or tiktoken's cache holds it."""
+        return self._encoding is not None or bool(self.file and os.path.isfile(self.file)) or tiktoken_cached(self.name)
 
     @property
     def encoding(self):

@@ -268,6 +268,9 @@ def test_tiktoken_from_cache_dir(tmp_path, monkeypatch, tiktoken_file):
     # The small file is not the real cl100k ranks: accept its hash, and make any download an error.
     monkeypatch.setattr(tiktoken.load, "check_hash", lambda data, expected: True)
     monkeypatch.setattr(tiktoken.load, "read_file", lambda url: (_ for _ in ()).throw(ConnectionError(url)))
+    from fastlm.tokenizers import tiktoken_cached
+
+    assert tiktoken_cached("cl100k_base") and not tiktoken_cached("o200k_base")
     tok = make_tokenizer("cl100k_base", None)
     assert tok.vocab_size == 100277 and tok.eot_token == 100257
     assert tok.to_dict()["file"] is None  # a checkpoint names it; the cache provides it again
