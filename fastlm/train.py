@@ -20,7 +20,7 @@ import torch.distributed as dist
 from fastlm import ops
 from fastlm.checkpoint import CKPT_FORMAT, CKPT_NAME, load_checkpoint, resume_config, save_checkpoint
 from fastlm.config import ConfigError, fail, parse_args
-from fastlm.data import BatchSampler, load_data, tokenizer_from_dict
+from fastlm.data import BatchSampler, eval_batches, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
 from fastlm.files import atomic_write_text
 from fastlm.metrics import TABLE_HEADER, MetricsLog, eval_record, peak_flops, table_row
@@ -64,7 +64,9 @@ class Trainer:
             raise ConfigError("dtype float16 needs a CUDA device (use bfloat16 on CPU)")
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else None
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
-                              self.model_cfg.block_size, tokenizer)
+                              self.model_cfg.block_size, tokenizer, tokenizer_file=train_cfg.tokenizer_file,
+                              fit_vocab=ckpt is None and "vocab_size" not in run.explicit)
+        self.model_cfg.vocab_size = max(self.model_cfg.vocab_size, self.data.vocab_size)  # e.g. gpt2: 50257
         self.tokenizer = self.data.tokenizer
 
         compute_dtype = getattr(torch, train_cfg.dtype)
@@ -80,9 +82,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if train_cfg.dtype == "float16" else None
         self.autocast = (torch.autocast(self.device.type, dtype=compute_dtype)
                          if train_cfg.dtype != "float32" else contextlib.nullcontext())
-        # Each rank draws its own windows: the sampler seed depends on the rank.
+        # Every rank shares the seed and takes its own slice of each step's windows (disjoint draws).
         self.train_batches = BatchSampler(self.data.train, self.model_cfg.block_size, train_cfg.batch_size,
-                                          seed=train_cfg.seed + 1 + self.world.rank, device=self.device)
+                                          seed=train_cfg.seed + 1, device=self.device, order=train_cfg.data_order,
+                                          rank=self.world.rank, world_size=self.world.size)
         self.step = 0
         if ckpt is not None:
             self._restore(ckpt)
@@ -123,7 +126,7 @@ class Trainer:
         return ckpt
 
     def _rng_state(self):
-        state = {"torch": torch.get_rng_state(), "sampler": self.train_batches.state_dict()["generator"]}
+        state = {"torch": torch.get_rng_state(), "sampler": self.train_batches.state_dict()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -140,7 +143,7 @@ class Trainer:
                   f"{self.world.size}; batches and dropout will not match the original run exactly", file=sys.stderr)
         state = states[self.world.rank % len(states)]
         torch.set_rng_state(state["torch"])
-        self.train_batches.load_state_dict({"generator": state["sampler"]})
+        self.train_batches.load_state_dict(state["sampler"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
@@ -169,11 +172,10 @@ class Trainer:
         tokens_of = {"train": self.data.train, "val": self.data.val}
         result = {}
         for split in splits:
-            batches = BatchSampler(tokens_of[split], self.model_cfg.block_size, self.train_cfg.batch_size,
-                                   seed=self.train_cfg.seed + 10_000 + self.world.rank, device=self.device)
+            batches = eval_batches(tokens_of[split], self.model_cfg.block_size, self.train_cfg.batch_size,
+                                   self.train_cfg.eval_iters, self.device, self.world.rank, self.world.size)
             total = torch.zeros((), device=self.device, dtype=torch.float64)
-            for _ in range(self.train_cfg.eval_iters):
-                x, y = batches.next()
+            for x, y in batches:
                 with self.autocast:
                     _, loss = self.raw_model(x, y)
                 total += loss.double()

@@ -275,3 +275,32 @@ def test_tiktoken_from_cache_dir(tmp_path, monkeypatch, tiktoken_file):
     assert tok.vocab_size == 100277 and tok.eot_token == 100257
     assert tok.to_dict()["file"] is None  # a checkpoint names it; the cache provides it again
     assert tok.decode(tok.encode("the band")) == "the band"
+
+
+# --------------------------------------------------------------------------- training on shards (needs the train.py hooks)
+
+def test_train_on_llmc_shards_takes_gpt2_vocab_and_resumes_sequential_order_exactly(tmp_path, monkeypatch):
+    import torch
+
+    from fastlm import train as train_mod
+    from tests.test_train import losses, stop_at
+
+    rng = np.random.default_rng(4)
+    llmc_write(tmp_path / "fineweb_val_000000.bin", rng.integers(0, 50257, 2000))
+    for i in (1, 2):
+        llmc_write(tmp_path / f"fineweb_train_{i:06d}.bin", rng.integers(0, 50257, 3001))
+    args = ["--data", tmp_path / "fineweb_train_*.bin", "--data_order", "sequential", "--ckpt_interval", "3"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_mod.main(tiny_args(full, *args, steps=6)) == 0
+    saved = json.loads((full / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 50257  # from the tokenizer, not the default 256
+    assert json.loads((full / "tokenizer.json").read_text())["name"] == "gpt2"
+    monkeypatch.setattr(train_mod.Trainer, "_should_stop", stop_at(3))
+    train_mod.main(tiny_args(split, *args, steps=6))
+    monkeypatch.undo()
+    assert train_mod.main(tiny_args(split, *args, "--resume", steps=6)) == 0
+    assert losses(full) == losses(split)
+    wa = torch.load(full / "ckpt.pt", weights_only=True)
+    wb = torch.load(split / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert wa["rng"][0]["sampler"]["position"] == 6 * 4  # 6 steps of batch 4 windows
