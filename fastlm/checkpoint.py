@@ -40,7 +40,7 @@ QUIET_FLAGS = INVOCATION_FLAGS | {"progress"}
 # unless --override_resume_config.
 RESUME_OVERRIDABLE = QUIET_FLAGS | {"max_steps", "eval_interval", "eval_iters", "eval_train_split", "log_interval",
                                     "ckpt_interval", "keep_checkpoints", "skip_nonfinite_steps", "check_every_step",
-                                    "sample_tokens", "compile", "device"}
+                                    "sample_tokens", "compile", "device", "tokenizer_file"}
 
 
 # --------------------------------------------------------------------------- fault injection

@@ -4,12 +4,16 @@ The embedded default corpus is twelve works of Shakespeare (about 1.5 MB of plai
 from the public-domain Project Gutenberg texts), shipped gzipped inside the package so that
 training needs no download.
 
-Data can be: nothing (the embedded corpus), a UTF-8 text file, a directory of .txt files, or a
-token file written by `python -m fastlm.prepare` (a small JSON header followed by uint16/uint32
-token ids, read through a memmap so large corpora are never loaded whole).
-The split is 90/10 train/val; batches are random windows drawn from a seeded torch.Generator
-whose state goes into the checkpoint, so a resumed run sees the same batches. Every source has a
-content fingerprint, which the checkpoint records so that a run never resumes on other data.
+Data can be: nothing (the embedded corpus), a UTF-8 text file, a directory of .txt files, a
+directory or glob of token shards (written by `python -m fastlm.prepare`, llm.c or
+modded-nanogpt; nanoGPT's train.bin/val.bin), or a single token file from older versions of
+`fastlm.prepare` (a JSON header followed by uint16/uint32 ids). Tokens on disk are read through
+memory maps (fastlm.shards), so large corpora are never loaded whole.
+Text is split 90/10 train/val; shards bring their own val shard (else the same 90/10 cut).
+Batches are random windows (or an epoch-ordered sequence) drawn from a seeded torch.Generator
+whose state and position go into the checkpoint, so a resumed run sees the same batches. Every
+source has a content fingerprint, which the checkpoint records so that a run never resumes on
+other data.
 """
 import glob
 import gzip
@@ -17,6 +21,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +29,7 @@ import torch
 
 from fastlm.config import ConfigError
 from fastlm.files import atomic_write
+from fastlm.shards import TokenShards, find_shards, gather_windows, looks_like_shards, open_shards
 
 CORPUS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "shakespeare.txt.gz")
 TOKEN_FILE_MAGIC = b"FASTLMTK"
@@ -95,13 +101,55 @@ class BPETokenizer:
 
 
 def tokenizer_from_dict(spec):
-    if not isinstance(spec, dict) or spec.get("kind") not in ("byte", "bpe"):
+    """The tokenizer that `tokenizer.to_dict()` describes (as saved in checkpoints and manifests)."""
+    from fastlm.tokenizers import CharTokenizer, TiktokenTokenizer
+
+    if not isinstance(spec, dict) or spec.get("kind") not in ("byte", "bpe", "tiktoken", "char"):
         raise DataError(f"unknown tokenizer description: {str(spec)[:80]}")
     if spec["kind"] == "byte":
         return ByteTokenizer()
+    if spec["kind"] == "tiktoken":
+        return TiktokenTokenizer.from_dict(spec)
+    if spec["kind"] == "char":
+        return CharTokenizer(spec["chars"])
     from tokenizers import Tokenizer
 
     return BPETokenizer(Tokenizer.from_str(spec["json"]))
+
+
+def make_tokenizer(kind, vocab_size, texts=(), tokenizer_file=None):
+    """A new tokenizer of `kind`: byte, bpe (trained on `texts` to vocab_size) or a tiktoken name."""
+    from fastlm.tokenizers import TIKTOKEN_NAMES, TiktokenTokenizer
+
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        if vocab_size is None:
+            raise ConfigError("--tokenizer bpe needs --vocab_size (the vocabulary to train, > 256)")
+        return BPETokenizer.train(texts, vocab_size)
+    if kind in TIKTOKEN_NAMES:
+        tok = TiktokenTokenizer(kind, tokenizer_file)
+        tok.encoding  # load now: a missing BPE file is reported before any work
+        return tok
+    raise ConfigError(f"unknown tokenizer {kind!r}: byte, bpe or one of {', '.join(TIKTOKEN_NAMES)}")
+
+
+def same_tokenizer(a, b):
+    """Whether two tokenizers give the same ids (a tiktoken file's path may differ)."""
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("file", None)
+    db.pop("file", None)
+    return da == db
+
+
+def document_tokens(tokenizer, text):
+    """Token ids of one document: tokenizers with an end-of-text token put it before each document
+    (as llm.c and modded-nanogpt do), so a document's first token is never predicted from another's."""
+    ids = tokenizer.encode_array(text)
+    eot = getattr(tokenizer, "eot_token", None)
+    if eot is None:
+        return ids
+    return np.concatenate([np.array([eot], dtype=ids.dtype), ids])
 
 
 # --------------------------------------------------------------------------- text sources
@@ -125,6 +173,12 @@ def text_files(path):
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
         if not files:
+            others = [p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p)]
+            if not others:
+                raise DataError(f"data directory {path} is empty (no .txt files)")
+            if any(p.endswith((".jsonl", ".jsonl.gz", ".parquet")) for p in others):
+                raise DataError(f"no .txt files in directory {path}; for .jsonl/.parquet run "
+                                f"python -m fastlm.prepare --data {path} --out DIR, then train with --data DIR")
             raise DataError(f"no .txt files in directory {path}")
         return files
     if not os.path.exists(path):
@@ -212,34 +266,37 @@ def split_tokens(tokens, block_size, source):
     return train, val
 
 
-def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None):
-    """Load and tokenize the training data.
+def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None, tokenizer_file=None, fit_vocab=False):
+    """Load (and for text, tokenize) the training data.
 
-    tokenizer: an existing tokenizer (from a checkpoint) to reuse instead of building one.
-    Returns TokenData with 1-D integer arrays; raises DataError for unusable data.
+    tokenizer: an existing tokenizer (from a checkpoint) to reuse instead of building one; data
+    that brings its own (shards, token files) must match it. vocab_size: the run's vocabulary
+    (None: the tokenizer's); fit_vocab: raise it to the tokenizer's when smaller (vocab_size was
+    a default, not a choice). tokenizer_file: a local .tiktoken file for tiktoken names.
+    Returns TokenData (train/val: 1-D arrays or TokenShards); raises DataError for unusable data.
     """
+    if path is not None and looks_like_shards(path):
+        return _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokenizer_file, fit_vocab)
     if path is not None and is_token_file(path):
         tokens, header = read_token_file(path)
         tok = tokenizer_from_dict(header["tokenizer"])
+        _check_same_tokenizer(tokenizer, tok, path)
+        vocab_size = run_vocab_size(vocab_size, tok, fit_vocab)
         if header["vocab_size"] > vocab_size:
             raise DataError(f"{path} was tokenized with vocabulary {header['vocab_size']}, larger than the "
                             f"model's vocab_size {vocab_size}")
         source, fingerprint = path, file_fingerprint(path)
     else:
         if path is None:
-            text, source = embedded_corpus(), "the embedded corpus"
+            texts, source = [embedded_corpus()], "the embedded corpus"
         else:
-            text, source = "".join(_read_text_file(p) for p in text_files(path)), path
-        if not text:
+            texts, source = [_read_text_file(p) for p in text_files(path)], path
+        if not any(texts):
             raise DataError(f"{source} is empty")
-        fingerprint = text_fingerprint(text)
-        if tokenizer is not None:
-            tok = tokenizer
-        elif tokenizer_kind == "byte":
-            tok = ByteTokenizer()
-        else:
-            tok = BPETokenizer.train([text], vocab_size)
-        tokens = tok.encode_array(text)
+        fingerprint = text_fingerprint("".join(texts))
+        tok = tokenizer if tokenizer is not None else make_tokenizer(tokenizer_kind, vocab_size, texts, tokenizer_file)
+        tokens = np.concatenate([document_tokens(tok, t) for t in texts if t])
+    vocab_size = run_vocab_size(vocab_size, tok, fit_vocab)
     if len(tokens) == 0:
         raise DataError(f"{source} holds no tokens")
     if tok.vocab_size > vocab_size:
@@ -278,37 +335,180 @@ def file_fingerprint(path):
     return "sampled-sha256:" + digest.hexdigest()
 
 
+def shards_fingerprint(paths):
+    """'shards-sha256:<hex>' of every shard's name, size, first and last 1 MiB: cheap enough to
+    check a corpus of many GB at every resume, and it changes when a shard is replaced."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = os.path.getsize(path)
+        digest.update(f"{os.path.basename(path)}:{size}".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(_BLOCK_BYTES))
+            f.seek(max(0, size - _BLOCK_BYTES))
+            digest.update(f.read(_BLOCK_BYTES))
+    return "shards-sha256:" + digest.hexdigest()
+
+
+def run_vocab_size(vocab_size, tokenizer, fit_vocab=False):
+    """The vocabulary the run checks ids against: vocab_size, or the tokenizer's where that is None
+    or (fit_vocab) larger. The model pads its rows further (GPTConfig.pad_vocab_to)."""
+    if vocab_size is None or (fit_vocab and tokenizer.vocab_size > vocab_size):
+        return tokenizer.vocab_size
+    return vocab_size
+
+
+def _check_same_tokenizer(run_tokenizer, data_tokenizer, source):
+    if run_tokenizer is not None and not same_tokenizer(run_tokenizer, data_tokenizer):
+        raise DataError(f"tokenizer mismatch: {source} was tokenized with {data_tokenizer.kind} "
+                        f"(vocab {data_tokenizer.vocab_size}) but the checkpoint's tokenizer is "
+                        f"{run_tokenizer.kind} (vocab {run_tokenizer.vocab_size})")
+
+
+def _shards_tokenizer(flavour, manifest, directory, tokenizer_kind, tokenizer_file):
+    """The tokenizer of a shard set: the manifest's; nanoGPT's meta.pkl (else GPT-2, as nanoGPT
+    assumes); for llm.c / modded-nanogpt shards GPT-2 unless --tokenizer names another encoding."""
+    from fastlm.tokenizers import TIKTOKEN_NAMES, CharTokenizer, TiktokenTokenizer
+
+    if manifest is not None:
+        tok = tokenizer_from_dict(manifest["tokenizer"])
+        if tokenizer_file and getattr(tok, "file", 1) is None:
+            tok.file = os.path.abspath(tokenizer_file)
+        return tok
+    meta = os.path.join(directory, "meta.pkl")
+    if flavour == "nanogpt" and os.path.isfile(meta):
+        return CharTokenizer.from_meta_pkl(meta)
+    return TiktokenTokenizer(tokenizer_kind if tokenizer_kind in TIKTOKEN_NAMES else "gpt2", tokenizer_file)
+
+
+def _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokenizer_file, fit_vocab):
+    train_files, val_files, manifest, flavour = find_shards(path)
+    tok = _shards_tokenizer(flavour, manifest, os.path.dirname(train_files[0]), tokenizer_kind, tokenizer_file)
+    _check_same_tokenizer(tokenizer, tok, path)
+    if tokenizer is not None:
+        tok = tokenizer
+    vocab_size = run_vocab_size(vocab_size, tok, fit_vocab)
+    if tok.vocab_size > vocab_size:
+        raise DataError(f"{path} was tokenized with vocabulary {tok.vocab_size} ({tok.kind}), larger than the "
+                        f"model's vocab_size {vocab_size}")
+    train = open_shards(train_files)
+    val = open_shards(val_files) if val_files else None
+    for tokens, what in ((train, "training shards"), (val, "validation shards")):
+        if tokens is not None and len(tokens) == 0:
+            raise DataError(f"{path}: the {what} hold no tokens")
+    known_max = _manifest_max_token(manifest, train_files + val_files)
+    if known_max is not None:
+        if known_max >= vocab_size:
+            raise DataError(f"{path} holds token id {known_max}, out of range for vocab_size {vocab_size}")
+    else:
+        for tokens in (train, val):
+            if tokens is not None:
+                check_token_range(tokens, vocab_size, path)
+    if val is None:
+        train, val = split_tokens(train, block_size, path)
+    for tokens, what in ((train, "training"), (val, "validation")):
+        if len(tokens) < block_size + 1:
+            raise DataError(f"{path}: the {what} tokens ({len(tokens)}) are fewer than block_size + 1 = {block_size + 1}")
+    if hasattr(tok, "can_load_offline") and not tok.can_load_offline():
+        # Training needs only the ids; decoding (the end-of-run sample, fastlm.sample) needs the file.
+        warnings.warn(f"the {tok.kind} tokenizer's BPE file is neither cached nor given: training works, "
+                      "sampling will try to download it (set TIKTOKEN_CACHE_DIR, pass --tokenizer_file, "
+                      "or --sample_tokens 0)", stacklevel=2)
+    source = f"{path} ({flavour} shards: {len(train_files)} train, {len(val_files)} val)"
+    return TokenData(train=train, val=val, tokenizer=tok, source=source,
+                     fingerprint=shards_fingerprint(train_files + val_files))
+
+
+def _manifest_max_token(manifest, files):
+    """The largest token id in `files` as the manifest records it (checked when written), or None."""
+    if manifest is None:
+        return None
+    recorded = {entry["file"]: entry.get("max_token") for entry in manifest.get("shards", [])}
+    values = [recorded.get(os.path.basename(f)) for f in files]
+    return None if any(v is None for v in values) else max(values)
+
+
 def check_token_range(tokens, vocab_size, source, chunk=1 << 24):
     """Raise DataError when any token id is >= vocab_size (scans in chunks: memmaps stay lazy)."""
-    for start in range(0, len(tokens), chunk):
-        top = int(tokens[start:start + chunk].max())
-        if top >= vocab_size:
-            raise DataError(f"{source} holds token id {top}, out of range for vocab_size {vocab_size}")
+    for array in (tokens.arrays if isinstance(tokens, TokenShards) else [tokens]):
+        if np.iinfo(array.dtype).max < vocab_size:
+            continue  # the dtype cannot hold an id out of range
+        for start in range(0, len(array), chunk):
+            top = int(array[start:start + chunk].max())
+            if top >= vocab_size:
+                raise DataError(f"{source} holds token id {top}, out of range for vocab_size {vocab_size}")
 
 
 class BatchSampler:
-    """Random (x, y) windows of one split, drawn from its own seeded generator."""
+    """(x, y) windows of one split: random (with replacement) or, with order="sequential", the
+    non-overlapping windows in corpus order, epoch after epoch.
 
-    def __init__(self, tokens, block_size, batch_size, seed, device="cpu"):
+    Under DDP every rank builds its sampler with the same seed and its own rank: each step draws
+    batch_size * world_size windows and a rank takes its own slice, so ranks never draw the same
+    window at the same step (and, sequentially, split each epoch disjointly). The generator and
+    the position (windows drawn so far) are the state a checkpoint keeps.
+    """
+
+    def __init__(self, tokens, block_size, batch_size, seed, device="cpu", order="random", rank=0, world_size=1):
+        if order not in ("random", "sequential"):
+            raise ValueError(f"order must be random or sequential, got {order!r}")
+        if len(tokens) < block_size + 1:
+            raise DataError(f"{len(tokens)} tokens are fewer than block_size + 1 = {block_size + 1}")
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self.order, self.rank, self.world_size = order, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
-        self._offsets = np.arange(block_size + 1)
+        self.position = 0  # windows drawn by all ranks together
+        self.num_windows = (len(tokens) - 1) // block_size  # sequential: non-overlapping windows
+
+    @property
+    def epoch(self):
+        return self.position // self.num_windows if self.order == "sequential" else None
+
+    def next_starts(self):
+        """Start offsets of this rank's next batch (advances the state)."""
+        per_step = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        if self.order == "random":
+            starts = torch.randint(len(self.tokens) - self.block_size, (per_step,), generator=self.generator)
+            starts = starts.numpy()[mine]
+        else:
+            index = (self.position + np.arange(per_step)[mine]) % self.num_windows
+            starts = index * self.block_size
+        self.position += per_step
+        return starts
 
     def next(self):
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
-        windows = self.tokens[starts.numpy()[:, None] + self._offsets]  # (batch, block + 1) gather
-        windows = torch.from_numpy(windows.astype(np.int64))
-        x, y = windows[:, :-1], windows[:, 1:]
-        if self.device.type == "cuda":
-            return (x.pin_memory().to(self.device, non_blocking=True),
-                    y.pin_memory().to(self.device, non_blocking=True))
-        return x.contiguous(), y.contiguous()
+        windows = gather_windows(self.tokens, self.next_starts(), self.block_size + 1)  # (batch, block + 1)
+        return _to_device(windows, self.device)
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "position": self.position}
 
     def load_state_dict(self, state):
+        if isinstance(state, torch.Tensor):  # checkpoints that saved the generator alone
+            state = {"generator": state}
         self.generator.set_state(state["generator"])
+        self.position = int(state.get("position", 0))
+
+
+def _to_device(windows, device):
+    windows = torch.from_numpy(windows.astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.type == "cuda":
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.contiguous(), y.contiguous()
+
+
+def eval_batches(tokens, block_size, batch_size, num_batches, device="cpu", rank=0, world_size=1):
+    """The fixed validation batches: num_batches * batch_size * world_size windows spread evenly
+    over the split, the same at every eval and for every seed, so loss curves are comparable.
+    Yields (x, y) for this rank's share."""
+    total = num_batches * batch_size * world_size
+    starts = np.linspace(0, len(tokens) - block_size - 1, total).astype(np.int64)
+    device = torch.device(device)
+    for b in range(num_batches):
+        first = (b * world_size + rank) * batch_size
+        yield _to_device(gather_windows(tokens, starts[first:first + batch_size], block_size + 1), device)

@@ -23,7 +23,7 @@ from fastlm import ops
 from fastlm.checkpoint import (CKPT_FORMAT, CKPT_NAME, check_same_data, checkpoint_files, fault_trace, load_checkpoint,
                                remove_checkpoints, resume_config, save_checkpoint)
 from fastlm.config import ConfigError, fail, parse_args
-from fastlm.data import BatchSampler, load_data, tokenizer_from_dict
+from fastlm.data import BatchSampler, eval_batches, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
 from fastlm.files import DirectoryLock, atomic_write_text, remove_stale_temporaries
 from fastlm.metrics import TABLE_HEADER, MetricsLog, Throughput, eval_record, peak_flops, table_row
@@ -93,7 +93,9 @@ class Trainer:
             raise ConfigError("dtype float16 needs a CUDA device (use bfloat16 on CPU)")
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else None
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
-                              self.model_cfg.block_size, tokenizer)
+                              self.model_cfg.block_size, tokenizer, tokenizer_file=train_cfg.tokenizer_file,
+                              fit_vocab=ckpt is None and "vocab_size" not in run.explicit)
+        self.model_cfg.vocab_size = max(self.model_cfg.vocab_size, self.data.vocab_size)  # e.g. gpt2: 50257
         self.tokenizer = self.data.tokenizer
         if ckpt is not None:
             change = check_same_data(ckpt, self.data, train_cfg.override_resume_config)
@@ -114,9 +116,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if train_cfg.dtype == "float16" else None
         self.autocast = (torch.autocast(self.device.type, dtype=compute_dtype)
                          if train_cfg.dtype != "float32" else contextlib.nullcontext())
-        # Each rank draws its own windows: the sampler seed depends on the rank.
+        # Every rank shares the seed and takes its own slice of each step's windows (disjoint draws).
         self.train_batches = BatchSampler(self.data.train, self.model_cfg.block_size, train_cfg.batch_size,
-                                          seed=train_cfg.seed + 1 + self.world.rank, device=self.device)
+                                          seed=train_cfg.seed + 1, device=self.device, order=train_cfg.data_order,
+                                          rank=self.world.rank, world_size=self.world.size)
         self.step = 0
         # The loop's running totals, part of the checkpoint so that a resumed run reports what an
         # uninterrupted one would: the train losses since the last eval, and the skipped steps.
@@ -180,7 +183,7 @@ class Trainer:
             raise ConfigError(error or f"rank 0 could not take out_dir {self.out_dir} (see its error)")
 
     def _rng_state(self):
-        state = {"torch": torch.get_rng_state(), "sampler": self.train_batches.state_dict()["generator"]}
+        state = {"torch": torch.get_rng_state(), "sampler": self.train_batches.state_dict()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -201,7 +204,7 @@ class Trainer:
                   f"{self.world.size}; batches and dropout will not match the original run exactly", file=sys.stderr)
         state = states[self.world.rank % len(states)]
         torch.set_rng_state(state["torch"])
-        self.train_batches.load_state_dict({"generator": state["sampler"]})
+        self.train_batches.load_state_dict(state["sampler"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
@@ -250,11 +253,10 @@ class Trainer:
         tokens_of = {"train": self.data.train, "val": self.data.val}
         result = {}
         for split in splits:
-            batches = BatchSampler(tokens_of[split], self.model_cfg.block_size, self.train_cfg.batch_size,
-                                   seed=self.train_cfg.seed + 10_000 + self.world.rank, device=self.device)
+            batches = eval_batches(tokens_of[split], self.model_cfg.block_size, self.train_cfg.batch_size,
+                                   self.train_cfg.eval_iters, self.device, self.world.rank, self.world.size)
             total = torch.zeros((), device=self.device, dtype=torch.float64)
-            for _ in range(self.train_cfg.eval_iters):
-                x, y = batches.next()
+            for x, y in batches:
                 with self.autocast:
                     _, loss = self.raw_model(x, y)
                 total += loss.double()

@@ -106,3 +106,77 @@ def test_train_then_val_is_the_token_stream_in_order(tmp_path, source):
     assert len(data.train) + len(data.val) == len(stream)
     assert np.array_equal(np.concatenate([data.train, data.val]), stream)
     assert len(data.val) == len(stream) // 10
+
+
+# --------------------------------------------------------------------------- sampler orders, ranks, eval windows
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sequential_order_covers_each_window_once_per_epoch_across_ranks(world_size):
+    block, batch = 5, 3
+    tokens = np.arange(block * 13 + 3, dtype=np.uint16)  # 13 non-overlapping windows and a tail
+    samplers = [BatchSampler(tokens, block, batch, seed=0, order="sequential", rank=r, world_size=world_size)
+                for r in range(world_size)]
+    num_windows = samplers[0].num_windows
+    assert num_windows == 13
+    steps = -(-num_windows // (batch * world_size))
+    seen = []
+    for _ in range(steps):
+        for sampler in samplers:
+            x, y = sampler.next()
+            assert torch.equal(y, x + 1)
+            seen += (x[:, 0] // block).tolist()
+    first_epoch = seen[:num_windows]  # every window exactly once before any repeats
+    assert sorted(first_epoch) == list(range(num_windows))
+    assert samplers[0].epoch == (steps * batch * world_size) // num_windows
+
+
+def test_random_draws_are_disjoint_across_ranks_and_rank0_matches_one_process():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    single = BatchSampler(tokens, 8, 4, seed=5)
+    ranks = [BatchSampler(tokens, 8, 4, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        a, b = ranks[0].next()[0], ranks[1].next()[0]
+        assert not set(a[:, 0].tolist()) & set(b[:, 0].tolist())
+    # one process draws what it drew before ranks existed: the generator and order are unchanged
+    reference = torch.Generator().manual_seed(5)
+    starts = torch.randint(len(tokens) - 8, (4,), generator=reference)
+    assert torch.equal(single.next()[0][:, 0], starts.long())
+
+
+@pytest.mark.parametrize("order", ["random", "sequential"])
+def test_sampler_state_resumes_exactly(order):
+    tokens = np.arange(3000, dtype=np.uint16)
+    sampler = BatchSampler(tokens, 16, 4, seed=9, order=order)
+    for _ in range(7):
+        sampler.next()
+    state = sampler.state_dict()
+    expected = [sampler.next()[0] for _ in range(5)]
+    fresh = BatchSampler(tokens, 16, 4, seed=123, order=order)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(e, fresh.next()[0]) for e in expected)
+    legacy = BatchSampler(tokens, 16, 4, seed=123)
+    legacy.load_state_dict(state["generator"])  # checkpoints that saved the generator alone
+    assert legacy.position == 0
+
+
+def test_sampler_reads_multi_shard_sources():
+    from fastlm.shards import TokenShards
+
+    whole = np.arange(500, dtype=np.uint16)
+    shards = TokenShards([whole[:123], whole[123:124], whole[124:]])
+    a = BatchSampler(whole, 10, 16, seed=2).next()
+    b = BatchSampler(shards, 10, 16, seed=2).next()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_eval_batches_are_fixed_and_spread_over_the_split():
+    from fastlm.data import eval_batches
+
+    tokens = np.arange(5000, dtype=np.uint16)
+    first = list(eval_batches(tokens, 16, 4, num_batches=3))
+    again = list(eval_batches(tokens, 16, 4, num_batches=3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    starts = torch.cat([x[:, 0] for x, _ in first])
+    assert starts[0] == 0 and starts[-1] == len(tokens) - 17  # from the start of the split to its end
+    ranks = [torch.cat([x[:, 0] for x, _ in eval_batches(tokens, 16, 4, 3, rank=r, world_size=2)]) for r in range(2)]
+    assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
