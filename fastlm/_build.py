@@ -82,14 +82,15 @@ def want_cuda(torch_has_cuda, cuda_home):
     return bool(torch_has_cuda) and cuda_home is not None
 
 
-def compile_flags(torch_include, with_cuda):
-    """{"cxx": [...], "nvcc": [...], "ld": [...]}: the flags of both builds.
+def compile_flags(torch_dir, with_cuda):
+    """{"cxx": [...], "nvcc": [...], "ld": [...]}: the flags of both builds, for the torch
+    installed in torch_dir (the directory of torch/__init__.py).
 
     No --use_fast_math: it flushes denormals to zero and approximates the reciprocal and the
     division in AdamW's update, so results would differ from torch.optim.AdamW(fused=True).
     FASTLM_CUDA_ARCHS="80;90" (the default) picks the GPUs the CUDA kernels are compiled for.
     """
-    std = f"-std={cxx_standard(torch_include)}"
+    std = f"-std={cxx_standard(os.path.join(torch_dir, 'include'))}"
     define = f"-DFASTLM_WITH_CUDA={int(with_cuda)}"
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     flags = {"cxx": ["-O3", std, define, *openmp], "nvcc": [], "ld": list(openmp)}
