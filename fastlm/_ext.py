@@ -90,9 +90,9 @@ def _build_for_running_torch(csrc, why=None):
     build_dir = _first_use_build_dir(torch.__version__, _build.source_hash(csrc), flags, with_cuda)
 
     def build():
-        lead = f"{why}: building" if why else "building"
+        lead, when = (f"{why}; building", "") if why else ("building", "first use, ")
         print(f"fastlm: {lead} the C++{'/CUDA' if with_cuda else ''} kernels for torch {torch.__version__} "
-              f"(first use, about 1-2 min) in {build_dir}", file=sys.stderr, flush=True)
+              f"({when}about 1-2 min) in {build_dir}", file=sys.stderr, flush=True)
         try:
             cpp_extension.load(
                 _FIRST_USE_NAME,
