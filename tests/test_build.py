@@ -172,3 +172,14 @@ def test_a_failed_build_is_reported_without_building_again(tmp_path):
         with pytest.raises(_build.BuildFailed, match=r"^Error building extension 'fastlm_C':$"):
             _build.build_once(str(tmp_path / "ext"), failing_build)
     assert len(calls) == 1
+
+
+def test_the_isolated_build_environment_gets_no_torch():
+    # Under build isolation pip installs what this lists into a private environment: a torch
+    # here would be the newest one (a multi-GB CUDA download) and not the torch in use.
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    assert not [r for r in pyproject["build-system"]["requires"] if r.lower().startswith("torch")]
+    assert "ninja" in pyproject["project"]["dependencies"]  # the first-use build needs it
+    assert isinstance(pyproject["project"]["license"], str)  # SPDX, not the deprecated table
