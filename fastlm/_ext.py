@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import warnings
 
@@ -72,6 +73,18 @@ def _import_built(build_dir):
     return module
 
 
+def _put_ninja_on_path():
+    """torch runs `ninja` from PATH; the ninja package's binary is not on it in a venv that was
+    not activated (`.venv/bin/python -m fastlm.train`)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build_for_running_torch(csrc, why=None):
     """Compile csrc/ for the running torch into the cache (once) and import it.
 
@@ -81,6 +94,7 @@ def _build_for_running_torch(csrc, why=None):
     import torch
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise _build.BuildFailed("ninja is not installed (pip install ninja)")
     sources = _build.source_files(csrc)

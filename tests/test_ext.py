@@ -2,6 +2,7 @@
 else the build on first use; neither a missing nor a mismatched build ever crashes (ops fall back
 to PyTorch with one warning)."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -175,3 +176,10 @@ def test_first_use_build_compiles_once_for_concurrent_processes(tmp_path):
     # a later process loads the cached build: no compiler, no message
     again = subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "fastlm: building" not in again.stderr, again.stderr[-4000:]
+
+
+def test_ninja_from_the_package_when_the_venv_is_not_activated(monkeypatch):
+    pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "")
+    _ext._put_ninja_on_path()
+    assert shutil.which("ninja") is not None
