@@ -12,11 +12,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlm compiled kernels (operators live in torch.ops.fastlm)";
   m.def("with_cuda", []() { return static_cast<bool>(FASTLM_WITH_CUDA); },
         "True when the CUDA kernels were compiled into this build");
-  m.def("with_openmp", []() {
-#ifdef _OPENMP
-    return true;
-#else
-    return false;
-#endif
-  }, "True when the CPU kernels were compiled with OpenMP");
 }
