@@ -158,6 +158,12 @@ def evaluate_hellaswag(model, tokenizer, examples):
     return {"acc": right / len(examples), "acc_norm": right_norm / len(examples), "examples": len(examples)}
 
 
+def hellaswag_metrics(model, tokenizer, examples):
+    """{"hellaswag_acc", "hellaswag_acc_norm"}: the columns a training run's eval record gets."""
+    result = evaluate_hellaswag(model, tokenizer, examples)
+    return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
+
+
 # --------------------------------------------------------------------------- command line
 
 def build_parser():

@@ -289,6 +289,18 @@ def load_pretrained(path):
     return model_config_from_checkpoint(ckpt), ckpt["model"], tokenizer_from_dict(ckpt["tokenizer"])
 
 
+def init_run(run, path):
+    """--init_from: (run with the architecture of the weights at `path`, their state dict, their tokenizer
+    or None). An architecture setting given explicitly that differs from the weights' is a ConfigError."""
+    config, state, tokenizer = load_pretrained(path)
+    asked = dataclasses.asdict(run.model)
+    clashes = [f"{name}={asked[name]!r} (the weights have {getattr(config, name)!r})"
+               for name in sorted(run.explicit) if name in asked and asked[name] != getattr(config, name)]
+    if clashes:
+        raise ConfigError(f"--init_from {path}: the architecture comes from the weights; drop {', '.join(clashes)}")
+    return dataclasses.replace(run, model=config), state, tokenizer
+
+
 # --------------------------------------------------------------------------- command line
 
 def build_parser():

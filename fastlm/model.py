@@ -96,6 +96,7 @@ class MLP(nn.Module):
     def __init__(self, config, dropout):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # gelu_tanh: GPT-2's gelu_new
         hidden = mlp_width(config)
         if self.swiglu:
             self.gate = nn.Linear(config.d_model, hidden, bias=config.bias)
@@ -105,7 +106,7 @@ class MLP(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x))
+        h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x), approximate=self.gelu_approximate)
         return self.dropout(self.proj(h))
 
 
