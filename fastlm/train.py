@@ -22,7 +22,10 @@ from fastlm.checkpoint import CKPT_FORMAT, CKPT_NAME, load_checkpoint, resume_co
 from fastlm.config import ConfigError, fail, parse_args
 from fastlm.data import BatchSampler, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
+from fastlm.eval import hellaswag_metrics, read_hellaswag
+from fastlm.export import init_run
 from fastlm.files import atomic_write_text
+from fastlm.loggers import LoggedMetrics, StepStats, make_loggers
 from fastlm.metrics import TABLE_HEADER, MetricsLog, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
@@ -58,11 +61,14 @@ class Trainer:
             run, changes = resume_config(run, ckpt, self.out_dir)
             if self.world.is_main and changes:
                 print(f"fastlm: resuming with changes: {'; '.join(changes)}")
+        init_state = init_tokenizer = None
+        if run.train.init_from and ckpt is None:  # a resumed run has its own weights
+            run, init_state, init_tokenizer = init_run(run, run.train.init_from)
         self.run, self.model_cfg, self.train_cfg = run, run.model, run.train
         train_cfg = run.train
         if train_cfg.dtype == "float16" and self.device.type != "cuda":
             raise ConfigError("dtype float16 needs a CUDA device (use bfloat16 on CPU)")
-        tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else None
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else init_tokenizer
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
                               self.model_cfg.block_size, tokenizer)
         self.tokenizer = self.data.tokenizer
@@ -71,6 +77,8 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_cfg, dropout=train_cfg.dropout, kernels=run.kernels,
                          compute_dtype=compute_dtype).to(self.device)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
         if self.world.rank:
             torch.manual_seed(train_cfg.seed + self.world.rank)  # each rank its own dropout masks
         self.optimizer = AdamW(decay_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr,
@@ -95,6 +103,11 @@ class Trainer:
         if train_cfg.compile:
             self.model = torch.compile(self.model)
         self.metrics = MetricsLog(self.out_dir, enabled=self.world.is_main)
+        self.metrics = LoggedMetrics(self.metrics, make_loggers(
+            self.out_dir, train_cfg.tensorboard, train_cfg.wandb_project, run.as_dict(), enabled=self.world.is_main))
+        self.stats = StepStats(train_cfg.grad_clip, self.device, warn=None if self.world.is_main else (lambda line: None))
+        self.hellaswag = (read_hellaswag(train_cfg.hellaswag, train_cfg.hellaswag_limit or None)
+                          if train_cfg.hellaswag else None)
         self._stop_signal = None
 
     # ----------------------------------------------------------------- setup and checkpoints
@@ -240,7 +253,10 @@ class Trainer:
             if self.step == 0:  # a resumed run already evaluated at its checkpoint's step
                 self._eval_and_report(bar, tokens_per_s, started)
             while self.step < cfg.max_steps:
+                if (self.step + 1) % cfg.eval_interval == 0 or self.step + 1 == cfg.max_steps:
+                    self.stats.snapshot(self.raw_model)  # for the update/weight ratios of the eval record
                 loss, norm, lr = self.train_step()
+                self.stats.observe(self.step, loss, norm)
                 self._window_losses.append(loss)
                 window_steps += 1
                 now = time.perf_counter()
@@ -253,6 +269,7 @@ class Trainer:
                               "tokens_per_s": tokens_per_s, "elapsed_s": now - started}
                     if peak:
                         record["mfu"] = flops_per_token * tokens_per_s / peak
+                    record.update(self.stats.record_extras())
                     self.metrics.log(record)
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
@@ -309,6 +326,9 @@ class Trainer:
             losses["train"] = sum(window) / len(window) if window else None
         self._window_losses = []
         record = eval_record(self.step, losses, get_lr(max(self.step - 1, 0), self.train_cfg))
+        record["update_ratio"] = self.stats.update_ratios(self.raw_model)
+        if self.hellaswag is not None and self.world.is_main:
+            record.update(hellaswag_metrics(self.raw_model, self.tokenizer, self.hellaswag))
         self.metrics.log(record)
         if self.world.is_main:
             bar.write(table_row(record, tokens_per_s, time.perf_counter() - started), file=sys.stdout)

@@ -161,3 +161,58 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "no checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- --init_from in training
+
+TRAIN = ["--batch_size", "2", "--eval_iters", "2", "--sample_tokens", "0", "--progress", "false",
+         "--warmup_steps", "1", "--log_interval", "1", "--dropout", "0"]
+
+
+def test_training_starts_from_an_hf_directory(tmp_path):
+    from fastlm import train as train_mod
+    from fastlm.checkpoint import load_checkpoint, model_config_from_checkpoint
+
+    path, _ = gpt2_dir(tmp_path, vocab=256)  # no tokenizer files: the byte tokenizer, ids 0-255
+    out = tmp_path / "run"
+    assert train_mod.main([*TRAIN, "--init_from", str(path), "--max_steps", "3", "--eval_interval", "3",
+                           "--out_dir", str(out)]) == 0
+    config = model_config_from_checkpoint(load_checkpoint(out))
+    assert (config.block_size, config.n_head, config.pad_vocab_to) == (24, 4, 1)
+
+
+def test_init_from_rejects_a_different_architecture(tmp_path, capsys):
+    from fastlm import train as train_mod
+
+    path, _ = gpt2_dir(tmp_path, vocab=256)
+    capsys.readouterr()  # transformers' save progress bar
+    with pytest.raises(SystemExit) as info:
+        train_mod.main([*TRAIN, "--init_from", str(path), "--n_head", "2", "--out_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "n_head=2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_init_from_a_checkpoint_keeps_the_weights_and_restarts_the_optimizer(tmp_path):
+    from fastlm import train as train_mod
+    from fastlm.metrics import read_metrics
+    from tests.helpers import tiny_args
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train_mod.main(tiny_args(first, steps=3)) == 0
+    # The same batch size and seed as the first run: the same eval batches.
+    assert train_mod.main([*TRAIN, "--batch_size", "4", "--init_from", str(first), "--max_steps", "2",
+                           "--eval_interval", "2", "--out_dir", str(second)]) == 0
+    end = [r for r in read_metrics(first / "metrics.jsonl") if r["type"] == "eval"][-1]
+    start = [r for r in read_metrics(second / "metrics.jsonl") if r["type"] == "eval"][0]
+    assert start["step"] == 0 and start["val_loss"] == pytest.approx(end["val_loss"], rel=1e-6)
+
+
+def test_gpt2_tanh_gelu_imports_exactly(tmp_path):
+    """The original GPT-2 uses gelu_new (the tanh approximation): fastlm's mlp=gelu_tanh."""
+    path, hf_model = gpt2_dir(tmp_path, activation="gelu_new")
+    config, state, _ = export.load_hf_gpt2(path)
+    assert config.mlp == "gelu_tanh"
+    idx = torch.randint(0, 101, (2, 24))
+    torch.testing.assert_close(fastlm_from(config, state)(idx)[0], hf_model(idx).logits, rtol=1e-5, atol=1e-5)
+    export.export_hf(config, state, None, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["activation_function"] == "gelu_new"

@@ -85,3 +85,29 @@ def test_update_ratios_per_layer_group():
     ratios = stats.update_ratios(model)
     assert set(ratios) == {"embedding", "norm", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"}
     assert ratios["blocks.0.attn"] == 0.0 and 0 < ratios["blocks.1.mlp"] < 0.1
+
+
+def test_training_run_logs_to_tensorboard_with_step_stats_and_hellaswag(tmp_path):
+    pytest.importorskip("tensorboard")
+    import json
+
+    from fastlm import train as train_mod
+    from fastlm.metrics import read_metrics
+    from tests.helpers import tiny_args
+
+    record = {"ctx": "To be or", "endings": [" not to be", "xyz", "qq", "the"], "label": 0}
+    (tmp_path / "h.jsonl").write_text(json.dumps(record) + "\n")
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--tensorboard", "true", "--hellaswag", tmp_path / "h.jsonl",
+                                    "--wandb_project", "", steps=3)) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"]
+    assert all({"grad_norm", "clip_rate", "loss_spikes", "memory_gb"} <= set(r) for r in train)
+    last_eval = [r for r in records if r["type"] == "eval"][-1]
+    assert last_eval["hellaswag_acc"] in (0.0, 1.0) and "hellaswag_acc_norm" in last_eval
+    assert set(last_eval["update_ratio"]) >= {"embedding", "blocks.0.attn", "blocks.1.mlp"}
+    scalars = read_scalars(out / "tensorboard")
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/memory_gb",
+                "eval/val_loss", "eval/hellaswag_acc", "eval/update_ratio/blocks.0.attn"):
+        assert tag in scalars, tag
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
