@@ -328,7 +328,8 @@ class KVCache:
         self.seqs = seqs
         self.shape = (len(seqs), cfg.n_kv_head, cfg.block_size, cfg.head_dim)
         self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer  # allocated at the first write, in k's dtype
-        self.lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=model.wte.weight.device)
+        self.host_lengths = [len(s) for s in seqs]  # also kept on the host: no device sync per token
+        self.lengths = torch.tensor(self.host_lengths, dtype=torch.long, device=model.wte.weight.device)
 
     def prefill(self):
         """Run the prompts through the model with the training attention op, filling the cache;
@@ -376,10 +377,10 @@ class KVCache:
             x = x + model.wpe(pos[:, None])
         else:
             rope = (model.rope_cos[pos][:, None, None, :], model.rope_sin[pos][:, None, None, :])  # (B, 1, 1, D/2)
-        kv_len = int(pos.max()) + 1
+        kv_len = max(self.host_lengths) + 1
         # Keys past a row's own length are stale zeros of a shorter row: mask them (not needed when all agree).
         mask = None
-        if int(pos.min()) + 1 != kv_len:
+        if min(self.host_lengths) + 1 != kv_len:
             mask = (torch.arange(kv_len, device=token.device)[None, :] <= pos[:, None])[:, None, None, :]
         for layer, block in enumerate(model.blocks):
             attn = block.attn
@@ -395,6 +396,7 @@ class KVCache:
             x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, attn.n_head * attn.head_dim))
             x = x + block.mlp(block.norm2(x))
         self.lengths = pos + 1
+        self.host_lengths = [n + 1 for n in self.host_lengths]
         return model.lm_head(model.norm_f(x)[:, -1, :])[:, :model.config.vocab_size]
 
 
