@@ -42,7 +42,7 @@ class GPTConfig:
     pos_emb: str = field(default="learned", metadata={"help": "position information", "choices": ("learned", "rope")})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
     norm: str = field(default="layernorm", metadata={"help": "normalisation", "choices": ("layernorm", "rmsnorm")})
-    mlp: str = field(default="gelu", metadata={"help": "MLP type (4x width)", "choices": ("gelu", "swiglu")})
+    mlp: str = field(default="gelu", metadata={"help": "MLP type (4x width; gelu_tanh is GPT-2's tanh-approximated GELU)", "choices": ("gelu", "gelu_tanh", "swiglu")})
     pad_vocab_to: int = field(default=64, metadata={"help": "round the embedding and lm_head rows up to a multiple of this, for aligned kernels (the extra tokens are never predicted); 1 = no padding"})
 
     def __post_init__(self):
@@ -119,6 +119,11 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "random seed (data order, init, dropout)"})
     sample_tokens: int = field(default=200, metadata={"help": "tokens to sample at the end (0 = none)"})
     progress: bool = field(default=True, metadata={"help": "show the progress bar"})
+    init_from: Optional[str] = field(default=None, metadata={"help": "start from these weights with a fresh optimizer: a Hugging Face GPT-2 directory, a fastlm .safetensors file or a fastlm checkpoint (the architecture and tokenizer come with them)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars to out_dir/tensorboard"})
+    wandb_project: Optional[str] = field(default=None, metadata={"help": "also log to this Weights & Biases project (offline without an account; skipped if wandb is not installed)"})
+    hellaswag: Optional[str] = field(default=None, metadata={"help": "HellaSwag jsonl file scored at every eval (acc, acc_norm)"})
+    hellaswag_limit: int = field(default=0, metadata={"help": "score only the first this many HellaSwag examples (0 = all)"})
 
     def validate(self):
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters", "log_interval"):
@@ -130,7 +135,7 @@ class TrainConfig:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
-        for name in ("warmup_steps", "ckpt_interval", "sample_tokens", "skip_nonfinite_steps"):
+        for name in ("warmup_steps", "ckpt_interval", "sample_tokens", "skip_nonfinite_steps", "hellaswag_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0:

@@ -96,6 +96,7 @@ class MLP(nn.Module):
     def __init__(self, config, dropout):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # gelu_tanh: GPT-2's gelu_new
         hidden = mlp_width(config)
         if self.swiglu:
             self.gate = nn.Linear(config.d_model, hidden, bias=config.bias)
@@ -105,7 +106,7 @@ class MLP(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x))
+        h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x), approximate=self.gelu_approximate)
         return self.dropout(self.proj(h))
 
 
@@ -237,27 +238,190 @@ class GPT(nn.Module):
         return (logits[..., :self.config.vocab_size] if return_logits else None), loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 use_cache=True, eos_id=None):
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
+
+        use_cache: decode with a KV cache (see `stream`); the tokens are the same as without it.
+        eos_id: a row that emits it is finished (it is padded with eos_id from then on) and the
+        loop ends early when every row is finished, so the result may be shorter than T + max_new_tokens.
+        """
+        rows = [idx]
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for next_id in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+            if eos_id is not None:
+                next_id = next_id.masked_fill(finished, eos_id)
+                finished |= next_id == eos_id
+            rows.append(next_id[:, None])
+            if eos_id is not None and bool(finished.all()):
+                break
+        return torch.cat(rows, dim=1)
+
+    @torch.no_grad()
+    def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+               use_cache=True):
+        """Yield the next token of every row, (B,) int64, one step at a time, max_new_tokens times.
+
+        prompts: (B, T) token ids, or a list of B 1-D id sequences of different lengths (each row
+        then continues its own prompt as if it were alone). The consumer stops early by leaving the
+        loop (stop strings, end of text). With use_cache the prompts are prefilled through the
+        training attention op (`causal_attention`), then each new token attends to the cached keys
+        and values; once a row's context would pass block_size, every step recomputes the last
+        block_size tokens, exactly as without the cache (learned positions cannot slide).
+        """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be positive, got {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        device = self.wte.weight.device
+        if torch.is_tensor(prompts) and prompts.dim() == 2:
+            seqs, ragged = prompts.to(device), False
+        else:
+            seqs = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in prompts]
+            if not seqs or min(len(s) for s in seqs) == 0:
+                raise ValueError("every prompt needs at least one token")
+            ragged = len({len(s) for s in seqs}) > 1
+            seqs = seqs if ragged else torch.stack(seqs)
         was_training = self.training
         self.eval()
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits = self.lm_head(self.hidden_states(context)[:, -1, :])[:, :self.config.vocab_size].float()
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, next_id), dim=1)
-        self.train(was_training)
-        return idx
+        try:
+            cache = None
+            for _ in range(max_new_tokens):
+                lengths = [len(s) for s in seqs] if ragged else [seqs.shape[1]] * seqs.shape[0]
+                if use_cache and max(lengths) < self.config.block_size:
+                    if cache is None:
+                        cache = KVCache(self, seqs)
+                        logits = cache.prefill()
+                    else:
+                        logits = cache.decode(next_id)
+                else:
+                    logits = self._last_logits(seqs, ragged)
+                next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)
+                if ragged:
+                    seqs = [torch.cat((s, t)) for s, t in zip(seqs, next_id[:, None])]
+                else:
+                    seqs = torch.cat((seqs, next_id[:, None]), dim=1)
+                yield next_id
+        finally:
+            self.train(was_training)
+
+    def _last_logits(self, seqs, ragged):
+        """Logits (B, vocab_size) of the next token, recomputed from each row's last block_size tokens."""
+        block = self.config.block_size
+        if not ragged:
+            return self.lm_head(self.hidden_states(seqs[:, -block:])[:, -1, :])[:, :self.config.vocab_size]
+        hidden = torch.cat([self.hidden_states(s[None, -block:])[:, -1, :] for s in seqs])
+        return self.lm_head(hidden)[:, :self.config.vocab_size]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: (B, n_kv_head, block_size, head_dim)
+    per layer and per row, with each row's own length (rows may hold prompts of different lengths)."""
+
+    def __init__(self, model, seqs):
+        self.model = model
+        cfg = model.config
+        self.seqs = seqs
+        self.shape = (len(seqs), cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer  # allocated at the first write, in k's dtype
+        self.host_lengths = [len(s) for s in seqs]  # also kept on the host: no device sync per token
+        self.lengths = torch.tensor(self.host_lengths, dtype=torch.long, device=model.wte.weight.device)
+
+    def prefill(self):
+        """Run the prompts through the model with the training attention op, filling the cache;
+        returns the logits (B, vocab_size) of each row's next token."""
+        model = self.model
+        if torch.is_tensor(self.seqs):
+            hidden = self._prefill_rows(self.seqs, slice(None))
+        else:  # different lengths: one prefill per row (no padding, no mask: the training op as is)
+            hidden = torch.cat([self._prefill_rows(s[None], slice(i, i + 1)) for i, s in enumerate(self.seqs)])
+        self.seqs = None
+        return model.lm_head(hidden)[:, :model.config.vocab_size]
+
+    def _prefill_rows(self, idx, rows):
+        model = self.model
+        T = idx.shape[1]
+        x = model.wte(idx)
+        rope = None
+        if model.wpe is not None:
+            x = x + model.wpe(torch.arange(T, device=idx.device))
+        else:
+            rope = (model.rope_cos, model.rope_sin)
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = attn_qkv(attn, block.norm1(x))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.k[layer] is None:
+                self.k[layer], self.v[layer] = (torch.zeros(self.shape, dtype=k.dtype, device=k.device) for _ in "kv")
+            self.k[layer][rows, :, :T] = k
+            self.v[layer][rows, :, :T] = v
+            y = causal_attention(q, k, v, backend=attn.backend)
+            x = x + attn.proj(y.transpose(1, 2).reshape(idx.shape[0], T, attn.n_head * attn.head_dim))
+            x = x + block.mlp(block.norm2(x))
+        return model.norm_f(x)[:, -1, :]
+
+    def decode(self, token):
+        """Append one token per row, token (B,), at each row's position; returns the next logits (B, vocab_size)."""
+        model = self.model
+        B = token.shape[0]
+        pos = self.lengths  # (B,): the position of the new token in each row
+        rows = torch.arange(B, device=token.device)
+        x = model.wte(token[:, None])
+        rope = None
+        if model.wpe is not None:
+            x = x + model.wpe(pos[:, None])
+        else:
+            rope = (model.rope_cos[pos][:, None, None, :], model.rope_sin[pos][:, None, None, :])  # (B, 1, 1, D/2)
+        kv_len = max(self.host_lengths) + 1
+        # Keys past a row's own length are stale zeros of a shorter row: mask them (not needed when all agree).
+        mask = None
+        if min(self.host_lengths) + 1 != kv_len:
+            mask = (torch.arange(kv_len, device=token.device)[None, :] <= pos[:, None])[:, None, None, :]
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = attn_qkv(attn, block.norm1(x))
+            if rope is not None:
+                q, k = rotate(q, *rope), rotate(k, *rope)
+            self.k[layer][rows, :, pos] = k[:, :, 0]
+            self.v[layer][rows, :, pos] = v[:, :, 0]
+            keys, values = self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+            # One query against every cached key: no causal mask, GQA through enable_gqa.
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=False,
+                                               enable_gqa=attn.n_kv_head != attn.n_head)
+            x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, attn.n_head * attn.head_dim))
+            x = x + block.mlp(block.norm2(x))
+        self.lengths = pos + 1
+        self.host_lengths = [n + 1 for n in self.host_lengths]
+        return model.lm_head(model.norm_f(x)[:, -1, :])[:, :model.config.vocab_size]
+
+
+def attn_qkv(attn, x):
+    """q (B, H, T, D), k and v (B, H_kv, T, D) of a CausalSelfAttention for input x (B, T, C)."""
+    B, T, _ = x.shape
+    q, k, v = attn.qkv(x).split(
+        [attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim, attn.n_kv_head * attn.head_dim], dim=-1)
+    return (q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2),
+            k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2),
+            v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2))
+
+
+def rotate(x, cos, sin):
+    """apply_rope with cos/sin already gathered at each row's position, broadcastable to x's (..., D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
+    """The next token (B,) from logits (B, V): argmax at temperature 0, else a draw from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -25,7 +25,10 @@ from fastlm.checkpoint import (CKPT_FORMAT, CKPT_NAME, check_same_data, checkpoi
 from fastlm.config import ConfigError, fail, parse_args
 from fastlm.data import BatchSampler, eval_batches, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
+from fastlm.eval import hellaswag_metrics, read_hellaswag
+from fastlm.export import init_run
 from fastlm.files import DirectoryLock, atomic_write_text, remove_stale_temporaries
+from fastlm.loggers import LoggedMetrics, StepStats, make_loggers
 from fastlm.metrics import TABLE_HEADER, MetricsLog, Throughput, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
@@ -87,11 +90,14 @@ class Trainer:
             run, changes = resume_config(run, ckpt, self.out_dir)
             if self.world.is_main and changes:
                 print(f"fastlm: resuming with changes: {'; '.join(changes)}")
+        init_state = init_tokenizer = None
+        if run.train.init_from and ckpt is None:  # a resumed run has its own weights
+            run, init_state, init_tokenizer = init_run(run, run.train.init_from)
         self.run, self.model_cfg, self.train_cfg = run, run.model, run.train
         train_cfg = run.train
         if train_cfg.dtype == "float16" and self.device.type != "cuda":
             raise ConfigError("dtype float16 needs a CUDA device (use bfloat16 on CPU)")
-        tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else None
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else init_tokenizer
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
                               self.model_cfg.block_size, tokenizer, tokenizer_file=train_cfg.tokenizer_file,
                               fit_vocab=ckpt is None and "vocab_size" not in run.explicit)
@@ -106,6 +112,8 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_cfg, dropout=train_cfg.dropout, kernels=run.kernels,
                          compute_dtype=compute_dtype).to(self.device)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
         if self.world.rank:
             torch.manual_seed(train_cfg.seed + self.world.rank)  # each rank its own dropout masks
         self.optimizer = AdamW(decay_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr,
@@ -137,6 +145,11 @@ class Trainer:
         if train_cfg.compile:
             self.model = torch.compile(self.model)
         self.metrics = MetricsLog(self.out_dir, enabled=self.world.is_main)
+        self.metrics = LoggedMetrics(self.metrics, make_loggers(
+            self.out_dir, train_cfg.tensorboard, train_cfg.wandb_project, run.as_dict(), enabled=self.world.is_main))
+        self.stats = StepStats(train_cfg.grad_clip, self.device, warn=None if self.world.is_main else (lambda line: None))
+        self.hellaswag = (read_hellaswag(train_cfg.hellaswag, train_cfg.hellaswag_limit or None)
+                          if train_cfg.hellaswag else None)
         self._stop_signal = None
 
     def close(self):
@@ -371,6 +384,7 @@ class Trainer:
                                     "Try a lower --lr, or --skip_nonfinite_steps N")
             self.window_loss_sum += loss
             self.window_steps += 1
+            self.stats.observe(item.step, loss, norm)
         return loss, norm, pending[-1].lr
 
     def _kept(self):
@@ -406,6 +420,8 @@ class Trainer:
                 self._eval_and_report(bar, throughput.tokens_per_s, started)
             while self.step < cfg.max_steps:
                 fault_trace("step", self.step)
+                if (self.step + 1) % cfg.eval_interval == 0 or self.step + 1 == cfg.max_steps:
+                    self.stats.snapshot(self.raw_model)  # for the update/weight ratios of the eval record
                 self.advance()
                 throughput.count_step()
                 bar.update(1)
@@ -475,6 +491,7 @@ class Trainer:
             record["mfu"] = self.raw_model.flops_per_token() * tokens_per_s / self.peak_flops
         if self.train_cfg.skip_nonfinite_steps:
             record["skipped_steps"] = self.skipped_steps
+        record.update(self.stats.record_extras())
         self.metrics.log(record)
         if finite:
             bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
@@ -491,6 +508,9 @@ class Trainer:
             losses["train"] = self.window_loss_sum / self.window_steps if self.window_steps else None
         self.window_loss_sum, self.window_steps = 0.0, 0
         record = eval_record(self.step, losses, get_lr(max(self.step - 1, 0), self.train_cfg))
+        record["update_ratio"] = self.stats.update_ratios(self.raw_model)
+        if self.hellaswag is not None and self.world.is_main:
+            record.update(hellaswag_metrics(self.raw_model, self.tokenizer, self.hellaswag))
         self.metrics.log(record)
         if self.world.is_main:
             bar.write(table_row(record, tokens_per_s, time.perf_counter() - started), file=sys.stdout)

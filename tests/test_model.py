@@ -149,3 +149,83 @@ def test_vocabulary_is_padded_and_padding_is_never_predicted():
     logits, plain = model(idx, idx, return_logits=True)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     assert GPT(tiny(vocab_size=300, pad_vocab_to=1)).wte.weight.shape[0] == 300
+
+
+# --------------------------------------------------------------------------- KV cache
+
+CACHE_ARCHS = [
+    dict(pos_emb="learned", norm="layernorm", mlp="gelu", n_kv_head=4),
+    dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2),  # GQA
+    dict(pos_emb="rope", norm="layernorm", mlp="gelu", n_kv_head=1, bias=False),  # multi-query
+]
+
+
+@pytest.mark.parametrize("arch", CACHE_ARCHS, ids=["learned", "rope-gqa", "rope-mqa"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, 20, 0.9)], ids=["greedy", "sampled"])
+def test_cached_generation_matches_uncached(arch, temperature, top_k, top_p):
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=97, **arch))
+    idx = torch.randint(0, 97, (3, 5))
+    outs = [model.generate(idx, 20, temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache,
+                           generator=torch.Generator().manual_seed(11)) for use_cache in (True, False)]
+    assert outs[0].shape == (3, 25)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("arch", CACHE_ARCHS, ids=["learned", "rope-gqa", "rope-mqa"])
+def test_cached_logits_match_a_full_forward(arch):
+    """Each decode step's logits equal the last position of a full forward (fp32 reordering only)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(**arch)).eval()
+    seq = torch.randint(0, 256, (2, 12))
+    from fastlm.model import KVCache
+
+    cache = KVCache(model, seq[:, :4])
+    got = [cache.prefill()] + [cache.decode(seq[:, t]) for t in range(4, 11)]
+    for t, logits in zip(range(4, 12), got):
+        want, _ = model(seq[:, :t])
+        torch.testing.assert_close(logits, want[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_prompts_continue_as_if_alone():
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_emb="rope", n_kv_head=2))
+    prompts = [torch.randint(0, 256, (n,)) for n in (1, 6, 3)]
+    together = torch.stack(list(model.stream(prompts, 15, temperature=0)), dim=1)
+    uncached = torch.stack(list(model.stream(prompts, 15, temperature=0, use_cache=False)), dim=1)
+    assert torch.equal(together, uncached)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], 15, temperature=0)[0, len(prompt):]
+        assert torch.equal(together[row], alone)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_cache_falls_back_past_block_size(pos_emb):
+    """Past block_size the context slides; the cached path recomputes the window like the uncached one."""
+    torch.manual_seed(0)
+    model = GPT(tiny(block_size=8, pos_emb=pos_emb))
+    idx = torch.randint(0, 256, (2, 3))
+    outs = [model.generate(idx, 20, top_k=5, use_cache=c, generator=torch.Generator().manual_seed(1))
+            for c in (True, False)]
+    assert outs[0].shape == (2, 23) and torch.equal(outs[0], outs[1])
+
+
+def test_generate_stops_at_end_of_text():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 256, (2, 4))
+    free = model.generate(idx, 10, temperature=0)
+    eos = int(free[0, 6])  # the third new token of row 0 becomes the end of text
+    out = model.generate(idx, 10, temperature=0, eos_id=eos)
+    assert out[0, 6] == eos and (out[0, 6:] == eos).all()
+    row1 = free[1, 4:].tolist()
+    if eos not in row1:  # row 1 never emits it: it runs to max_new_tokens
+        assert out.shape == (2, 14) and torch.equal(out[1], free[1])
+
+
+def test_stream_rejects_bad_arguments():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="at least one token"):
+        next(model.stream([[1, 2], []], 3))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=-1)

@@ -42,3 +42,75 @@ def test_bad_sampling_arguments(checkpoint, args, needle):
 def test_missing_checkpoint(tmp_path):
     result = run_cli("fastlm.sample", "--ckpt", tmp_path)
     assert result.returncode == 2 and "no checkpoint" in result.stderr
+
+
+# --------------------------------------------------------------------------- streaming, stops, batches
+
+from fastlm import sample as sample_mod  # noqa: E402
+from fastlm.data import ByteTokenizer  # noqa: E402
+
+
+class Letters:
+    """A tokenizer of single characters, so tests can write token sequences as strings."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def feed(stream, text):
+    return [stream.push(ord(c)) for c in text]
+
+
+def test_text_stream_holds_back_a_possible_stop_string_and_cuts_it():
+    stream = sample_mod.TextStream(Letters(), stop=["END"])
+    pieces = feed(stream, "abEcEN")
+    assert "".join(pieces) == "abEc" and pieces[-1] == ""  # "EN" may still become "END"
+    assert stream.push(ord("D")) == "" and stream.done and stream.text == "abEc"
+    assert stream.push(ord("x")) == ""
+
+
+def test_text_stream_releases_a_held_back_tail_at_the_end():
+    stream = sample_mod.TextStream(Letters(), stop=["\n\n"])
+    assert "".join(feed(stream, "hi\n")) == "hi"
+    assert stream.finish() == "\n" and not stream.done
+
+
+def test_text_stream_waits_for_complete_utf8_characters():
+    stream = sample_mod.TextStream(ByteTokenizer())
+    first, second = list("é".encode())
+    assert stream.push(first) == "" and stream.push(second) == "é"
+
+
+def test_streamed_pieces_are_the_returned_text(checkpoint):
+    from fastlm.checkpoint import load_checkpoint
+    from fastlm.data import tokenizer_from_dict
+
+    ckpt = load_checkpoint(checkpoint)
+    model, tok = sample_mod.load_model(ckpt, "cpu"), tokenizer_from_dict(ckpt["tokenizer"])
+    pieces = []
+    texts = sample_mod.generate_texts(model, tok, ["To be", "A"], 40, seed=1, on_text=lambda r, p: pieces.append((r, p)))
+    for row, text in enumerate(texts):
+        assert "".join(p for r, p in pieces if r == row) == text
+    # A batch gives each prompt the continuation it gets alone (greedy: no shared random stream).
+    batch = sample_mod.generate_texts(model, tok, ["To be", "A"], 30, temperature=0)
+    alone = [sample_mod.generate_texts(model, tok, [p], 30, temperature=0)[0] for p in ("To be", "A")]
+    assert batch == alone
+    stop = batch[0][3:5]
+    cut = sample_mod.generate_texts(model, tok, ["To be"], 30, temperature=0, stop=[stop])[0]
+    assert cut == batch[0][:batch[0].find(stop)]
+    # An end-of-text id ends a row: the tokens before it are kept.
+    ids = tok.encode(batch[0])
+    ended = sample_mod.generate_texts(model, tok, ["To be"], 30, temperature=0, eos_id=ids[2])[0]
+    assert ended == tok.decode(ids[:ids.index(ids[2])])
+
+
+def test_cli_batch_stop_and_benchmark(checkpoint, capsys):
+    assert sample_mod.main(["--ckpt", str(checkpoint), "--prompt", "To", "--prompt", "Be", "--max-new-tokens", "8",
+                            "--seed", "0", "--stop", "zzz", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("To") and "\n" + "-" * 40 + "\nBe" in out
+    assert sample_mod.main(["--ckpt", str(checkpoint), "--max-new-tokens", "6", "--benchmark"]) == 0
+    assert "cached" in capsys.readouterr().out

@@ -1,0 +1,341 @@
+"""Weights in and out: Hugging Face GPT-2 directories and plain safetensors files.
+
+    python -m fastlm.export --ckpt out/ --format hf --out gpt2-mine/
+    python -m fastlm.export --ckpt out/ --format safetensors --out model.safetensors
+
+--format hf writes config.json and model.safetensors that `transformers.GPT2LMHeadModel
+.from_pretrained(DIR)` loads as is, with the tokenizer (tokenizer.json) where it has a Hugging Face
+form (a trained `tokenizers` BPE, or the GPT-2 BPE of an imported model); the byte tokenizer has
+none and is left out with a note. GPT-2 expresses learned positions, LayerNorm, a GELU MLP (exact,
+or the tanh approximation of the original GPT-2) and full attention heads; fastlm's head is always
+tied, as GPT-2's. A model without biases is written with zero biases. RoPE, RMSNorm, SwiGLU and
+grouped-query heads have no GPT-2 form: exporting them is a one-line error.
+
+--format safetensors writes fastlm's own state dict with the architecture (GPTConfig) and the
+tokenizer in the file's metadata; `load_safetensors` reads it back.
+
+The other way, `load_hf_gpt2(DIR)` reads a local GPT-2 directory (for example the `gpt2` weights a
+user downloaded) into (GPTConfig, state_dict, tokenizer or None) for fastlm's GPT; the training
+command's --init_from uses it. `safetensors` is needed for both directions; `transformers` never is.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from fastlm.config import ConfigError, GPTConfig, OneLineParser, fail
+
+PROG = "python -m fastlm.export"
+HF_WEIGHTS = "model.safetensors"
+SAFETENSORS_FORMAT = "fastlm-weights-1"
+LAYERNORM_EPS = 1e-5  # fastlm's LayerNorm/RMSNorm epsilon (fastlm.model.make_norm)
+# fastlm mlp -> GPT-2 activation_function, and back (gelu_pytorch_tanh is the same function as gelu_new).
+GPT2_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+FASTLM_MLP = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ConfigError("this needs the safetensors package: pip install safetensors "
+                          "(or pip install 'fastlm[hf]')") from None
+    return safetensors.torch
+
+
+# --------------------------------------------------------------------------- fastlm -> GPT-2
+
+def gpt2_unsupported(config):
+    """Why GPT-2 cannot express this architecture (one line), or None if it can."""
+    reasons = []
+    if config.pos_emb != "learned":
+        reasons.append(f"pos_emb={config.pos_emb}")
+    if config.norm != "layernorm":
+        reasons.append(f"norm={config.norm}")
+    if config.mlp not in GPT2_ACTIVATION:
+        reasons.append(f"mlp={config.mlp}")
+    if config.n_kv_head != config.n_head:
+        reasons.append(f"n_kv_head={config.n_kv_head} (grouped-query attention)")
+    if not reasons:
+        return None
+    return (f"GPT-2 cannot express {', '.join(reasons)}: the hf format needs learned positions, layernorm, a gelu "
+            "MLP and n_kv_head == n_head; use --format safetensors for this model")
+
+
+def gpt2_config(config, dropout=0.1, eos_id=None):
+    """The config.json of transformers' GPT2LMHeadModel for a fastlm GPTConfig."""
+    problem = gpt2_unsupported(config)
+    if problem:
+        raise ConfigError(problem)
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.d_model,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+        "activation_function": GPT2_ACTIVATION[config.mlp], "layer_norm_epsilon": LAYERNORM_EPS,
+        "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout,
+        "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
+    }
+
+
+def to_gpt2_state_dict(state, config):
+    """fastlm GPT state dict -> GPT-2 tensors (transformer.* names, Conv1D weights transposed,
+    exactly vocab_size embedding rows, zero biases where the model has none; the head is tied)."""
+    V, d = config.vocab_size, config.d_model
+    out = {"transformer.wte.weight": state["wte.weight"][:V], "transformer.wpe.weight": state["wpe.weight"]}
+
+    def norm(src, dst):
+        out[f"{dst}.weight"] = state[f"{src}.weight"]
+        out[f"{dst}.bias"] = state.get(f"{src}.bias", torch.zeros(d))
+
+    def conv1d(src, dst):
+        weight = state[f"{src}.weight"]
+        out[f"{dst}.weight"] = weight.t()
+        out[f"{dst}.bias"] = state.get(f"{src}.bias", torch.zeros(weight.shape[0]))
+
+    for i in range(config.n_layer):
+        src, dst = f"blocks.{i}", f"transformer.h.{i}"
+        norm(f"{src}.norm1", f"{dst}.ln_1")
+        conv1d(f"{src}.attn.qkv", f"{dst}.attn.c_attn")
+        conv1d(f"{src}.attn.proj", f"{dst}.attn.c_proj")
+        norm(f"{src}.norm2", f"{dst}.ln_2")
+        conv1d(f"{src}.mlp.fc", f"{dst}.mlp.c_fc")
+        conv1d(f"{src}.mlp.proj", f"{dst}.mlp.c_proj")
+    norm("norm_f", "transformer.ln_f")
+    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def export_hf(config, state, tokenizer, out_dir, dropout=0.1):
+    """Write a GPT-2 directory (config.json, model.safetensors, tokenizer files where the tokenizer
+    has an HF form); returns the list of files written."""
+    st = _safetensors()
+    eos_id = hf_end_of_text_id(tokenizer)
+    cfg = gpt2_config(config, dropout, eos_id)
+    os.makedirs(out_dir, exist_ok=True)
+    st.save_file(to_gpt2_state_dict(state, config), os.path.join(out_dir, HF_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    written = ["config.json", HF_WEIGHTS]
+    if tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
+        tokenizer._tok.save(os.path.join(out_dir, "tokenizer.json"))
+        special = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"} if eos_id is not None else {}
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
+                       **special}, f, indent=2)
+        written += ["tokenizer.json", "tokenizer_config.json"]
+    return written
+
+
+def hf_end_of_text_id(tokenizer):
+    inner = getattr(tokenizer, "_tok", None)
+    return inner.token_to_id("<|endoftext|>") if inner is not None else None
+
+
+# --------------------------------------------------------------------------- GPT-2 -> fastlm
+
+def load_hf_gpt2(hf_dir, pad_vocab_to=1):
+    """Read a local Hugging Face GPT-2 directory: (GPTConfig, fastlm state_dict, tokenizer or None).
+
+    pad_vocab_to: fastlm pads the embedding to a multiple of this. The default 1 keeps GPT-2's
+    rows exactly: padded rows would take part in the training loss's softmax. The tokenizer comes
+    from tokenizer.json, or vocab.json + merges.txt; None when the directory has neither.
+    """
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    with open(config_path) as f:
+        hf = json.load(f)
+    config = gpt2_to_fastlm_config(hf, pad_vocab_to, where=hf_dir)
+    tensors = _read_hf_tensors(hf_dir)
+    state = from_gpt2_state_dict(tensors, config, where=hf_dir)
+    return config, state, hf_tokenizer(hf_dir)
+
+
+def gpt2_to_fastlm_config(hf, pad_vocab_to=1, where="config.json"):
+    if hf.get("model_type") != "gpt2":
+        raise ConfigError(f"{where}: only GPT-2 models can be imported, this is model_type={hf.get('model_type')!r}")
+    activation = hf.get("activation_function", "gelu_new")
+    d = hf.get("n_embd", 768)
+    problems = []
+    if activation not in FASTLM_MLP:
+        problems.append(f"activation_function={activation!r}")
+    elif FASTLM_MLP[activation] not in _mlp_choices():
+        problems.append(f"activation_function={activation!r} (this fastlm has no mlp={FASTLM_MLP[activation]})")
+    if hf.get("n_inner") not in (None, 4 * d):
+        problems.append(f"n_inner={hf['n_inner']} (fastlm's MLP is 4 x n_embd)")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - LAYERNORM_EPS) > 1e-12:
+        problems.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']} (fastlm uses {LAYERNORM_EPS})")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        problems.append("a non-standard attention scale")
+    if not hf.get("tie_word_embeddings", True):
+        problems.append("an untied lm_head")
+    if problems:
+        raise ConfigError(f"{where}: fastlm cannot express {', '.join(problems)}")
+    return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), d_model=d, bias=True,
+                     pos_emb="learned", norm="layernorm", mlp=FASTLM_MLP[activation], pad_vocab_to=pad_vocab_to)
+
+
+def _mlp_choices():
+    return next(f.metadata["choices"] for f in dataclasses.fields(GPTConfig) if f.name == "mlp")
+
+
+def _read_hf_tensors(hf_dir):
+    path = os.path.join(hf_dir, HF_WEIGHTS)
+    if os.path.isfile(path):
+        tensors = _safetensors().load_file(path)
+    elif os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
+        tensors = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise ConfigError(f"{hf_dir} has no {HF_WEIGHTS} or pytorch_model.bin")
+    # save_pretrained writes transformer.h.0...; the original gpt2 upload has h.0... (no prefix).
+    return {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in tensors.items()}
+
+
+def from_gpt2_state_dict(tensors, config, where="the GPT-2 weights"):
+    """GPT-2 tensors (names without the transformer. prefix) -> a fastlm GPT state dict."""
+    V = config.vocab_size
+
+    def get(name):
+        if name not in tensors:
+            raise ConfigError(f"{where}: missing tensor {name}")
+        return tensors[name].float()
+
+    wte = get("wte.weight")
+    if wte.shape != (V, config.d_model):
+        raise ConfigError(f"{where}: wte.weight has shape {tuple(wte.shape)}, config says ({V}, {config.d_model})")
+    padded = torch.zeros(config.padded_vocab_size, config.d_model)
+    padded[:V] = wte  # padding rows are never predicted (GPT.forward and generate slice to vocab_size)
+    state = {"wte.weight": padded, "lm_head.weight": padded, "wpe.weight": get("wpe.weight")}
+    for i in range(config.n_layer):
+        dst, src = f"blocks.{i}", f"h.{i}"
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            state[f"{dst}.{a}.weight"], state[f"{dst}.{a}.bias"] = get(f"{src}.{b}.weight"), get(f"{src}.{b}.bias")
+        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                     ("mlp.proj", "mlp.c_proj")):
+            state[f"{dst}.{a}.weight"] = get(f"{src}.{b}.weight").t().contiguous()
+            state[f"{dst}.{a}.bias"] = get(f"{src}.{b}.bias")
+    state["norm_f.weight"], state["norm_f.bias"] = get("ln_f.weight"), get("ln_f.bias")
+    return state
+
+
+def hf_tokenizer(hf_dir):
+    """fastlm's BPETokenizer of an HF directory (tokenizer.json, or GPT-2's vocab.json + merges.txt), or None."""
+    from fastlm.data import BPETokenizer
+
+    path = os.path.join(hf_dir, "tokenizer.json")
+    vocab, merges = os.path.join(hf_dir, "vocab.json"), os.path.join(hf_dir, "merges.txt")
+    if os.path.isfile(path):
+        from tokenizers import Tokenizer
+
+        return BPETokenizer(Tokenizer.from_file(path))
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return BPETokenizer(tok)
+    return None
+
+
+# --------------------------------------------------------------------------- plain safetensors
+
+def export_safetensors(config, state, tokenizer, path):
+    """fastlm's state dict in one .safetensors file; metadata holds the GPTConfig and the tokenizer."""
+    st = _safetensors()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != "lm_head.weight"}  # tied
+    metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(dataclasses.asdict(config))}
+    if tokenizer is not None:
+        metadata["tokenizer"] = json.dumps(tokenizer.to_dict())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    st.save_file(tensors, path, metadata=metadata)
+
+
+def load_safetensors(path):
+    """(GPTConfig, state_dict, tokenizer or None) of a file written by export_safetensors."""
+    from safetensors import safe_open
+
+    from fastlm.data import tokenizer_from_dict
+
+    _safetensors()
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != SAFETENSORS_FORMAT:
+            raise ConfigError(f"{path} is not a fastlm safetensors file (no {SAFETENSORS_FORMAT} metadata)")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    config = GPTConfig(**json.loads(metadata["config"]))
+    state["lm_head.weight"] = state["wte.weight"]
+    tokenizer = tokenizer_from_dict(json.loads(metadata["tokenizer"])) if "tokenizer" in metadata else None
+    return config, state, tokenizer
+
+
+def load_pretrained(path):
+    """(GPTConfig, state_dict, tokenizer or None) from an HF GPT-2 directory, a fastlm safetensors file,
+    or a fastlm checkpoint (file or out_dir): what `--init_from` starts from."""
+    from fastlm.checkpoint import CKPT_NAME, load_checkpoint, model_config_from_checkpoint
+    from fastlm.data import tokenizer_from_dict
+
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) \
+            and not os.path.isfile(os.path.join(path, CKPT_NAME)):
+        return load_hf_gpt2(path)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return load_safetensors(path)
+    ckpt = load_checkpoint(path)
+    return model_config_from_checkpoint(ckpt), ckpt["model"], tokenizer_from_dict(ckpt["tokenizer"])
+
+
+def init_run(run, path):
+    """--init_from: (run with the architecture of the weights at `path`, their state dict, their tokenizer
+    or None). An architecture setting given explicitly that differs from the weights' is a ConfigError."""
+    config, state, tokenizer = load_pretrained(path)
+    asked = dataclasses.asdict(run.model)
+    clashes = [f"{name}={asked[name]!r} (the weights have {getattr(config, name)!r})"
+               for name in sorted(run.explicit) if name in asked and asked[name] != getattr(config, name)]
+    if clashes:
+        raise ConfigError(f"--init_from {path}: the architecture comes from the weights; drop {', '.join(clashes)}")
+    return dataclasses.replace(run, model=config), state, tokenizer
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser():
+    p = OneLineParser(prog=PROG, description="Export a fastlm checkpoint's weights.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or the out_dir that holds ckpt.pt")
+    p.add_argument("--format", choices=("hf", "safetensors"), default="hf",
+                   help="hf: a transformers GPT2LMHeadModel directory; safetensors: one file with the config in its metadata")
+    p.add_argument("--out", required=True, help="directory (hf) or file (safetensors) to write")
+    return p
+
+
+def main(argv=None):
+    from fastlm.checkpoint import load_checkpoint, model_config_from_checkpoint
+    from fastlm.data import tokenizer_from_dict
+
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        config = model_config_from_checkpoint(ckpt)
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+        if args.format == "hf":
+            dropout = (ckpt.get("train_config") or {}).get("dropout", 0.1)
+            written = export_hf(config, ckpt["model"], tokenizer, args.out, dropout=dropout)
+            print(f"wrote {', '.join(written)} in {args.out}")
+            if tokenizer is None or tokenizer.kind != "bpe":
+                print(f"note: the {getattr(tokenizer, 'kind', 'missing')} tokenizer has no Hugging Face form; "
+                      "encode text as UTF-8 bytes (ids 0-255) to use the exported model")
+        else:
+            export_safetensors(config, ckpt["model"], tokenizer, args.out)
+            print(f"wrote {args.out}")
+    except ConfigError as exc:
+        fail(PROG, str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

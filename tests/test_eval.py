@@ -1,0 +1,121 @@
+"""python -m fastlm.eval: perplexity / bits per byte, HellaSwag scoring, on small files written here."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import eval as eval_mod
+from fastlm.config import ConfigError, GPTConfig
+from fastlm.data import ByteTokenizer
+from fastlm.model import GPT
+
+
+def tiny_model(block_size=8):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=256, block_size=block_size, n_layer=1, n_head=2, d_model=32)).eval()
+
+
+def test_uniform_model_scores_eight_bits_per_byte():
+    model = tiny_model()
+    with torch.no_grad():
+        model.wte.weight.zero_()  # tied head: every logit 0, a uniform prediction over 256 bytes
+    tokens = np.frombuffer("héllo wörld, 25 bytes.".encode(), dtype=np.uint8).astype(np.int64)
+    result = eval_mod.evaluate_lm(model, ByteTokenizer(), tokens)
+    assert result["loss"] == pytest.approx(math.log(256), rel=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(8.0, rel=1e-6)
+    assert result["tokens"] == result["bytes"] == len(tokens) - 1
+
+
+@pytest.mark.parametrize("length", [9, 30, 2])  # one full window, a tail, the least there is
+def test_every_token_but_the_first_is_predicted_once(length):
+    model = tiny_model(block_size=8)
+    tokens = torch.randint(0, 256, (length,)).numpy()
+    result = eval_mod.evaluate_lm(model, ByteTokenizer(), tokens, batch_size=2)
+    assert result["tokens"] == length - 1
+    total = 0.0
+    for start in range(0, length - 1, 8):  # the windows, one at a time
+        w = torch.from_numpy(tokens[start:start + 9])
+        logits, _ = model(w[None, :-1])
+        total += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
+    assert result["loss"] == pytest.approx(total / (length - 1), rel=1e-5)
+
+
+def write_hellaswag(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+RECORDS = [
+    {"ctx": "A man is sitting on a roof. he", "endings": ["is using wrap to wrap a pair of skis.", "starts pulling up roofing.",
+                                                          "is ripping level tiles off.", "holds a rubik's cube."], "label": 3},
+    {"ctx_a": "A woman walks", "ctx_b": "then she", "endings": ["a", "b", "c", "d"], "label": 0},
+]
+
+
+def test_read_hellaswag_formats_and_errors(tmp_path):
+    examples = eval_mod.read_hellaswag(write_hellaswag(tmp_path / "h.jsonl", RECORDS))
+    assert examples[0][2] == 3 and examples[1][0] == "A woman walks Then she"
+    bad = write_hellaswag(tmp_path / "bad.jsonl", [{"ctx": "x", "endings": ["a", "b"], "label": 5}])
+    with pytest.raises(ConfigError, match="bad.jsonl:1: label 5"):
+        eval_mod.read_hellaswag(bad)
+
+
+def test_score_endings_is_the_loss_of_the_ending_tokens():
+    model = tiny_model(block_size=32)
+    tok = ByteTokenizer()
+    totals, means = eval_mod.score_endings(model, tok, "ctx", ["ab", "xyz!"])
+    for ending, total, mean in zip(["ab", "xyz!"], totals, means):
+        ids = torch.tensor(tok.encode("ctx" + " " + ending))
+        logits, _ = model(ids[None, :-1])
+        n = len(" " + ending)
+        want = F.cross_entropy(logits[0, -n:], ids[-n:], reduction="sum").item()
+        assert total == pytest.approx(want, rel=1e-5) and mean == pytest.approx(want / n, rel=1e-5)
+
+
+def test_long_context_is_cut_from_the_left():
+    model = tiny_model(block_size=8)
+    totals, _ = eval_mod.score_endings(model, ByteTokenizer(), "a long context " * 5, ["end"])
+    assert math.isfinite(totals[0])
+
+
+def test_acc_takes_the_lowest_total_and_acc_norm_the_lowest_mean(monkeypatch):
+    # Ending 0: total 4 over 4 tokens (mean 1); ending 1: total 3 over 1 token (mean 3).
+    monkeypatch.setattr(eval_mod, "score_endings", lambda m, t, c, e: ([4.0, 3.0], [1.0, 3.0]))
+    model = tiny_model()
+    examples = [("c", ["long", "x"], 1), ("c", ["long", "x"], 0)]
+    assert eval_mod.evaluate_hellaswag(model, ByteTokenizer(), examples) == {"acc": 0.5, "acc_norm": 0.5, "examples": 2}
+    result = eval_mod.evaluate_hellaswag(model, ByteTokenizer(), examples[:1])
+    assert result["acc"] == 1.0 and result["acc_norm"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from fastlm import train as train_mod
+    from tests.helpers import tiny_args
+
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert train_mod.main(tiny_args(out, steps=2)) == 0
+    return out
+
+
+def test_cli_lm_and_hellaswag(checkpoint, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 4)
+    assert eval_mod.main(["--ckpt", str(checkpoint), "--data", str(text), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == result["bytes"] == len(text.read_bytes()) - 1
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))  # bytes are tokens here
+    data = write_hellaswag(tmp_path / "h.jsonl", RECORDS)
+    assert eval_mod.main(["--ckpt", str(checkpoint), "--task", "hellaswag", "--data", str(data)]) == 0
+    assert capsys.readouterr().out.startswith("hellaswag acc ")
+
+
+def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
+    for args, needle in ((["--task", "hellaswag"], "needs --data"), (["--data", str(tmp_path / "no")], "not found")):
+        with pytest.raises(SystemExit) as info:
+            eval_mod.main(["--ckpt", str(checkpoint), *args])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
