@@ -202,11 +202,14 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/<device slug>/")
     args = parser.parse_args()
-    from fastlm.bench.common import env_info, results_dir
+    from fastlm.bench.__main__ import RESULTS_DIR
+    from fastlm.bench.common import device_slug, env_info
 
     summary = run_trials(args.trials, args.seed)
     summary["env"] = env_info(torch.device("cpu"))
-    path = os.path.join(results_dir(torch.device("cpu"), args.out_dir), "kill_trials.json")
+    out_dir = args.out_dir or os.path.join(RESULTS_DIR, device_slug(torch.device("cpu")))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "kill_trials.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\n{summary['recovered_bit_exact']}/{summary['trials']} trials recovered bit-exact "
