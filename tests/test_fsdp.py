@@ -230,6 +230,21 @@ def _run(command, timeout=600):
     return result
 
 
+def _children(pid):
+    """The ids of the processes whose parent is `pid` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
 def _train_losses(out_dir):
     from fastlm.metrics import read_metrics
 
@@ -241,6 +256,7 @@ def _train_losses(out_dir):
 FSDP_ARGS = ("--parallel", "fsdp", "--dropout", "0.1", "--warmup_steps", "10000", "--ckpt_interval", "3")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's ranks in /proc")
 def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_consolidates(tmp_path):
     import signal
     import subprocess
@@ -260,13 +276,15 @@ def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_co
                 break
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the launcher and both ranks, mid-run
+        # kill -9 both ranks mid-run (torchrun starts them in sessions of their own), then the launcher.
+        for pid in _children(proc.pid) + [proc.pid]:
+            os.kill(pid, signal.SIGKILL)
         proc.wait()
     ckpt = find_sharded(str(killed))
     assert ckpt is not None, proc.stderr.read().decode()[-3000:]
     saved_step = load_meta(ckpt)["step"]
     stop = saved_step + 3
-    _run(_torchrun_command(*tiny_args(killed, "--resume", "--max_steps", stop, steps=10000)))
+    _run(_torchrun_command(*tiny_args(killed, *FSDP_ARGS, "--resume", "--max_steps", stop, steps=10000)))
     reference = tmp_path / "reference"
     _run(_torchrun_command(*tiny_args(reference, *FSDP_ARGS, steps=stop)))
     resumed, uninterrupted = _train_losses(killed), _train_losses(reference)
@@ -275,7 +293,8 @@ def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_co
     assert load_meta(find_sharded(str(killed)))["step"] == stop
 
     # 2 -> 1: the same run goes on in one process (an FSDP world of one, from the checkpoint's settings).
-    one = run_cli("fastlm.train", *tiny_args(killed, "--resume", "--max_steps", stop + 2, steps=10000))
+    one = run_cli("fastlm.train", *tiny_args(killed, "--warmup_steps", 10000, "--resume", "--max_steps", stop + 2,
+                                             steps=10000))
     assert one.returncode == 0, one.stderr[-3000:]
     assert "written by 2 process(es), resuming with 1" in one.stderr
     assert load_meta(find_sharded(str(killed)))["step"] == stop + 2 and max(_train_losses(killed)) == stop + 2
