@@ -139,6 +139,24 @@ def load_sharded(path, model, optimizer=None):
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def load_full(model, optimizer, ckpt):
+    """Load a single-file checkpoint (fastlm.checkpoint: full tensors, optimizer state keyed by
+    parameter index) into a model and optimizer that may be sharded: every rank reads the whole
+    file and keeps its shards. Collective under FSDP. This is how a DDP or one-process run goes
+    on under --parallel fsdp."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    # torch.optim numbers parameters in param-group order; DCP names them by module path.
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = ckpt["optimizer"]
+    optim_sd = {"state": {order[i]: state for i, state in saved["state"].items()},
+                "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                 for group in saved["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
 def consolidate(path, out_path):
     """Write the sharded checkpoint `path` (a ckpt.dcp directory, or the out_dir holding one) as
     one single-file checkpoint at `out_path` (fastlm.checkpoint's format: fastlm.sample, export

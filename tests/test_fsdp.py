@@ -38,11 +38,11 @@ def global_batch(step, world=2):
     return data[:, :-1], data[:, 1:]
 
 
-def build(parallel="single", activation_checkpointing="none", reshard_after_forward=True):
+def build(parallel="single", activation_checkpointing="none", reshard_after_forward=True, kernels=None):
     from fastlm.parallel import apply_activation_checkpointing, apply_fsdp
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**CONFIG), dropout=0.0, kernels=KernelConfig())
+    model = GPT(GPTConfig(**CONFIG), dropout=0.0, kernels=kernels or KernelConfig())
     apply_activation_checkpointing(model, activation_checkpointing)
     if parallel == "fsdp":
         apply_fsdp(model, "cpu", reshard_after_forward=reshard_after_forward)
@@ -143,6 +143,27 @@ def _resume_worker(rank, ckpt_dir, start, steps, out_file):
     losses = train(wrapped, optimizer, steps, start=start)
     if rank == 0:
         torch.save(losses, out_file)
+
+
+def _full_checkpoint_worker(rank, ckpt_file, start, steps, out_file):
+    from fastlm.checkpoint_sharded import load_full
+
+    model, wrapped, optimizer = build("fsdp")
+    load_full(model, optimizer, torch.load(ckpt_file, weights_only=True))
+    losses = train(wrapped, optimizer, steps, start=start)
+    if rank == 0:
+        torch.save(losses, out_file)
+
+
+def _triton_worker(rank, steps, out_file):
+    model, wrapped, optimizer = build("fsdp", kernels=TRITON_KERNELS)
+    assert model.backends["causal_attention"] == "triton" and model.backends["linear_cross_entropy"] == "triton"
+    losses = train(wrapped, optimizer, steps)
+    if rank == 0:
+        torch.save(losses, out_file)
+
+
+TRITON_KERNELS = KernelConfig(attn_backend="triton", ce_backend="triton")
 
 
 # ------------------------------------------------------------------------------ tests
@@ -309,3 +330,26 @@ def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_co
     assert single["model"]["wte.weight"].shape == (256, 32)
     sample = run_cli("fastlm.sample", "--ckpt", killed, "--max-new-tokens", "5", "--seed", "0")
     assert sample.returncode == 0, sample.stderr[-2000:]
+
+
+def test_single_file_checkpoint_resumes_under_fsdp(tmp_path, single_run):
+    """A one-process run's ckpt.pt layout (full tensors, index-keyed AdamW state) continues on 2 FSDP ranks."""
+    model, wrapped, optimizer = build("single")
+    train(wrapped, optimizer, 6)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    spawn(_full_checkpoint_worker, str(tmp_path / "ckpt.pt"), 6, STEPS - 6, str(tmp_path / "resumed.pt"))
+    assert_losses_close(torch.load(tmp_path / "resumed.pt"), single_run[6:])
+
+
+def test_triton_attention_and_loss_under_fsdp(tmp_path):
+    """The Triton custom ops (attention, fused linear cross-entropy; the interpreter on CPU) inside
+    FSDP blocks and on the gathered tied weight give the one-process losses."""
+    from tests.helpers import skip_unless_usable
+
+    skip_unless_usable("causal_attention", "triton")
+    skip_unless_usable("linear_cross_entropy", "triton")
+    steps = 3
+    _, wrapped, optimizer = build("single", kernels=TRITON_KERNELS)
+    reference = train(wrapped, optimizer, steps)
+    spawn(_triton_worker, steps, str(tmp_path / "triton.pt"))
+    assert_losses_close(torch.load(tmp_path / "triton.pt"), reference)
