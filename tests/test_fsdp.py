@@ -353,3 +353,23 @@ def test_triton_attention_and_loss_under_fsdp(tmp_path):
     reference = train(wrapped, optimizer, steps)
     spawn(_triton_worker, steps, str(tmp_path / "triton.pt"))
     assert_losses_close(torch.load(tmp_path / "triton.pt"), reference)
+
+
+def test_sharded_save_is_atomic_at_the_directory_level(tmp_path):
+    """A kill between the two renames of a save leaves ckpt.dcp.old whole (and found); a killed
+    save's ckpt.dcp.tmp is never read and the next save clears both."""
+    from fastlm.checkpoint_sharded import find_sharded, load_meta, save_sharded
+
+    model, _, optimizer = build("single")
+    path = str(tmp_path / "ckpt.dcp")
+    for step in (1, 2):
+        save_sharded(path, model, optimizer, {"step": step})
+    assert find_sharded(str(tmp_path)) == path and load_meta(path)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp"]
+    os.replace(path, path + ".old")  # killed after the first rename of the next save ...
+    os.makedirs(path + ".tmp")  # ... whose shards were half written
+    with open(os.path.join(path + ".tmp", "__0_0.distcp"), "wb") as f:
+        f.write(b"partial")
+    assert find_sharded(str(tmp_path)) == path + ".old" and load_meta(path + ".old")["step"] == 2
+    save_sharded(path, model, optimizer, {"step": 3})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp"] and load_meta(path)["step"] == 3
