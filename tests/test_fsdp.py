@@ -38,14 +38,15 @@ def global_batch(step, world=2):
     return data[:, :-1], data[:, 1:]
 
 
-def build(parallel="single", activation_checkpointing="none", reshard_after_forward=True, kernels=None):
+def build(parallel="single", activation_checkpointing="none", reshard_after_forward=True, kernels=None,
+          param_dtype=None):
     from fastlm.parallel import apply_activation_checkpointing, apply_fsdp
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG), dropout=0.0, kernels=kernels or KernelConfig())
     apply_activation_checkpointing(model, activation_checkpointing)
     if parallel == "fsdp":
-        apply_fsdp(model, "cpu", reshard_after_forward=reshard_after_forward)
+        apply_fsdp(model, "cpu", param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
     optimizer = AdamW(decay_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), max_grad_norm=MAX_GRAD_NORM,
                       backend=optim_backend())
     wrapped = model
@@ -103,7 +104,8 @@ def _parity_worker(rank, out_dir):
     for name, kwargs in (("ddp", dict(parallel="ddp")), ("fsdp", dict(parallel="fsdp")),
                          ("fsdp_keep_gathered", dict(parallel="fsdp", reshard_after_forward=False)),
                          ("fsdp_ac_full", dict(parallel="fsdp", activation_checkpointing="full")),
-                         ("fsdp_ac_selective", dict(parallel="fsdp", activation_checkpointing="selective"))):
+                         ("fsdp_ac_selective", dict(parallel="fsdp", activation_checkpointing="selective")),
+                         ("fsdp_bf16", dict(parallel="fsdp", param_dtype=torch.bfloat16))):
         model, wrapped, optimizer = build(**kwargs)
         with_calls = adamw_module._STEP_FNS
         backend = optimizer._backend_for(torch.device("cpu"))
@@ -123,6 +125,8 @@ def _parity_worker(rank, out_dir):
             state = optimizer.state[p]["exp_avg"]
             results["state_sharded"] = isinstance(state, DTensor) and state.placements == p.placements
             results["tied"] = model.lm_head.weight is model.wte.weight
+        if name == "fsdp_bf16":
+            results["bf16_master_dtypes"] = {p.dtype for p in model.parameters()}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "parity.pt"))
 
@@ -194,6 +198,15 @@ def test_losses_match_one_process_for_20_steps(parity, single_run, layout):
     norms = torch.tensor([n for _, n in parity[layout]])
     torch.testing.assert_close(norms, torch.tensor([n for _, n in single_run]), rtol=1e-4, atol=0)
     assert max(n for _, n in single_run) > MAX_GRAD_NORM  # clipping was really exercised
+
+
+def test_fsdp_bf16_mixed_precision_keeps_fp32_shards_and_tracks_the_fp32_run(parity, single_run):
+    """bf16 compute (gathered parameters), fp32 reduce-scatter and fp32 sharded parameters for
+    AdamW: the losses stay within bf16 resolution (2**-8 relative, times a few) of the fp32 run."""
+    assert parity["bf16_master_dtypes"] == {torch.float32}
+    assert parity["fsdp_bf16_kernel_calls"] == 2 * STEPS
+    assert_losses_close(parity["fsdp_bf16"], single_run, rtol=2e-2)
+    assert parity["fsdp_bf16"] != parity["fsdp"]  # it did compute in bf16
 
 
 def test_fsdp_shards_parameters_and_optimizer_state_and_keeps_the_tie(parity):
@@ -373,3 +386,17 @@ def test_sharded_save_is_atomic_at_the_directory_level(tmp_path):
     assert find_sharded(str(tmp_path)) == path + ".old" and load_meta(path + ".old")["step"] == 2
     save_sharded(path, model, optimizer, {"step": 3})
     assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp"] and load_meta(path)["step"] == 3
+
+
+@pytest.mark.gpu
+def test_one_gpu_fsdp_smoke(tmp_path):
+    """The CLI under --parallel fsdp on one GPU (nccl, a world of one), bf16, then a resume."""
+    from tests.helpers import run_cli, tiny_args
+
+    out = tmp_path / "gpu"
+    first = run_cli("fastlm.train", *tiny_args(out, "--parallel", "fsdp", "--dtype", "bfloat16", "--device", "cuda",
+                                               "--activation_checkpointing", "full", steps=4))
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli("fastlm.train", *tiny_args(out, "--resume", "--device", "cuda", steps=6))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert max(_train_losses(out)) == 6
