@@ -300,8 +300,9 @@ def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_co
     from tests.helpers import run_cli, tiny_args
 
     killed = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w+")  # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen(_torchrun_command(*tiny_args(killed, *FSDP_ARGS, steps=10000)), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -315,7 +316,9 @@ def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_co
             os.kill(pid, signal.SIGKILL)
         proc.wait()
     ckpt = find_sharded(str(killed))
-    assert ckpt is not None, proc.stderr.read().decode()[-3000:]
+    log.seek(0)
+    assert ckpt is not None, log.read()[-3000:]
+    log.close()
     saved_step = load_meta(ckpt)["step"]
     stop = saved_step + 3
     _run(_torchrun_command(*tiny_args(killed, *FSDP_ARGS, "--resume", "--max_steps", stop, steps=10000)))
