@@ -114,6 +114,9 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "random seed (data order, init, dropout)"})
     sample_tokens: int = field(default=200, metadata={"help": "tokens to sample at the end (0 = none)"})
     progress: bool = field(default=True, metadata={"help": "show the progress bar"})
+    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (every rank holds the whole model and optimizer) or fsdp (FSDP2: parameters, gradients and AdamW state sharded over the ranks; sharded checkpoints in out_dir/ckpt.dcp)", "choices": ("ddp", "fsdp")})
+    reshard_after_forward: bool = field(default=True, metadata={"help": "fsdp: free each block's gathered parameters after its forward (least memory) or keep them for backward (one all-gather less)"})
+    activation_checkpointing: str = field(default="none", metadata={"help": "recompute activations in backward: none, full (every block) or selective (the attention of every block)", "choices": ("none", "full", "selective")})
 
     def validate(self):
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters", "log_interval"):
