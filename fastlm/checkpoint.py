@@ -21,7 +21,8 @@ CKPT_FORMAT = "fastlm-checkpoint-1"
 # How this invocation runs, never part of what a resumed run continues (not reported as changes).
 RUN_FLAGS = frozenset({"out_dir", "resume", "overwrite", "override_resume_config", "progress"})
 RESUME_OVERRIDABLE = RUN_FLAGS | {"max_steps", "eval_interval", "eval_iters", "eval_train_split", "log_interval",
-                                  "ckpt_interval", "sample_tokens", "compile", "device"}
+                                  "ckpt_interval", "sample_tokens", "compile", "device",
+                                  "parallel", "reshard_after_forward", "activation_checkpointing"}
 
 
 def save_checkpoint(state, path):
