@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from fastlm import ops
 from fastlm.checkpoint import CKPT_FORMAT, CKPT_NAME, load_checkpoint, resume_config, save_checkpoint
+from fastlm.checkpoint_sharded import (SHARDED_NAME, load_full, load_meta, load_sharded, save_sharded,
+                                      sharded_to_resume)
 from fastlm.config import ConfigError, fail, parse_args
 from fastlm.data import BatchSampler, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
@@ -26,6 +28,7 @@ from fastlm.files import atomic_write_text
 from fastlm.metrics import TABLE_HEADER, MetricsLog, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
+from fastlm.parallel import apply_activation_checkpointing, apply_fsdp
 from fastlm.sample import sample_text
 
 PROG = "python -m fastlm.train"
@@ -71,6 +74,11 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_cfg, dropout=train_cfg.dropout, kernels=run.kernels,
                          compute_dtype=compute_dtype).to(self.device)
+        self.fsdp = train_cfg.parallel == "fsdp"
+        apply_activation_checkpointing(self.model, train_cfg.activation_checkpointing)
+        if self.fsdp:  # before the optimizer, which must see the sharded (DTensor) parameters
+            apply_fsdp(self.model, self.device, param_dtype=compute_dtype,
+                       reshard_after_forward=train_cfg.reshard_after_forward)
         if self.world.rank:
             torch.manual_seed(train_cfg.seed + self.world.rank)  # each rank its own dropout masks
         self.optimizer = AdamW(decay_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr,
@@ -87,7 +95,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         self.raw_model = self.model
-        if self.world.distributed:
+        if self.world.distributed and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -102,12 +110,15 @@ class Trainer:
     def _prepare_out_dir(self, train_cfg):
         """Check out_dir before anything is written; return the checkpoint to resume, if any."""
         path = os.path.join(self.out_dir, CKPT_NAME)
+        sharded = sharded_to_resume(self.out_dir)  # ckpt.dcp of an fsdp run, when newer than ckpt.pt
+        if train_cfg.resume and sharded is not None:
+            return load_meta(sharded)
         if train_cfg.resume:
             if not os.path.isfile(path):
                 raise ConfigError(f"--resume: no checkpoint at {path}")
             ckpt = load_checkpoint(path)
         else:
-            if os.path.exists(path) and not train_cfg.overwrite:
+            if (os.path.exists(path) or sharded is not None) and not train_cfg.overwrite:
                 raise ConfigError(f"{self.out_dir} already holds a run ({CKPT_NAME}); pass --resume to continue it, "
                                   "--overwrite to replace it, or choose another --out_dir")
             ckpt = None
@@ -129,8 +140,13 @@ class Trainer:
         return state
 
     def _restore(self, ckpt):
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("sharded"):  # any number of ranks, FSDP or not: DCP reshards
+            load_sharded(ckpt["path"], self.model, self.optimizer)
+        elif self.fsdp:  # a DDP or one-process run goes on sharded: each rank keeps its part
+            load_full(self.model, self.optimizer, ckpt)
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -146,9 +162,14 @@ class Trainer:
 
     def save_checkpoint(self):
         rng = gather(self._rng_state(), self.world)  # collective under DDP: every rank must call this
+        run = self.run.as_dict()
+        if self.fsdp:  # collective: every rank writes its shards into out_dir/ckpt.dcp
+            save_sharded(os.path.join(self.out_dir, SHARDED_NAME), self.model, self.optimizer, {
+                "model_config": run["model"], "kernel_config": run["kernels"], "train_config": run["train"],
+                "scaler": None, "step": self.step, "rng": rng, "tokenizer": self.tokenizer.to_dict()})
+            return
         if not self.world.is_main:
             return
-        run = self.run.as_dict()
         save_checkpoint({
             "format": CKPT_FORMAT,
             "model_config": run["model"], "kernel_config": run["kernels"], "train_config": run["train"],
@@ -196,6 +217,9 @@ class Trainer:
             x, y = self.train_batches.next()
             # Under DDP, gradients are all-reduced only in the last micro-batch's backward.
             skip_sync = self.world.distributed and micro < accum - 1
+            if self.fsdp:  # FSDP reduce-scatters in every backward unless told not to
+                self.raw_model.set_requires_gradient_sync(not skip_sync)
+                skip_sync = False
             with self.model.no_sync() if skip_sync else contextlib.nullcontext(), self.autocast:
                 _, loss = self.model(x, y)
                 loss = loss / accum
@@ -317,7 +341,7 @@ class Trainer:
     def _finish(self, started):
         final = {"type": "final", "step": self.step, "elapsed_s": time.perf_counter() - started,
                  "world_size": self.world.size}
-        if self.world.distributed:
+        if self.world.distributed and not self.fsdp:  # FSDP ranks hold different shards by design
             digests = gather(weights_digest(self.raw_model), self.world)
             final["ranks_identical"] = len(set(digests)) == 1
             if not final["ranks_identical"]:
@@ -327,8 +351,12 @@ class Trainer:
             return
         print()
         print(self.metrics.finish(self.train_cfg.eval_train_split))
-        print(f"\nwrote {os.path.join(self.out_dir, CKPT_NAME)}, metrics.jsonl and loss.png in {self.out_dir}")
-        if self.train_cfg.sample_tokens:
+        print(f"\nwrote {os.path.join(self.out_dir, SHARDED_NAME if self.fsdp else CKPT_NAME)}, metrics.jsonl and "
+              f"loss.png in {self.out_dir}")
+        if self.train_cfg.sample_tokens and self.fsdp:  # generate would need every rank's shards
+            print(f"\nsample: skipped under --parallel fsdp; python -m fastlm.consolidate {self.out_dir}, "
+                  "then python -m fastlm.sample")
+        elif self.train_cfg.sample_tokens:
             print("\nsample:\n" + sample_text(self.raw_model, self.tokenizer, "\n", self.train_cfg.sample_tokens,
                                              temperature=0.8, top_k=20, seed=self.train_cfg.seed,
                                              device=self.device))
