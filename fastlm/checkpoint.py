@@ -41,7 +41,8 @@ QUIET_FLAGS = INVOCATION_FLAGS | {"progress"}
 RESUME_OVERRIDABLE = QUIET_FLAGS | {"max_steps", "eval_interval", "eval_iters", "eval_train_split", "log_interval",
                                     "ckpt_interval", "keep_checkpoints", "skip_nonfinite_steps", "check_every_step",
                                     "sample_tokens", "compile", "device", "tokenizer_file", "init_from", "tensorboard",
-                                    "wandb_project", "hellaswag", "hellaswag_limit"}
+                                    "wandb_project", "hellaswag", "hellaswag_limit", "parallel",
+                                    "reshard_after_forward", "activation_checkpointing"}
 
 
 # --------------------------------------------------------------------------- fault injection

@@ -124,6 +124,9 @@ class TrainConfig:
     wandb_project: Optional[str] = field(default=None, metadata={"help": "also log to this Weights & Biases project (offline without an account; skipped if wandb is not installed)"})
     hellaswag: Optional[str] = field(default=None, metadata={"help": "HellaSwag jsonl file scored at every eval (acc, acc_norm)"})
     hellaswag_limit: int = field(default=0, metadata={"help": "score only the first this many HellaSwag examples (0 = all)"})
+    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (every rank holds the whole model and optimizer) or fsdp (FSDP2: parameters, gradients and AdamW state sharded over the ranks; sharded checkpoints in out_dir/ckpt.dcp)", "choices": ("ddp", "fsdp")})
+    reshard_after_forward: bool = field(default=True, metadata={"help": "fsdp: free each block's gathered parameters after its forward (least memory) or keep them for backward (one all-gather less)"})
+    activation_checkpointing: str = field(default="none", metadata={"help": "recompute activations in backward: none, full (every block) or selective (the attention of every block)", "choices": ("none", "full", "selective")})
 
     def validate(self):
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters", "log_interval"):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +23,8 @@ import torch.distributed as dist
 from fastlm import ops
 from fastlm.checkpoint import (CKPT_FORMAT, CKPT_NAME, check_same_data, checkpoint_files, fault_trace, load_checkpoint,
                                remove_checkpoints, resume_config, save_checkpoint)
+from fastlm.checkpoint_sharded import (SHARDED_NAME, load_full, load_meta, load_sharded, save_sharded,
+                                      sharded_to_resume)
 from fastlm.config import ConfigError, fail, parse_args
 from fastlm.data import BatchSampler, eval_batches, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, gather, init_world, resolve_device
@@ -32,6 +35,7 @@ from fastlm.loggers import LoggedMetrics, StepStats, make_loggers
 from fastlm.metrics import TABLE_HEADER, MetricsLog, Throughput, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
+from fastlm.parallel import apply_activation_checkpointing, apply_fsdp
 from fastlm.sample import sample_text
 
 PROG = "python -m fastlm.train"
@@ -114,6 +118,11 @@ class Trainer:
                          compute_dtype=compute_dtype).to(self.device)
         if init_state is not None:
             self.model.load_state_dict(init_state)
+        self.fsdp = train_cfg.parallel == "fsdp"
+        apply_activation_checkpointing(self.model, train_cfg.activation_checkpointing)
+        if self.fsdp:  # before the optimizer, which must see the sharded (DTensor) parameters
+            apply_fsdp(self.model, self.device, param_dtype=compute_dtype,
+                       reshard_after_forward=train_cfg.reshard_after_forward)
         if self.world.rank:
             torch.manual_seed(train_cfg.seed + self.world.rank)  # each rank its own dropout masks
         self.optimizer = AdamW(decay_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr,
@@ -137,7 +146,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         self.raw_model = self.model
-        if self.world.distributed:
+        if self.world.distributed and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -163,18 +172,23 @@ class Trainer:
     def _prepare_out_dir(self, train_cfg):
         """Check and lock out_dir before anything is written; return the checkpoint to resume, if any."""
         existing = checkpoint_files(self.out_dir)
-        if train_cfg.resume and not existing:
+        sharded = sharded_to_resume(self.out_dir)  # ckpt.dcp of an fsdp run, when newer than ckpt.pt
+        if train_cfg.resume and not existing and sharded is None:
             raise ConfigError(f"--resume: no checkpoint in {self.out_dir}")
-        if not train_cfg.resume and existing and not train_cfg.overwrite:
-            raise ConfigError(f"{self.out_dir} already holds a run ({os.path.basename(existing[0])}); pass --resume "
+        if not train_cfg.resume and (existing or sharded is not None) and not train_cfg.overwrite:
+            held = os.path.basename(existing[0]) if existing else SHARDED_NAME
+            raise ConfigError(f"{self.out_dir} already holds a run ({held}); pass --resume "
                               "to continue it, --overwrite to replace it, or choose another --out_dir")
         self._lock_out_dir()
         if self.world.is_main:
             remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
             if train_cfg.overwrite and not train_cfg.resume:
                 remove_checkpoints(self.out_dir)
+                shutil.rmtree(os.path.join(self.out_dir, SHARDED_NAME), ignore_errors=True)
         if not train_cfg.resume:
             return None
+        if sharded is not None:
+            return load_meta(sharded)
         return load_checkpoint(self.out_dir, warn=_warn if self.world.is_main else None)
 
     def _lock_out_dir(self):
@@ -202,8 +216,13 @@ class Trainer:
         return state
 
     def _restore(self, ckpt):
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("sharded"):  # any number of ranks, FSDP or not: DCP reshards
+            load_sharded(ckpt["path"], self.model, self.optimizer)
+        elif self.fsdp:  # a DDP or one-process run goes on sharded: each rank keeps its part
+            load_full(self.model, self.optimizer, ckpt)
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = self._saved_step = int(ckpt["step"])
@@ -232,29 +251,31 @@ class Trainer:
             self._read_pending()
         rng = gather(self._rng_state(), self.world)  # collective under DDP: every rank must call this
         error = None
-        if self.world.is_main:
-            fault_trace("save", self.step)
-            run = self.run.as_dict()
-            state = {
-                "format": CKPT_FORMAT,
-                "model_config": run["model"], "kernel_config": run["kernels"], "train_config": run["train"],
-                "model": self.raw_model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+        run = self.run.as_dict()
+        meta = {"model_config": run["model"], "kernel_config": run["kernels"], "train_config": run["train"],
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "step": self.step,
-                "rng": rng,
-                "tokenizer": self.tokenizer.to_dict(),
+                "step": self.step, "rng": rng, "tokenizer": self.tokenizer.to_dict(),
                 "data": {"source": self.data.source, "fingerprint": self.data.fingerprint},
                 "loop": {"window_loss_sum": self.window_loss_sum, "window_steps": self.window_steps,
-                         "skipped_steps": self.skipped_steps},
-            }
+                         "skipped_steps": self.skipped_steps}}
+        if self.fsdp:  # collective: every rank writes its shards into out_dir/ckpt.dcp
+            fault_trace("save", self.step)
+            try:
+                save_sharded(os.path.join(self.out_dir, SHARDED_NAME), self.model, self.optimizer, meta)
+            except OSError as exc:
+                error = f"cannot write a checkpoint ({exc.strerror or exc}); {self._kept()}"
+            fault_trace("saved", self.step)
+        elif self.world.is_main:
+            fault_trace("save", self.step)
+            state = {"format": CKPT_FORMAT, **meta, "model": self.raw_model.state_dict(),
+                     "optimizer": self.optimizer.state_dict()}
             try:
                 save_checkpoint(state, self.out_dir, keep=self.train_cfg.keep_checkpoints)
             except OSError as exc:
                 error = f"cannot write a checkpoint ({exc.strerror or exc}); {self._kept()}"
             fault_trace("saved", self.step)
         if any_rank(error is not None, self.world, self.device):
-            raise TrainingError(error or "rank 0 could not write a checkpoint (see its error)")
+            raise TrainingError(error or "a rank could not write its checkpoint (see its error)")
         self._saved_step = self.step
 
     # ----------------------------------------------------------------- evaluation
@@ -313,6 +334,9 @@ class Trainer:
             x, y = self.train_batches.next()
             # Under DDP, gradients are all-reduced only in the last micro-batch's backward.
             skip_sync = self.world.distributed and micro < accum - 1
+            if self.fsdp:  # FSDP reduce-scatters in every backward unless told not to
+                self.raw_model.set_requires_gradient_sync(not skip_sync)
+                skip_sync = False
             with self.model.no_sync() if skip_sync else contextlib.nullcontext(), self.autocast:
                 _, loss = self.model(x, y, grad_scale=self._loss_scale())
                 loss = loss / accum
@@ -519,7 +543,7 @@ class Trainer:
     def _finish(self, started):
         final = {"type": "final", "step": self.step, "elapsed_s": time.perf_counter() - started,
                  "world_size": self.world.size}
-        if self.world.distributed:
+        if self.world.distributed and not self.fsdp:  # FSDP ranks hold different shards by design
             digests = gather(weights_digest(self.raw_model), self.world)
             final["ranks_identical"] = len(set(digests)) == 1
             if not final["ranks_identical"]:
@@ -529,9 +553,12 @@ class Trainer:
             return
         print()
         print(self.metrics.finish(self.train_cfg.eval_train_split))
-        print(f"\nwrote {CKPT_NAME} (the newest of {self.train_cfg.keep_checkpoints} kept), metrics.jsonl and "
-              f"loss.png in {self.out_dir}")
-        if self.train_cfg.sample_tokens:
+        saved = SHARDED_NAME if self.fsdp else f"{CKPT_NAME} (the newest of {self.train_cfg.keep_checkpoints} kept)"
+        print(f"\nwrote {saved}, metrics.jsonl and loss.png in {self.out_dir}")
+        if self.train_cfg.sample_tokens and self.fsdp:  # generate would need every rank's shards
+            print(f"\nsample: skipped under --parallel fsdp; python -m fastlm.consolidate {self.out_dir}, "
+                  "then python -m fastlm.sample")
+        elif self.train_cfg.sample_tokens:
             print("\nsample:\n" + sample_text(self.raw_model, self.tokenizer, "\n", self.train_cfg.sample_tokens,
                                              temperature=0.8, top_k=20, seed=self.train_cfg.seed,
                                              device=self.device))

@@ -405,3 +405,69 @@ def test_compiled_step_matches_eager(backend, clip):
         step()
         eager.step()
     assert max_abs_diff(params, ref) <= ATOL
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded (DTensor) parameters: two gloo ranks on CPU, a 1-D mesh, dim 0 sharded as FSDP2 does
+# --------------------------------------------------------------------------------------------
+
+# Uneven shards on purpose: (5,) splits 3 + 2, (1,) leaves rank 1 an empty shard, (7, 13) 4 + 3 rows.
+DTENSOR_SHAPES = [(5,), (1,), (7, 13), (64, 8)]
+
+
+def _dtensor_problem(steps):
+    g = torch.Generator().manual_seed(7)
+    params = [torch.randn(s, generator=g) for s in DTENSOR_SHAPES]
+    grads = [[torch.randn(s, generator=g) * 3 for s in DTENSOR_SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def _dtensor_worker(rank, backend, amsgrad, steps, out_file):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    full_params, full_grads = _dtensor_problem(steps)
+    # The last parameter stays a plain tensor, replicated: its norm is counted once, not per rank.
+    params = [torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])) for p in full_params[:-1]]
+    params.append(torch.nn.Parameter(full_params[-1].clone()))
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, max_grad_norm=1.0, backend=backend)
+    norms = []
+    with count_calls(adamw_module._STEP_FNS, backend) as calls:
+        for grads in full_grads:
+            for p, grad in zip(params[:-1], grads[:-1]):
+                p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+            params[-1].grad = grads[-1].clone()
+            norms.append(float(opt.step()))
+    state = opt.state[params[2]]
+    result = {"params": [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in params],
+              "norms": norms, "calls": len(calls),
+              "local_state_shape": tuple(state["exp_avg"].to_local().shape),
+              "state_is_dtensor": type(state["exp_avg"]).__name__ == "DTensor"}
+    if rank == 0:
+        torch.save(result, out_file)
+
+
+def test_dtensor_params_update_local_shards_and_clip_by_the_global_norm(backend, tmp_path):
+    """The sharded run equals the plain one: parameters to ATOL after 5 steps, and the clip norm,
+    computed from the shards' squared norms all-reduced, to fp32 rounding (see global_grad_norm).
+    amsgrad on, so every state tensor goes through the local-shard path."""
+    from tests.test_fsdp import spawn
+
+    steps, amsgrad = 5, True
+    spawn(_dtensor_worker, backend, amsgrad, steps, str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt")
+    full_params, full_grads = _dtensor_problem(steps)
+    params = [p.clone().requires_grad_() for p in full_params]
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, max_grad_norm=1.0, backend=backend)
+    norms = []
+    for grads in full_grads:
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        norms.append(float(opt.step()))
+    assert got["calls"] == steps  # the chosen kernel did the update
+    assert got["state_is_dtensor"] and got["local_state_shape"] == (4, 13)
+    assert min(norms) > 1.0  # the clip was active in every step
+    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(norms), rtol=1e-6, atol=0)
+    for mine, ref in zip(got["params"], params):
+        torch.testing.assert_close(mine, ref.detach(), rtol=0, atol=ATOL)

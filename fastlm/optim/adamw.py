@@ -12,6 +12,10 @@ amsgrad), so each optimizer loads the other's state dict. Extras over torch:
 - Moments are always fp32, whatever the parameter dtype.
 - GradScaler: `scaler.step(opt)` hands the scale and the inf flag to the optimizer, which
   unscales inside the kernel and skips the whole step (step counts included) on inf.
+- Sharded parameters (DTensor, as FSDP2's `fully_shard` makes them): the kernels update each
+  rank's local shard in place (no gather); the state tensors are DTensors of the parameter's
+  sharding, so torch.distributed.checkpoint saves and reshards them; the clip norm is the norm of
+  the whole model, the shards' sums of squares all-reduced (see global_grad_norm).
 
 The math lives in one function per implementation, side by side:
   adamw_torch      plain PyTorch loop over parameters, the reference (backend "torch")
@@ -91,6 +95,65 @@ def grad_norm_fused(grads, grad_scale=None):
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     return torch.ops.fastlm.adamw_grad_norm(grads, grad_scale)
+
+
+def _dtensor_type():
+    """torch.distributed.tensor.DTensor, or None where torch has no distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def is_sharded(t):
+    """True for a DTensor (a parameter, grad or state tensor spread over a device mesh)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def local_tensor(t):
+    """This rank's part of a DTensor (sharing its storage, so in-place updates reach it); a plain
+    tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def _shard_group(grad):
+    """The process group over which a DTensor grad's shards are spread (FSDP2: a 1-D mesh, Shard)."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = grad.device_mesh, grad.placements
+    if mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in placements):
+        raise ValueError(f"{OP}: max_grad_norm supports DTensor parameters sharded on a 1-D device mesh "
+                         f"(FSDP2), got mesh of {mesh.ndim} dims with placements {placements}")
+    return mesh.get_group()
+
+
+def global_grad_norm(grads, norm_fn, grad_scale=None, device=None):
+    """The L2 norm of all of `grads` (plain tensors and DTensors) over every rank, fp32 scalar.
+
+    Plain tensors are taken as whole on every rank (replicated) and counted once. For DTensors
+    each rank takes the norm of its local shards with `norm_fn` (the fused kernel or the torch
+    reference), squares it in fp64, and the squares are summed over the mesh with one all-reduce,
+    then the root is taken. Precision: each local norm carries fp32 rounding (relative ~1e-7);
+    squaring, summing and the root in fp64 add nothing measurable, so the global norm equals the
+    unsharded run's to ~1e-7 relative, and so does the clip factor.
+    """
+    plain = [g for g in grads if not is_sharded(g)]
+    sharded = [g for g in grads if is_sharded(g)]
+    if not sharded:
+        return norm_fn(plain, grad_scale)
+    groups = {_shard_group(g) for g in sharded}
+    if len(groups) != 1:
+        raise ValueError(f"{OP}: max_grad_norm needs all sharded parameters on one device mesh, got {len(groups)}")
+    import torch.distributed as dist
+
+    local = [g.to_local() for g in sharded]
+    squares = norm_fn(local, grad_scale).to(device or local[0].device).double().square()
+    dist.all_reduce(squares, group=groups.pop())
+    if plain:
+        squares = squares + norm_fn(plain, grad_scale).to(squares.device).double().square()
+    return squares.sqrt().float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,19 +343,23 @@ class AdamW(torch.optim.Optimizer):
             if g.dtype != p.dtype or g.shape != p.shape:
                 raise ValueError(f"{OP}: grad must match its parameter, got grad {tuple(g.shape)} "
                                  f"{dtype_name(g.dtype)} for parameter {tuple(p.shape)} {dtype_name(p.dtype)}")
+            if is_sharded(p) and not (is_sharded(g) and g.placements == p.placements):
+                raise ValueError(f"{OP}: the grad of a sharded parameter {tuple(p.shape)} {p.placements} must be "
+                                 f"a DTensor of the same placements, got {getattr(g, 'placements', type(g).__name__)}")
             state = self._init_state(p, group)
-            params.append(p)
-            grads.append(g)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            # The kernels see each rank's local shards (plain tensors sharing the DTensors' storage).
+            params.append(local_tensor(p))
+            grads.append(local_tensor(g))
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                max_exp_avg_sqs.append(local_tensor(state["max_exp_avg_sq"]))
             if MASTER_KEY in state:
-                masters.append(state[MASTER_KEY])
+                masters.append(local_tensor(state[MASTER_KEY]))
             steps.append(state["step"])
         if masters and len(masters) != len(params):
             # Mixed fp32 / low-precision params in one group: give fp32 params a master view of themselves.
-            masters = [self.state[p].get(MASTER_KEY, p) for p in params]
+            masters = [local_tensor(self.state[p].get(MASTER_KEY, p)) for p in group["params"] if p.grad is not None]
         return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps
 
     @torch.no_grad()
@@ -318,8 +385,9 @@ class AdamW(torch.optim.Optimizer):
         lists = [self._group_lists(group) for group in self.param_groups]
         grad_norm = None
         if self.max_grad_norm is not None:
-            all_grads = [g for group_lists in lists for g in group_lists[1]]
-            grad_norm = _NORM_FNS[backend](all_grads, grad_scale)
+            # The norm of the whole model: DTensor grads' shards are reduced over their mesh.
+            all_grads = [p.grad for p in self._params() if p.grad is not None]
+            grad_norm = global_grad_norm(all_grads, _NORM_FNS[backend], grad_scale, device)
             if grad_norm.device != device:
                 grad_norm = grad_norm.to(device)
         step_fn = _STEP_FNS[backend]
