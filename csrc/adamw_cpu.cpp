@@ -33,35 +33,9 @@
 #include <tuple>
 #include <vector>
 
-// The extension is built without -march flags, so at::vec::Vectorized would fall back to its
-// generic, scalar-in-practice implementation. On x86 the kernels below are compiled against the
-// AVX2 specializations instead (in their own at::vec::AVX2 namespace, exactly as ATen builds
-// its AVX2 kernels) and are only called when the CPU has AVX2+FMA+F16C; otherwise a plain
-// scalar loop runs. Every non-vector header is included above, outside the AVX2 region.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY)
-#define FASTLM_AVX2_KERNELS 1
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-// The target pragma does not define the ISA macros that sleef.h and the vec headers test.
-#ifndef __AVX__
-#define __AVX__ 1
-#define FASTLM_UNDEF_AVX
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#define FASTLM_UNDEF_AVX2
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#define FASTLM_UNDEF_FMA
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#define FASTLM_UNDEF_F16C
-#endif
-#endif
+// The vector kernels below are compiled for AVX2 on x86-64 (see avx2_begin.h) and only called when
+// the CPU has it; otherwise a plain scalar loop runs. Every other header is included above.
+#include "avx2_begin.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -296,21 +270,7 @@ void sum_squares_vec(const GradSlot* g, const Piece* p, int64_t n, double* out) 
 }  // namespace
 }  // namespace fastlm
 
-#ifdef FASTLM_AVX2_KERNELS
-#pragma GCC pop_options
-#ifdef FASTLM_UNDEF_AVX
-#undef __AVX__
-#endif
-#ifdef FASTLM_UNDEF_AVX2
-#undef __AVX2__
-#endif
-#ifdef FASTLM_UNDEF_FMA
-#undef __FMA__
-#endif
-#ifdef FASTLM_UNDEF_F16C
-#undef __F16C__
-#endif
-#endif
+#include "avx2_end.h"
 
 namespace fastlm {
 namespace {
@@ -373,16 +333,6 @@ void sum_squares_scalar(const GradSlot* grads, const Piece* pieces, int64_t n, d
     }
     out[k] = s;
   }
-}
-
-bool vector_kernels_usable() {
-#ifdef FASTLM_AVX2_KERNELS
-  static const bool usable = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                             __builtin_cpu_supports("f16c");
-  return usable;
-#else
-  return true;  // compiled for the baseline vector ISA of this target
-#endif
 }
 
 UpdateFn update_fn() { return vector_kernels_usable() ? update_pieces_vec : update_pieces_scalar; }

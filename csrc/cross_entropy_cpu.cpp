@@ -39,30 +39,7 @@ struct Options {
 }  // namespace
 }  // namespace fastlm
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY)
-#define FASTLM_AVX2_KERNELS 1
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-// The target pragma does not define the ISA macros that sleef.h and the vec headers test.
-#ifndef __AVX__
-#define __AVX__ 1
-#define FASTLM_UNDEF_AVX
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#define FASTLM_UNDEF_AVX2
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#define FASTLM_UNDEF_FMA
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#define FASTLM_UNDEF_F16C
-#endif
-#endif
+#include "avx2_begin.h"
 #include <ATen/cpu/vec/vec.h>
 
 namespace fastlm {
@@ -192,21 +169,7 @@ void rows_vec(const scalar_t* logits, int64_t logits_stride, const int64_t* targ
 }  // namespace
 }  // namespace fastlm
 
-#ifdef FASTLM_AVX2_KERNELS
-#pragma GCC pop_options
-#ifdef FASTLM_UNDEF_AVX
-#undef __AVX__
-#endif
-#ifdef FASTLM_UNDEF_AVX2
-#undef __AVX2__
-#endif
-#ifdef FASTLM_UNDEF_FMA
-#undef __FMA__
-#endif
-#ifdef FASTLM_UNDEF_F16C
-#undef __F16C__
-#endif
-#endif
+#include "avx2_end.h"
 
 namespace fastlm {
 namespace {
@@ -244,16 +207,6 @@ void rows_scalar(const scalar_t* logits, int64_t logits_stride, const int64_t* t
       g[j] = static_cast<scalar_t>(value);
     }
   }
-}
-
-bool vector_kernels_usable() {
-#ifdef FASTLM_AVX2_KERNELS
-  static const bool usable = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                             __builtin_cpu_supports("f16c");
-  return usable;
-#else
-  return true;  // compiled for the baseline vector ISA of this target
-#endif
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets,

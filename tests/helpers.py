@@ -1,6 +1,7 @@
 """Shared test utilities: a tiny training configuration, CLI runners, and backend checks."""
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,3 +62,14 @@ def count_calls(owner, name):
             owner[name] = original
         else:
             setattr(owner, name, original)
+
+
+def stop_at(step):
+    """A Trainer._should_stop that simulates a SIGTERM arriving during step `step`."""
+
+    def should_stop(trainer):
+        if trainer.step == step:
+            trainer._stop_signal = signal.SIGTERM
+        return trainer._stop_signal is not None
+
+    return should_stop

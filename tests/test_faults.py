@@ -19,7 +19,7 @@ from fastlm import train as train_mod
 from fastlm.checkpoint import checkpoint_files, load_checkpoint
 from fastlm.files import DirectoryLock
 from fastlm.metrics import read_metrics
-from tests.helpers import run_cli, tiny_args
+from tests.helpers import run_cli, stop_at, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,16 +53,6 @@ def one_line_error(stderr, *needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
 
-
-def stop_at(step):
-    """A Trainer._should_stop that simulates a SIGTERM arriving during step `step`."""
-
-    def should_stop(trainer):
-        if trainer.step == step:
-            trainer._stop_signal = signal.SIGTERM
-        return trainer._stop_signal is not None
-
-    return should_stop
 
 
 def poison(monkeypatch, steps, what="loss"):

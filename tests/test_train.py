@@ -15,7 +15,7 @@ from fastlm.config import TrainConfig
 from fastlm.metrics import read_metrics
 from fastlm.plots import loss_curves
 from fastlm.train import get_lr
-from tests.helpers import run_cli, tiny_args
+from tests.helpers import run_cli, stop_at, tiny_args
 
 
 def losses(out_dir):
@@ -81,16 +81,6 @@ def test_eval_train_split_measures_train_loss_in_eval_mode(tmp_path, monkeypatch
     assert labels == ["train (batch)", "train (eval mode)", "val"]
     assert [label for label, _, _ in loss_curves(records)][1] == "train (mean since the last eval)"
 
-
-def stop_at(step):
-    """A Trainer._should_stop that simulates a SIGTERM arriving during step `step`."""
-
-    def should_stop(trainer):
-        if trainer.step == step:
-            trainer._stop_signal = signal.SIGTERM
-        return trainer._stop_signal is not None
-
-    return should_stop
 
 
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
