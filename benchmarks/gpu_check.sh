@@ -7,7 +7,8 @@
 #
 # Phases: versions (GPU, driver, torch, triton, nvcc), build (the extension with CUDA for the GPU
 # present), tests (every `gpu` test, fail-fast, then the parity check and the Triton compile
-# report), bench (kernel benchmarks), e2e (the end-to-end training step). Results and a log go to
+# report; the FSDP smoke test is one of the gpu tests), bench (kernel benchmarks), e2e (the
+# end-to-end training step, and the data loader against it). Results and a log go to
 # benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides); each run merges its benchmarks into
 # summary.json. Each phase has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT), so one slow
 # phase cannot eat the whole GPU window.
@@ -21,7 +22,7 @@ while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --only) shift; while (($#)) && [[ "$1" != --* ]]; do phases+=("$1"); shift; done; continue ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: error: unknown argument '$1' (phases: ${ALL_PHASES[*]})" >&2; exit 2 ;;
   esac
   shift
@@ -85,6 +86,7 @@ for phase in "${phases[@]}"; do
       ;;
     e2e)
       run e2e "${FASTLM_E2E_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only e2e --out-dir "$RESULTS"
+      run e2e 240 $PYTHON benchmarks/data_throughput.py --device cuda --corpus_mb 20 --workers 8  # loader vs step
       ;;
   esac
 done
