@@ -119,7 +119,14 @@ def save_checkpoint(state, out_dir, keep=2):
     step = int(state["step"])
     path = os.path.join(out_dir, numbered_name(step))
     with atomic_write(path) as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as exc:
+            # torch's zip writer can answer a failed write (a full disk) with its own RuntimeError
+            # on the way out; the OSError behind it is what the caller handles.
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
         _fault_pause()
     _point_latest_at(path, os.path.join(out_dir, CKPT_NAME))
     kept = sorted((s for s in _numbered_steps(out_dir) if s[0] <= step), reverse=True)[:max(keep, 1)]

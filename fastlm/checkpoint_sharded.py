@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from fastlm.checkpoint import CKPT_FORMAT, CKPT_NAME, save_checkpoint
 from fastlm.config import ConfigError
+from fastlm.files import atomic_write
 
 SHARDED_NAME = "ckpt.dcp"
 META_NAME = "meta.pt"
@@ -179,5 +180,9 @@ def consolidate(path, out_path):
     state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
     if os.path.isdir(out_path):
         out_path = os.path.join(out_path, CKPT_NAME)
-    save_checkpoint(state, out_path)
+    if os.path.basename(out_path) == CKPT_NAME:  # a run's out_dir: its numbered checkpoints, ckpt.pt the newest
+        save_checkpoint(state, os.path.dirname(out_path) or ".")
+    else:
+        with atomic_write(out_path) as f:
+            torch.save(state, f)
     return out_path

@@ -81,11 +81,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # kernels launch on the run's GPU, whichever is current
         self.out_dir = run.train.out_dir
-        self._lock = None
+        self._lock, self._made_out_dir, self._made_lock_file = None, False, False
         try:
             self._setup(run)
         except BaseException:
-            self.close()
+            self.close(discard=True)
             raise
 
     def _setup(self, run):
@@ -161,11 +161,20 @@ class Trainer:
                           if train_cfg.hellaswag else None)
         self._stop_signal = None
 
-    def close(self):
-        """Release out_dir (the lock); the Trainer cannot train afterwards."""
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+    def close(self, discard=False):
+        """Release out_dir (the lock); the Trainer cannot train afterwards. discard: the run failed
+        before it wrote anything (bad data, a bad flag): remove the lock file too, and out_dir when
+        this run made them and out_dir is left empty, so that a refused run leaves nothing behind."""
+        if self._lock is None:
+            return
+        if discard and self._made_lock_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.out_dir, DirectoryLock.NAME))
+        self._lock.release()
+        self._lock = None
+        if discard and self._made_out_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.out_dir)
 
     # ----------------------------------------------------------------- setup and checkpoints
 
@@ -196,7 +205,9 @@ class Trainer:
         error = None
         if self.world.is_main:
             try:
+                self._made_out_dir = not os.path.isdir(self.out_dir)
                 os.makedirs(self.out_dir, exist_ok=True)
+                self._made_lock_file = not os.path.exists(os.path.join(self.out_dir, DirectoryLock.NAME))
                 lock = DirectoryLock(self.out_dir)
                 if lock.acquire():
                     self._lock = lock
