@@ -199,17 +199,20 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * self.config.d_model * T
 
+    def embed(self, idx):
+        """Token embeddings of idx (B, T) plus learned positions 0..T-1, and the RoPE tables
+        (None with learned positions): what every block sequence starts from."""
+        x = self.wte(idx)
+        if self.wpe is not None:
+            return x + self.wpe(torch.arange(idx.shape[1], device=idx.device)), None
+        return x, (self.rope_cos, self.rope_sin)
+
     def hidden_states(self, idx):
         """Final-norm hidden states (B, T, d_model) for token ids idx (B, T)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        x = self.wte(idx)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
-        else:
-            rope = (self.rope_cos, self.rope_sin)
+        x, rope = self.embed(idx)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
@@ -345,12 +348,7 @@ class KVCache:
     def _prefill_rows(self, idx, rows):
         model = self.model
         T = idx.shape[1]
-        x = model.wte(idx)
-        rope = None
-        if model.wpe is not None:
-            x = x + model.wpe(torch.arange(T, device=idx.device))
-        else:
-            rope = (model.rope_cos, model.rope_sin)
+        x, rope = model.embed(idx)
         for layer, block in enumerate(model.blocks):
             attn = block.attn
             q, k, v = attn_qkv(attn, block.norm1(x))
