@@ -8,7 +8,9 @@ on first use, which compiles the extension for the running torch into a cache di
 import glob
 import hashlib
 import os
+import platform
 import re
+import shutil
 import sys
 
 try:
@@ -98,7 +100,28 @@ def compile_flags(torch_dir, with_cuda):
         archs = os.environ.get("FASTLM_CUDA_ARCHS", "80;90")
         flags["nvcc"] = ["-O3", "-lineinfo", std, define]
         flags["nvcc"] += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";") if a]
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        flags["ld"] += [f"-L{d}" for d in cuda_library_dirs(CUDA_HOME)]
     return flags
+
+
+def cuda_library_dirs(cuda_home):
+    """The directories of a CUDA toolkit that hold libcudart. torch's build links with
+    CUDA_HOME/lib64 only; toolkits laid out as lib/ or targets/<arch>-linux/lib/ (and nvcc found
+    through a symlink in /usr/local/bin, which makes CUDA_HOME /usr/local) need them named."""
+    if not cuda_home:
+        return []
+    nvcc = shutil.which("nvcc")
+    homes = [cuda_home] + ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else [])
+    homes += [os.path.join(cuda_home, "cuda")]
+    dirs = []
+    for home in homes:
+        for sub in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib")):
+            d = os.path.join(home, sub)
+            if os.path.exists(os.path.join(d, "libcudart.so")) and d not in dirs:
+                dirs.append(d)
+    return dirs
 
 
 def cache_root():

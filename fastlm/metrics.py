@@ -15,8 +15,11 @@ from fastlm.files import atomic_write_text
 from fastlm.plots import ascii_curve, save_loss_plot
 
 METRICS_NAME = "metrics.jsonl"
-# Dense bf16 peak FLOP/s of common training GPUs (no sparsity), the denominator of MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 peak FLOP/s of common training GPUs (no sparsity), the denominator of MFU, from the
+# vendors' data sheets. The first key found in torch.cuda.get_device_name() wins, so the PCIe and
+# NVL variants of the H100 (lower clocks and power) come before the SXM's plain "H100".
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 TABLE_HEADER = (f"{'step':>6} | {'train loss':>10} | {'val loss':>8} | {'val ppl':>8} | {'lr':>9} | "
                 f"{'tok/s':>8} | {'elapsed':>8}")
 

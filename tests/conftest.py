@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTLM_NO_EXT_WARNING", "1")
+# CUDA attention launches use one fixed config per kernel (no tuning): the GPU suite compiles each
+# kernel once per specialisation instead of every config per shape. Tests that cover the tuned
+# path and every config set their own (tests/test_attention.py).
+os.environ.setdefault("FASTLM_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -389,6 +389,125 @@ def test_cuda_grad_scaler_skips_on_inf_and_norm_is_deterministic():
     assert all(opt.state[p]["step"].item() == 0 for p in params)
 
 
+# The issue's GPU checks: against torch.optim.AdamW(fused=True) over 25 steps, with GradScaler,
+# captured in a CUDA graph, and under inductor.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_cuda_matches_torch_fused_over_25_steps(dtype, clip):
+    """fp32 params follow torch's fused AdamW to 1e-5; bf16 params with master weights keep an fp32
+    master that follows torch's fused AdamW on fp32 copies to 1e-5, and are that master rounded.
+    With clip, the reference clips with clip_grad_norm_ first (what max_grad_norm fuses)."""
+    shapes = SHAPES + [(3,)] * 40 + [(320 * 65536 + 5,)]
+    params = [make_param(s, dtype, "cuda") for s in shapes]
+    ref = clone_params(params, torch.float32)
+    ours = AdamW(groups(params, 0.1), lr=1e-2, max_grad_norm=clip, master_weights=dtype != torch.float32,
+                 backend="cuda")
+    theirs = torch.optim.AdamW(groups(ref, 0.1), lr=1e-2, fused=True)
+    with count_calls(adamw_module._STEP_FNS, "cuda") as calls:
+        for _ in range(STEPS):
+            set_grads([params, ref], dtype=dtype)
+            norm = ours.step()
+            if clip is not None:
+                ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip)
+                torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+            theirs.step()
+    assert len(calls) == STEPS
+    if dtype == torch.float32:
+        assert max_abs_diff(params, ref) <= 1e-5
+    else:
+        masters = [ours.state[p]["master_param"] for p in params]
+        assert max_abs_diff(masters, ref) <= 1e-5
+        for p, m in zip(params, masters):
+            assert torch.equal(p.detach(), m.to(dtype)), "bf16 params are their master rounded"
+
+
+@pytest.mark.gpu
+def test_cuda_grad_scaler_matches_torch_fused_and_skips_the_inf_step():
+    shapes = [(1000,), (7, 13), (65537,)]
+    params = [make_param(s, device="cuda") for s in shapes]
+    ref = clone_params(params)
+    ours, theirs = AdamW(params, lr=1e-2, backend="cuda"), torch.optim.AdamW(ref, lr=1e-2, fused=True)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0 ** 12, growth_interval=3) for _ in range(2)]
+    for step in range(10):
+        weights = [torch.randn(s, device="cuda") for s in shapes]
+        for ps, opt, scaler in ((params, ours, scalers[0]), (ref, theirs, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(sum((p * w).sum() for p, w in zip(ps, weights))).backward()
+            if step == 4:
+                ps[1].grad[3, 5] = float("inf")  # this step must be skipped, and the scale halved
+            before = [p.detach().clone() for p in ps]
+            scaler.step(opt)
+            scaler.update()
+            if step == 4:
+                assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert max_abs_diff(params, ref) <= 1e-5
+    assert all(ours.state[p]["step"].item() == theirs.state[r]["step"].item() == 9 for p, r in zip(params, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_cuda_step_captures_in_a_cuda_graph_without_host_sync(clip):
+    """step() has no host sync (sync debug mode "error" raises on one) and captures into a CUDA
+    graph whose replays equal eager steps: the step count and every scalar live on the device."""
+    shapes = [(1000,), (7, 13), (65537,), (1,)]
+    params = [make_param(s, device="cuda") for s in shapes]
+    eager_params = clone_params(params)
+    kw = dict(lr=1e-2, weight_decay=0.1, max_grad_norm=clip, backend="cuda")
+    opt, eager = AdamW(params, **kw), AdamW(eager_params, **kw)
+    set_grads([params, eager_params])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: creates the state outside the capture
+        opt.step()
+        eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager.step()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_norm = opt.step()
+    for _ in range(5):
+        for p, e in zip(params, eager_params):
+            g = torch.randn_like(p)
+            p.grad.copy_(g)
+            e.grad.copy_(g)
+        graph.replay()
+        norm = eager.step()
+        if clip is not None:
+            torch.testing.assert_close(captured_norm, norm, rtol=0, atol=0)
+    torch.cuda.synchronize()
+    for p, e in zip(params, eager_params):
+        torch.testing.assert_close(p, e, rtol=0, atol=0)
+    assert opt.state[params[0]]["step"].item() == eager.state[eager_params[0]]["step"].item() == 8
+
+
+@pytest.mark.gpu
+def test_cuda_step_under_inductor_without_graph_breaks():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    params = [make_param(s, device="cuda") for s in [(1000,), (7, 13), (65537,)]]
+    ref = clone_params(params)
+    ours, eager = (AdamW(ps, lr=1e-2, max_grad_norm=1.0, backend="cuda") for ps in (params, ref))
+    set_grads([params, ref])
+    assert torch._dynamo.explain(ours.step)().graph_break_count == 0  # (explain runs one step)
+    eager.step()
+    torch._dynamo.reset()
+    step = torch.compile(ours.step, fullgraph=True)
+    for _ in range(3):
+        set_grads([params, ref])
+        step()
+        eager.step()
+    assert max_abs_diff(params, ref) <= 1e-6
+
+
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_compiled_step_matches_eager(backend, clip):
     """The compiled operators have fake implementations, so optimizer.step compiles whole."""

@@ -4,7 +4,8 @@ Errors are max |out - ref| / max |ref| over each tensor (the denominator floored
 as inputs are unit normal and dq, dk are exactly zero at T = 1). Tolerances: fp32 1e-4, bf16/fp16 2e-2.
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py), so the CPU sweep
 is pruned: every T and GQA ratio at D = 16 and 64, fewer cases at D = 128, every dtype on a
-few awkward shapes. The `gpu` tests repeat the sweep up to T = 4096.
+few awkward shapes. The `gpu` tests sweep T up to 8192 at D = 64 and 128 against PyTorch's own
+error (see check_within_twice_pytorch_error), and run every autotune config once.
 """
 import pytest
 import torch
@@ -246,17 +247,116 @@ def test_gpt_trains_identically_with_torch_and_triton():
 
 
 # --- GPU --------------------------------------------------------------------------------------------
+# The issue's sweep: T in {1, 17, 1023, 1024, 4096, 8192}, D in {64, 128}, one and four query heads
+# per kv head, bf16 and fp16, forward and backward, judged as FlashAttention's tests judge: the
+# error against an fp32 reference at most twice that of PyTorch's own attention in the same dtype
+# (pytorch_same_precision), and no NaN.
 
-GPU_SWEEP = [(B, H, H_kv, T, D) for T in (1, 17, 64, 130, 1000, 2048, 4096) for D in (16, 64, 128)
-             for (H, H_kv) in GQA for B in ((2,) if T <= 1000 else (1,))]
-GPU_SWEEP += [(2, 4, 2, 130, 32), (1, 4, 1, 4096, 32)]
+def pytorch_same_precision(q, k, v):
+    """Plain PyTorch attention in the inputs' dtype, built as FlashAttention's tests build their
+    baseline: the scores, the probabilities and the output are each rounded to the dtype (the
+    softmax itself runs in fp32), as a framework without a fused kernel computes it."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    T = q.shape[2]
+    scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+def check_within_twice_pytorch_error(B, H, H_kv, T, D, dtype, device, transposed=False):
+    q, k, v = make_inputs(B, H, H_kv, T, D, dtype, device, transposed)
+    grad_out = torch.randn(B, H, T, D, device=device).to(dtype)
+    with count_calls(attention_module, "_triton") as calls:
+        out = causal_attention(q, k, v, backend="triton")
+    assert calls, "the triton path did not run"
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    out_pt = pytorch_same_precision(q, k, v)
+    grads_pt = torch.autograd.grad(out_pt, (q, k, v), grad_out)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q32, k32, v32, D ** -0.5)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad_out.float())
+    for name, got, pt, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_pt, *grads_pt), (ref, *ref_grads)):
+        assert got.dtype == dtype and torch.isfinite(got).all(), f"{name}: not finite"
+        err = (got.float() - want).abs().max().item()
+        err_pt = (pt.float() - want).abs().max().item()
+        # + 1e-5: both errors are ~0 where the exact gradient is 0 (dq, dk at T = 1).
+        assert err <= 2 * err_pt + 1e-5, (f"{name}: max error {err:.3e} > 2 x PyTorch's {err_pt:.3e} "
+                                          f"at B={B} H={H}/{H_kv} T={T} D={D} {dtype}")
+
+
+GPU_SWEEP = [((2 if T <= 1024 else 1), 4, H_kv, T, D) for T in (1, 17, 1023, 1024, 4096, 8192)
+             for D in (64, 128) for H_kv in (4, 1)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_SWEEP, ids=_id)
-def test_triton_cuda(case, dtype):
-    check_against_reference("triton", *case, dtype, device="cuda")
+def test_triton_cuda_within_twice_pytorch_error(case, dtype):
+    skip_unless_usable("causal_attention", "triton", "cuda")
+    check_within_twice_pytorch_error(*case, dtype, "cuda")
+
+
+def test_triton_within_twice_pytorch_error_on_cpu():
+    # The GPU criterion checked through the interpreter at small shapes with tails. fp16 only:
+    # the interpreter converts fp32 to bf16 by truncation (a GPU rounds to nearest), which
+    # biases its bf16 results by up to an ulp.
+    skip_unless_usable("causal_attention", "triton")
+    for case in ((2, 4, 1, 37, 16), (1, 4, 4, 70, 64)):
+        check_within_twice_pytorch_error(*case, torch.float16, "cpu")
+
+
+# fp32 (true fp32 dots), the small head sizes, and the GPT's strided layout, against float64.
+GPU_EXTRA = [((1, 4, 1, 1023, 64), torch.float32, False), ((2, 4, 4, 130, 128), torch.float32, False),
+             ((2, 4, 2, 130, 32), torch.bfloat16, False), ((1, 4, 1, 4096, 16), torch.bfloat16, False),
+             ((2, 4, 2, 1000, 64), torch.bfloat16, True), ((1, 4, 4, 17, 128), torch.float16, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,dtype,transposed", GPU_EXTRA,
+                         ids=[f"{_id(c)}-{str(d)[6:]}{'-strided' if t else ''}" for c, d, t in GPU_EXTRA])
+def test_triton_cuda(case, dtype, transposed):
+    check_against_reference("triton", *case, dtype, device="cuda", transposed=transposed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("index", range(10))
+def test_triton_cuda_every_config(head_dim, index):
+    # The suite runs one fixed config (FASTLM_AUTOTUNE=0); tuning may pick any other, so each
+    # kept config of each kernel runs once here: a tail (T = 1000) and four query heads per kv head.
+    from fastlm.triton_kernels import attention as kernels
+
+    tables = {name: configs for name, (_, configs) in kernels.cuda_kernels(head_dim).items() if name != "bwd_delta"}
+    if index >= max(map(len, tables.values())):
+        pytest.skip(f"fewer configs at D={head_dim}")
+    pick = {name: configs[index % len(configs)] for name, configs in tables.items()}
+    with kernels.forced_configs(fwd=pick["fwd"], dkdv=pick["bwd_dkdv"], dq=pick["bwd_dq"]):
+        check_against_reference("triton", 2, 4, 1, 1000, head_dim, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+def test_triton_cuda_autotuned(monkeypatch):
+    # The path the trainer and the benchmarks take: tuning, then the chosen config.
+    monkeypatch.setenv("FASTLM_AUTOTUNE", "1")
+    check_against_reference("triton", 2, 4, 4, 1024, 64, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+def test_triton_cuda_under_inductor_without_graph_breaks():
+    import torch._dynamo
+
+    q, k, v = make_inputs(2, 4, 2, 257, 64, torch.bfloat16, device="cuda")
+
+    def loss_fn(q, k, v):
+        return causal_attention(q, k, v, backend="triton").float().square().sum()
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(loss_fn)(q, k, v).graph_break_count == 0
+    grads = torch.autograd.grad(torch.compile(loss_fn, fullgraph=True)(q, k, v), (q, k, v))
+    ref_grads = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= 1e-2
 
 
 @pytest.mark.gpu

@@ -1,16 +1,20 @@
-"""The prepared GPU check (benchmarks/gpu_check.sh) on CPU: its dry run, phase selection and errors.
+"""The prepared GPU check (benchmarks/gpu_check.sh) on CPU: its dry run, phase selection, the time
+budget, the results archive and errors.
 
 The check itself runs on a GPU machine; here we make sure the command a GPU session will run
-is well-formed: every phase in order, --only selecting phases, one-line errors."""
+is well-formed: every phase in order, --only selecting phases, one-line errors, and (with a
+stand-in for python that plays a GPU machine) the budget and the archive at work."""
 import os
+import stat
 import subprocess
+import tarfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
 
 
-def run(*args):
-    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=60)
+def run(*args, env=None):
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 def phases_of(stdout):
@@ -20,9 +24,10 @@ def phases_of(stdout):
 def test_dry_run_lists_every_phase_in_order_and_runs_nothing():
     result = run("--dry-run")
     assert result.returncode == 0, result.stderr
-    assert phases_of(result.stdout) == ["versions", "build", "tests", "bench", "e2e"]
+    assert phases_of(result.stdout) == ["versions", "build", "tests", "bench", "e2e", "profile"]
     commands = [line for line in result.stdout.splitlines() if line.startswith("+ [")]
-    assert any("pytest -m gpu -x" in c for c in commands)
+    pytest = next(c for c in commands if "pytest -m gpu" in c)
+    assert "--maxfail=3" in pytest and "-n 8" in pytest and "--timeout 240" in pytest and "--junitxml=" in pytest
     assert any("FASTLM_BUILD_CUDA=1" in c and "--no-build-isolation" in c for c in commands)
     assert any("fastlm.bench --parity --device cuda" in c for c in commands)
     assert not any(line.startswith("= [") for line in result.stdout.splitlines())  # nothing ran
@@ -34,8 +39,45 @@ def test_only_selects_phases():
     assert phases_of(result.stdout) == ["tests", "e2e"]
 
 
+def test_budget_caps_every_command_limit_in_the_dry_run():
+    result = run("--dry-run", "--budget", "100")
+    limits = [int(line.split("limit ")[1].split("s]")[0]) for line in result.stdout.splitlines()
+              if line.startswith("+ [")]
+    assert limits and max(limits) <= 95
+
+
+def _fake_gpu_python(tmp_path):
+    """A stand-in for python on a GPU machine: names the GPU, gives sm_90, succeeds at the rest."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\ncase "$*" in\n  *get_device_name*re.sub*) echo cuda-fake-gpu ;;\n'
+                    '  *get_device_capability*major*) echo 90 ;;\n  *) echo "ran: $*" ;;\nesac\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return str(fake)
+
+
+def test_budget_skips_what_cannot_finish_and_the_archive_holds_the_results(tmp_path):
+    results, archive = tmp_path / "res", tmp_path / "out" / "gpu.tar.gz"
+    env = dict(os.environ, PYTHON=_fake_gpu_python(tmp_path), FASTLM_RESULTS=str(results))
+    result = run("--only", "build", "tests", "--budget", "20", "--archive", str(archive), env=env)
+    assert result.returncode == 1
+    assert result.stdout.count("skipped: ") == 4  # every command of both phases: 20 s leaves < 30
+    assert "(skipped, budget)" in result.stdout
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "res/gpu_check.log" in names
+    assert "=== phase: tests" in (results / "gpu_check.log").read_text()
+
+
+def test_commands_run_inside_the_budget_and_are_logged(tmp_path):
+    env = dict(os.environ, PYTHON=_fake_gpu_python(tmp_path), FASTLM_RESULTS=str(tmp_path / "res"))
+    result = run("--only", "e2e", "--budget", "200", env=env)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "ran: -m fastlm.bench --device cuda --only e2e" in result.stdout
+    assert "= [e2e] exit 0" in result.stdout
+
+
 def test_unknown_phase_or_argument_is_a_one_line_error():
-    for args in (["--only", "tests", "nope"], ["--fast"]):
+    for args in (["--only", "tests", "nope"], ["--fast"], ["--budget", "soon"], ["--archive"]):
         result = run(*args)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and "gpu_check.sh: error:" in result.stderr

@@ -7,14 +7,16 @@ row is torch.optim.AdamW(fused=True), whose own row holds only ref_ms; extra
 speedup_vs_foreach compares with the foreach path. Peak memory: one steady step (state exists).
 max_err: max relative error of the parameters after one clipped step against the torch for-loop
 (clip_grad_norm_ + step). fastlm sums squares in double, torch in fp32: on a 38M-element
-tensor torch's norm is ~0.3% low, which alone shows up as ~1e-6 here at 124M.
+tensor torch's norm is ~0.3% low, which alone shows up as ~1e-6 here at 124M. On CUDA, fp32:
+extra gbs = BYTES_PER_PARAM x params / time, copy_fraction = gbs over the copy bandwidth
+measured in the same run.
 """
 import gc
 import statistics
 
 import torch
 
-from fastlm.bench.common import Row, max_rel_error, peak_memory_mb, time_ms, timed_backends
+from fastlm.bench.common import Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, time_ms, timed_backends
 from fastlm.optim import AdamW
 
 DTYPE = {"cpu": "float32", "cuda": "float32"}
@@ -22,6 +24,7 @@ LR, BETAS, WEIGHT_DECAY, MAX_NORM = 6e-4, (0.9, 0.95), 0.1, 1.0
 TORCH_VARIANTS = {"torch-forloop": dict(foreach=False), "torch-foreach": dict(foreach=True),
                   "torch-fused": dict(fused=True)}
 REFERENCE = "torch-fused"
+BYTES_PER_PARAM = 28  # the fewest an fp32 step moves: 3 x (read + write) + the grad read, 4 bytes each
 CONFIGS = {
     "2M": dict(n_layer=2, n_embd=256, vocab_size=4096, block_size=256),
     "10M": dict(n_layer=4, n_embd=384, vocab_size=8192, block_size=256),
@@ -119,6 +122,10 @@ def run(quick, device, dtype):
                     if name != REFERENCE:
                         row.fused_ms, row.fused_peak_mb = times[name], peaks[name]
                     row.extra["speedup_vs_foreach"] = times["torch-foreach"] / times[name]
+                    if device.type == "cuda" and torch_dtype == torch.float32:
+                        # Each fp32 param: param, exp_avg, exp_avg_sq read and written, grad read.
+                        gbs = BYTES_PER_PARAM * n_params / (times[name] * 1e-3) / 1e9
+                        row.extra.update(gbs=gbs, copy_fraction=gbs / copy_bandwidth_gbs(device))
                 rows.append(row)
             print(f"  done adamw {row.case}", flush=True)
         del params

@@ -4,7 +4,11 @@ cross_entropy: fwd+bwd of F.cross_entropy (the reference) vs each fused backend,
 are an autograd intermediate as in training (so a fused backend writes the gradient in place),
 over V in {256, 32000, 50257, 128256} and N in {4096, 16384}.
 linear_cross_entropy: lm_head matmul + F.cross_entropy (unfused) vs the chunked fused op, at
-N=8192, D=768, V=50257.
+N=8192, D=768, V=50257 (CPU) and N=16384, D=768, V=50257 and N=8192, D=4096, V=128256 (CUDA).
+On CUDA, extra also holds: compiled_ref_ms, the same reference step under torch.compile;
+gbs, the fused step's bandwidth counting the logits read once and the gradient written once
+(2 x N x V x element size bytes); copy_fraction, gbs over the device's copy bandwidth measured in
+the same run (common.copy_bandwidth_gbs).
 max_err: max relative error of the loss and of the gradients against the reference in the same
 dtype (cross_entropy: the gradient's first 1024 rows). Peak memory is what one step adds over its
 inputs (a fresh subprocess per case on CPU). extra logits_mb: the logits the reference holds.
@@ -14,13 +18,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastlm.bench.common import Row, max_rel_error, peak_memory_mb, time_ms, timed_backends
+from fastlm.bench.common import Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, time_ms, timed_backends
 from fastlm.ops import cross_entropy, linear_cross_entropy
 
 DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 CE_SHAPES = [(n, v) for v in (256, 32000, 50257, 128256) for n in (4096, 16384)]
 CE_SHAPES_QUICK = [(512, 256), (512, 32000)]
-LINEAR_SHAPES = [(8192, 768, 50257)]
+LINEAR_SHAPES = {"cpu": [(8192, 768, 50257)], "cuda": [(16384, 768, 50257), (8192, 4096, 128256)]}
 LINEAR_SHAPES_QUICK = [(512, 128, 8192)]
 CE_BACKENDS = ("cpp", "triton")
 LINEAR_BACKENDS = ("cpp", "triton", "torch")  # torch: the chunked op, not the unfused reference
@@ -53,8 +57,9 @@ class LossStep:
     region, makes them as a clone of the leaf, whose backward is the identity.
     """
 
-    def __init__(self, op, leaves, targets, backend):
+    def __init__(self, op, leaves, targets, backend, loss_fn=None):
         self.op, self.leaves, self.targets, self.backend = op, leaves, targets, backend
+        self.loss_fn = loss_fn or F.cross_entropy  # the reference's loss (torch.compile'd for compiled_ref_ms)
         self.inputs = None
 
     def prepare(self):
@@ -65,10 +70,10 @@ class LossStep:
             self.prepare()
         inputs, self.inputs = self.inputs, None
         if self.backend == "reference" and self.op == "cross_entropy":
-            loss = F.cross_entropy(*inputs, self.targets)
+            loss = self.loss_fn(*inputs, self.targets)
         elif self.backend == "reference":
             hidden, weight = inputs
-            loss = F.cross_entropy((hidden @ weight.t()).float(), self.targets)
+            loss = self.loss_fn((hidden @ weight.t()).float(), self.targets)
         else:
             op = cross_entropy if self.op == "cross_entropy" else linear_cross_entropy
             loss = op(*inputs, self.targets, backend=self.backend)
@@ -104,6 +109,9 @@ def measure(op, case, shape, backends, dtype, device, timing, extra):
 
     ref_loss, ref_grads = LossStep(op, leaves, targets, "reference")(keep_grads=True)
     ref_ms, ref_peak = timed("reference")
+    if device.type == "cuda":
+        compiled = LossStep(op, leaves, targets, "reference", loss_fn=torch.compile(F.cross_entropy))
+        extra["compiled_ref_ms"] = time_ms(compiled, device=device, setup=compiled.prepare, **timing)
     rows = []
     for backend, reason in backends.items():
         rows.append(Row(op, case, backend, skipped=reason, extra=dict(extra)))
@@ -114,6 +122,11 @@ def measure(op, case, shape, backends, dtype, device, timing, extra):
             del loss, grads
             rows[-1].fused_ms, rows[-1].fused_peak_mb = timed(backend)
             rows[-1].ref_ms, rows[-1].ref_peak_mb = ref_ms, ref_peak
+            if device.type == "cuda" and op == "cross_entropy":
+                n, vocab = shape
+                gbs = 2 * n * vocab * leaves[0].element_size() / (rows[-1].fused_ms * 1e-3) / 1e9
+                rows[-1].extra.update(gbs=gbs, copy_gbs=copy_bandwidth_gbs(device),
+                                      copy_fraction=gbs / copy_bandwidth_gbs(device))
     return rows
 
 
@@ -144,7 +157,7 @@ def run(quick, device, dtype):
     backends = timed_backends("linear_cross_entropy", device, LINEAR_BACKENDS)
     if cpu and not quick:
         backends["torch"] = "not timed on CPU in the full run (about 30 s a step); see --quick"
-    for n, dim, vocab in LINEAR_SHAPES_QUICK if quick else LINEAR_SHAPES:
+    for n, dim, vocab in LINEAR_SHAPES_QUICK if quick else LINEAR_SHAPES[device.type]:
         case = f"N={n} D={dim} V={vocab}"
         rows += measure("linear_cross_entropy", case, (n, dim, vocab), backends, dtype, device,
                         dict(warmup=0, repeats=2) if cpu else timing, {"logits_mb": n * vocab * elem / 2**20})

@@ -33,12 +33,17 @@ Offsets: every row offset (row index x row stride) is computed in int64, like th
 offsets: v is a strided view of the qkv projection, so T x stride_t passes 2**31 near T = 175K
 at d_model 4096.
 
-Block sizes: autotuned per (D, T bucket, GROUP) on CUDA; fixed and small on CPU tensors, which
-only run under the interpreter (TRITON_INTERPRET=1) and only need to be correct.
+Block sizes: autotuned per (D, T bucket, GROUP, dtype) on CUDA, the winners cached on disk
+(FASTLM_AUTOTUNE=0: one fixed config per kernel, DEFAULT_CONFIGS); fixed and small on CPU tensors,
+which only run under the interpreter (TRITON_INTERPRET=1) and only need to be correct.
 """
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from fastlm.triton_kernels._launch import device_guard
 
@@ -372,17 +377,71 @@ def _configs_for(table, head_dim):
     return [config for config, max_head_dim in table if head_dim <= max_head_dim]
 
 
+def _tuning_bench(kernel_call, quantiles):
+    # Short timing per config (Triton's default is 25 ms warm-up + 100 ms): these kernels run
+    # 0.05-10 ms, so 25 ms of repeats ranks configs as well and tuning costs a fifth.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def _autotune(kernel, table):
     def prune(configs, named_args, **kwargs):
         return _configs_for(table, kwargs["HEAD_DIM"])
 
-    return triton.autotune([config for config, _ in table], key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+    # cache_results: the winner per key is kept on disk beside Triton's compile cache, so a
+    # second process (the next benchmark, the trainer after the tests) does not tune again.
+    return triton.autotune([config for config, _ in table], key=_TUNE_KEY, do_bench=_tuning_bench,
+                           cache_results=True, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _attn_fwd_tuned = _autotune(_attn_fwd, _FWD_CONFIGS)
 _attn_bwd_dkdv_tuned = _autotune(_attn_bwd_dkdv, _DKDV_CONFIGS)
 _attn_bwd_dq_tuned = _autotune(_attn_bwd_dq, _DQ_CONFIGS)
+
+# With FASTLM_AUTOTUNE=0 every CUDA launch uses these (valid for every D up to 128, no spills at
+# D = 128): no tuning and one compile per kernel and specialisation, for a fast start and for
+# test suites, at some cost in speed. tests/conftest.py sets it; the tuned path has its own test.
+def _find(table, block_m, block_n, num_warps, num_stages):
+    """The config of `table` with these tile sizes, warps and stages (it must be one of them)."""
+    for config, max_head_dim in table:
+        kw = config.kwargs
+        if (kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages) == (block_m, block_n, num_warps,
+                                                                                   num_stages):
+            assert max_head_dim >= 128, "a default config must be valid for every head size"
+            return config
+    raise LookupError(f"no config {(block_m, block_n, num_warps, num_stages)} in the table")
+
+
+DEFAULT_CONFIGS = {"fwd": _find(_FWD_CONFIGS, 64, 64, 4, 3), "dkdv": _find(_DKDV_CONFIGS, 32, 64, 4, 3),
+                   "dq": _find(_DQ_CONFIGS, 64, 32, 4, 3)}
+_forced_configs = None
+
+
+def autotune_enabled():
+    return os.environ.get("FASTLM_AUTOTUNE", "1") != "0"
+
+
+@contextlib.contextmanager
+def forced_configs(fwd=None, dkdv=None, dq=None):
+    """Launch the CUDA kernels with these triton.Configs (the defaults where None) instead of
+    tuning, inside the block: how the tests run every config once."""
+    global _forced_configs
+    saved = _forced_configs
+    _forced_configs = {"fwd": fwd or DEFAULT_CONFIGS["fwd"], "dkdv": dkdv or DEFAULT_CONFIGS["dkdv"],
+                       "dq": dq or DEFAULT_CONFIGS["dq"]}
+    try:
+        yield
+    finally:
+        _forced_configs = saved
+
+
+def _launch_cuda(name, tuned, kernel, grid_of, args, common):
+    """Launch `kernel` on CUDA: the autotuned variant, or one fixed config (forced or default)."""
+    config = _forced_configs[name] if _forced_configs else None if autotune_enabled() else DEFAULT_CONFIGS[name]
+    if config is None:
+        tuned[lambda meta: grid_of(meta)](*args, **common)
+    else:
+        kernel[grid_of(config.kwargs)](*args, **common, **config.kwargs, num_warps=config.num_warps,
+                                       num_stages=config.num_stages)
 
 
 def cuda_kernels(head_dim):
@@ -422,7 +481,8 @@ def attention_forward(q, k, v, scale):
     common = dict(GROUP=group, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype, q.device.type))
     with device_guard(q):
         if q.device.type == "cuda":
-            _attn_fwd_tuned[lambda meta: launch_grid(T, meta["BLOCK_M"], B * H)](*args, **common)
+            _launch_cuda("fwd", _attn_fwd_tuned, _attn_fwd, lambda meta: launch_grid(T, meta["BLOCK_M"], B * H),
+                         args, common)
         else:
             block_m, block_n = INTERPRET_BLOCKS["fwd"]
             _attn_fwd[launch_grid(T, block_m, B * H)](*args, **common, BLOCK_M=block_m, BLOCK_N=block_n)
@@ -459,8 +519,10 @@ def attention_backward(do, q, k, v, o, lse, scale):
                      scale, qk_scale)
         dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3], H, T, t_bucket, scale, qk_scale)
         if on_cuda:
-            _attn_bwd_dkdv_tuned[lambda meta: launch_grid(T, meta["BLOCK_N"], B * H_kv)](*dkdv_args, **common)
-            _attn_bwd_dq_tuned[lambda meta: launch_grid(T, meta["BLOCK_M"], B * H)](*dq_args, **common)
+            _launch_cuda("dkdv", _attn_bwd_dkdv_tuned, _attn_bwd_dkdv,
+                         lambda meta: launch_grid(T, meta["BLOCK_N"], B * H_kv), dkdv_args, common)
+            _launch_cuda("dq", _attn_bwd_dq_tuned, _attn_bwd_dq, lambda meta: launch_grid(T, meta["BLOCK_M"], B * H),
+                         dq_args, common)
         else:
             block_m, block_n = INTERPRET_BLOCKS["dkdv"]
             _attn_bwd_dkdv[launch_grid(T, block_n, B * H_kv)](*dkdv_args, **common, BLOCK_M=block_m,
