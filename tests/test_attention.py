@@ -7,6 +7,8 @@ is pruned: every T and GQA ratio at D = 16 and 64, fewer cases at D = 128, every
 few awkward shapes. The `gpu` tests sweep T up to 8192 at D = 64 and 128 against PyTorch's own
 error (see check_within_twice_pytorch_error), and run every autotune config once.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -388,6 +390,46 @@ def test_launch_grid_fits_cuda_limits_for_large_batch_times_heads():
         assert all(n <= limit for n, limit in zip(grid, MAX_GRID)), grid
     with pytest.raises(ValueError, match=r"exceed the CUDA grid limit"):
         launch_grid(2**20, 16, 2**15)
+
+
+class _Launches:
+    """Stands in for a Triton kernel (or its autotuned variant): records each launch's grid and keywords."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, kwargs))
+
+
+@pytest.mark.parametrize("mode", ["tuned", "default", "forced"])
+def test_cuda_launch_tunes_or_uses_one_fixed_config(monkeypatch, mode):
+    from fastlm.triton_kernels import attention as kernels
+
+    tuned, plain = _Launches(), _Launches()
+    monkeypatch.setenv("FASTLM_AUTOTUNE", "0" if mode == "default" else "1")
+    grid_of = lambda meta: (meta["BLOCK_M"] * 1000,)  # noqa: E731
+    forced = kernels._configs_for(kernels._FWD_CONFIGS, 128)[-1]
+    with kernels.forced_configs(fwd=forced) if mode == "forced" else contextlib.nullcontext():
+        kernels._launch_cuda("fwd", tuned, plain, grid_of, (1, 2), {"HEAD_DIM": 64})
+    if mode == "tuned":
+        assert not plain.calls and len(tuned.calls) == 1 and callable(tuned.calls[0][0])
+        return
+    config = forced if mode == "forced" else kernels.DEFAULT_CONFIGS["fwd"]
+    assert not tuned.calls
+    [(grid, kwargs)] = plain.calls
+    assert grid == (config.kwargs["BLOCK_M"] * 1000,)
+    assert kwargs == {"HEAD_DIM": 64, **config.kwargs, "num_warps": config.num_warps,
+                      "num_stages": config.num_stages}
+
+
+def test_default_configs_are_tuning_candidates_at_every_head_size():
+    from fastlm.triton_kernels import attention as kernels
+
+    tables = {"fwd": kernels._FWD_CONFIGS, "dkdv": kernels._DKDV_CONFIGS, "dq": kernels._DQ_CONFIGS}
+    for name, config in kernels.DEFAULT_CONFIGS.items():
+        for head_dim in (16, 32, 64, 128):
+            assert config in kernels._configs_for(tables[name], head_dim), (name, head_dim)
 
 
 def test_launchers_build_grids_with_launch_grid(monkeypatch):

@@ -203,3 +203,30 @@ def test_unknown_name_from_the_command_line_and_from_a_benchmark_script():
         assert proc.returncode == 2, args
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("python -m fastlm.bench: error: ")
         assert "unknown benchmark 'nope' for --quick" in proc.stderr or args[0] == "-m"
+
+
+def test_profile_step_prints_where_a_step_spends_its_time(tmp_path, capsys):
+    from fastlm.bench import profile_step
+
+    assert profile_step.main(["--device", "cpu", "--steps", "1", "--path", "fastlm", "--out-dir", str(tmp_path)]) == 0
+    table = (tmp_path / "profile_fastlm_eager.txt").read_text()
+    assert table.strip() in capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0].startswith("fastlm eager on cpu:") and "adamw" in lines[0]
+    assert "share" in lines[2] and len(lines) > 5
+    shares = [float(line.split("%")[0]) for line in lines[3:]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+
+
+def test_profile_step_bad_arguments_are_one_line_errors(capsys):
+    from fastlm.bench import profile_step
+
+    assert profile_step.main(["--device", "cpu", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "profile_step: error: --steps must be >= 1, got 0"
+
+
+def test_copy_bandwidth_is_measured_once_per_device():
+    from fastlm.bench import common
+
+    first = common.copy_bandwidth_gbs("cpu")
+    assert first > 0 and common.copy_bandwidth_gbs("cpu") == first
