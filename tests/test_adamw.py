@@ -485,7 +485,8 @@ def test_cuda_step_captures_in_a_cuda_graph_without_host_sync(clip):
     torch.cuda.synchronize()
     for p, e in zip(params, eager_params):
         torch.testing.assert_close(p, e, rtol=0, atol=0)
-    assert opt.state[params[0]]["step"].item() == eager.state[eager_params[0]]["step"].item() == 8
+    # warm-up, the sync-checked step, five replays (capturing runs nothing)
+    assert opt.state[params[0]]["step"].item() == eager.state[eager_params[0]]["step"].item() == 7
 
 
 @pytest.mark.gpu

@@ -397,9 +397,6 @@ _attn_fwd_tuned = _autotune(_attn_fwd, _FWD_CONFIGS)
 _attn_bwd_dkdv_tuned = _autotune(_attn_bwd_dkdv, _DKDV_CONFIGS)
 _attn_bwd_dq_tuned = _autotune(_attn_bwd_dq, _DQ_CONFIGS)
 
-# With FASTLM_AUTOTUNE=0 every CUDA launch uses these (valid for every D up to 128, no spills at
-# D = 128): no tuning and one compile per kernel and specialisation, for a fast start and for
-# test suites, at some cost in speed. tests/conftest.py sets it; the tuned path has its own test.
 def _find(table, block_m, block_n, num_warps, num_stages):
     """The config of `table` with these tile sizes, warps and stages (it must be one of them)."""
     for config, max_head_dim in table:
@@ -411,6 +408,9 @@ def _find(table, block_m, block_n, num_warps, num_stages):
     raise LookupError(f"no config {(block_m, block_n, num_warps, num_stages)} in the table")
 
 
+# With FASTLM_AUTOTUNE=0 every CUDA launch uses these (valid for every D up to 128, no spills at
+# D = 128): no tuning and one compile per kernel and specialisation, for a fast start and for
+# test suites, at some cost in speed. tests/conftest.py sets it; the tuned path has its own test.
 DEFAULT_CONFIGS = {"fwd": _find(_FWD_CONFIGS, 64, 64, 4, 3), "dkdv": _find(_DKDV_CONFIGS, 32, 64, 4, 3),
                    "dq": _find(_DQ_CONFIGS, 64, 32, 4, 3)}
 _forced_configs = None
@@ -438,7 +438,7 @@ def _launch_cuda(name, tuned, kernel, grid_of, args, common):
     """Launch `kernel` on CUDA: the autotuned variant, or one fixed config (forced or default)."""
     config = _forced_configs[name] if _forced_configs else None if autotune_enabled() else DEFAULT_CONFIGS[name]
     if config is None:
-        tuned[lambda meta: grid_of(meta)](*args, **common)
+        tuned[grid_of](*args, **common)
     else:
         kernel[grid_of(config.kwargs)](*args, **common, **config.kwargs, num_warps=config.num_warps,
                                        num_stages=config.num_stages)
