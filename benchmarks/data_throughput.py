@@ -8,8 +8,8 @@ paragraphs shuffled and every line's words rotated, split into .txt files and .j
 written once to --corpus_dir. Prepare runs with the byte tokenizer and with tiktoken using the
 GPT-2 regex and a byte-level BPE of --bpe_vocab tokens trained here (tiktoken's real GPT-2 file
 needs a download; the speed depends on the regex and the rank table, not on which merges it holds).
-The loader is timed alone (BatchSampler.next() over the prepared shards) and beside the default
-model's training step. Writes benchmarks/results/<device>/data.json.
+The loader is timed alone (BatchSampler.next() over the prepared shards) and beside the training
+step it feeds (the default model on CPU, GPT-2 small in bf16 on CUDA). Writes benchmarks/results/<device>/data.json.
 """
 import argparse
 import json
@@ -120,18 +120,19 @@ def time_loader(data_dir, batch_size, block_size, order, device, repeats=300):
 
 
 def time_step(device, steps=8):
-    from fastlm.bench.e2e import CASES, make_trainer
+    """(case, median ms) of the fused training step the loader feeds: the default model in fp32 on
+    CPU, the end-to-end benchmark's GPT-2 small in bf16 on CUDA (timed with CUDA events)."""
+    import torch
 
-    case = CASES["cuda" if str(device).startswith("cuda") else "cpu"][0]  # the default model; GPT-2 small on GPU
+    from fastlm.bench.common import time_ms
+    from fastlm.bench.e2e import CASES, DTYPE, make_trainer
+
+    device = torch.device(device)
+    case = CASES[device.type][0]
     with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(case, "fused", device, "float32", out)
+        trainer = make_trainer(case, "fused", device, DTYPE[device.type], out)
         trainer.train_step()
-        times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            trainer.train_step()
-            times.append((time.perf_counter() - started) * 1e3)
-    return case, statistics.median(times)
+        return case, time_ms(trainer.train_step, device=device, warmup=0, repeats=steps)
 
 
 def main(argv=None):

@@ -110,6 +110,28 @@ def _tile_ptrs(base, rows, stride, offs_d, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Q, K, V, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh, H, T,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The setup of a program that owns one query block (forward, dQ): its batch and head, the
+    bases of its kv head's K and V, the row/column/feature offsets, the rows inside T, and the
+    Q tile (zeros past T). Query blocks are launched last block first (see the module doc)."""
+    pid_m, pid_bh = _block_and_head(T, BLOCK_M, True)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    h_kv = h // GROUP
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(_tile_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, False),
+                mask=row_ok[:, None], other=0.0)
+    return pid_bh, b, h, k_base, v_base, start_m, offs_m, offs_n, offs_d, row_ok, q
+
+
+@triton.jit
 def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m,
                    offs_n, offs_d, T, qk_scale, CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
@@ -143,21 +165,10 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, T, T_BUCKET, qk_scale,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m, pid_bh = _block_and_head(T, BLOCK_M, True)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    h_kv = h // GROUP
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
+    pid_bh, b, h, k_base, v_base, start_m, offs_m, offs_n, offs_d, row_ok, q = _query_block(
+        Q, K, V, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh, H, T,
+        GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
     o_base = O + b * stride_ob + h * stride_oh
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-    q = tl.load(_tile_ptrs(q_base, offs_m, stride_qt, offs_d, False), mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -299,19 +310,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  H, T, T_BUCKET, scale, qk_scale,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m, pid_bh = _block_and_head(T, BLOCK_M, True)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    h_kv = h // GROUP
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-    q = tl.load(_tile_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, False),
-                mask=row_ok[:, None], other=0.0)
+    pid_bh, b, h, k_base, v_base, start_m, offs_m, offs_n, offs_d, row_ok, q = _query_block(
+        Q, K, V, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh, H, T,
+        GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
     do = tl.load(_tile_ptrs(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, False),
                  mask=row_ok[:, None], other=0.0)
     row_base = pid_bh.to(tl.int64) * T
