@@ -149,6 +149,24 @@ def test_backend_reasons():
     assert set(reasons) == {"torch", "sdpa", "triton", "cpp", "cuda"}
 
 
+@pytest.mark.parametrize("version,usable", [("3.6.0", False), ("3.7.0", True), ("3.9.1+git2a3b", True),
+                                             ("4.0", True)])
+def test_triton_interpreter_needs_triton_3_7(monkeypatch, version, usable):
+    # Triton 3.6's interpreter cannot run the kernels (it fails on a loop bound computed from the
+    # program id); the backend says so instead of failing inside the kernel. CUDA is unaffected.
+    import triton
+
+    from fastlm.ops.backends import triton_unusable_reason
+
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = triton_unusable_reason(torch.device("cpu"))
+    assert (reason is None) == usable, reason
+    if not usable:
+        assert f"triton {version} cannot run" in reason and "triton >= 3.7" in reason
+    assert triton_unusable_reason(torch.device("cuda")) is None
+
+
 # --- bad inputs -----------------------------------------------------------------------------------
 
 def _qkv(shape_q=(2, 4, 8, 16), shape_kv=(2, 2, 8, 16), dtype=torch.float32):

@@ -6,6 +6,7 @@ usable, else why not} and `preference(device, dtype)` -> the backends `auto` tri
 an explicit name is only checked), and the model calls it once when it is built or moved.
 """
 import os
+import re
 
 import torch
 
@@ -76,14 +77,28 @@ def available_backends(device=None):
 def triton_unusable_reason(device):
     """None when Triton kernels can run on tensors of `device`, else why not."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if _version_tuple(triton.__version__) < INTERPRETER_MIN_TRITON:
+            # Its interpreter fails on a loop bound computed from the program id ("only
+            # 0-dimensional arrays can be converted to Python scalars"); 3.7 runs every kernel.
+            return (f"the interpreter of triton {triton.__version__} cannot run fastlm's kernels on CPU tensors; "
+                    f"triton >= {'.'.join(map(str, INTERPRETER_MIN_TRITON))} can (CUDA tensors are unaffected)")
         return None
     return f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got device {device.type!r}"
+
+
+INTERPRETER_MIN_TRITON = (3, 7)
+
+
+def _version_tuple(version):
+    """(major, minor) of a version string such as '3.6.0' or '3.7.0+git1234'."""
+    parts = re.findall(r"\d+", version)[:2]
+    return tuple(int(p) for p in parts) + (0,) * (2 - len(parts))
 
 
 def extension_op_unusable_reason(op_name, device, device_types=("cpu",)):
