@@ -7,6 +7,7 @@ on first use, which compiles the extension for the running torch into a cache di
 """
 import glob
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -100,10 +101,22 @@ def compile_flags(torch_dir, with_cuda):
         archs = os.environ.get("FASTLM_CUDA_ARCHS", "80;90")
         flags["nvcc"] = ["-O3", "-lineinfo", std, define]
         flags["nvcc"] += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";") if a]
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        flags["ld"] += [f"-L{d}" for d in cuda_library_dirs(CUDA_HOME)]
+        flags["ld"] += [f"-L{d}" for d in cuda_library_dirs(cpp_extension().CUDA_HOME)]
     return flags
+
+
+def cpp_extension():
+    """torch.utils.cpp_extension, imported without the warning a CUDA build of torch logs at that
+    import on a machine without a GPU ("No CUDA runtime is found"): compiling the CUDA kernels
+    needs no GPU, and the line would come before every one-line message of a CLI run."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension as module
+    finally:
+        logger.setLevel(level)
+    return module
 
 
 def cuda_library_dirs(cuda_home):

@@ -92,8 +92,8 @@ def _build_for_running_torch(csrc, why=None):
     Raises _build.BuildFailed (one line) when the build cannot be done.
     """
     import torch
-    from torch.utils import cpp_extension
 
+    cpp_extension = _build.cpp_extension()
     _put_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise _build.BuildFailed("ninja is not installed (pip install ninja)")

@@ -135,11 +135,12 @@ def test_the_loaded_extension_matches_torch_and_csrc():
 # same operators), then a check that its operators are the ones the ops call.
 FIRST_USE = textwrap.dedent("""
     import torch
-    from fastlm import _ext, ops, optim
+    from fastlm import _build, _ext, ops, optim
     _ext._prebuilt_info = lambda: None  # as after a plain `pip install -e .`
     assert _ext.extension_status() == (True, None), _ext.extension_status()
     module = _ext.extension(warn=False)
-    assert not module.with_cuda()
+    # CUDA kernels exactly when this torch has CUDA and nvcc is found (CPU torch in CI: none)
+    assert module.with_cuda() == _build.want_cuda(torch.version.cuda is not None, _build.cpp_extension().CUDA_HOME)
     print("loaded:", module.__file__)
     backends = ops.available_backends("cpu")
     assert backends["cross_entropy"]["cpp"] is None and backends["adamw"]["cpp"] is None, backends
