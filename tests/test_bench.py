@@ -230,3 +230,14 @@ def test_copy_bandwidth_is_measured_once_per_device():
 
     first = common.copy_bandwidth_gbs("cpu")
     assert first > 0 and common.copy_bandwidth_gbs("cpu") == first
+
+
+def test_a_summary_that_cannot_be_merged_is_named_before_it_is_replaced(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text(json.dumps({"cross_entropy": {}, "adamw": {}}))  # an older layout
+    summary = bench_cli.merged_summary(str(tmp_path), {}, "cpu", {"e2e": {"rows": []}})
+    assert list(summary["benchmarks"]) == ["e2e"]
+    out = capsys.readouterr().out
+    assert "is replaced" in out and "(cross_entropy, adamw)" in out
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    merged = bench_cli.merged_summary(str(tmp_path), {}, "cpu", {"adamw": {"rows": []}})
+    assert list(merged["benchmarks"]) == ["adamw", "e2e"] and capsys.readouterr().out == ""

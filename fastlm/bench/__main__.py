@@ -122,6 +122,11 @@ def merged_summary(out_dir, env, device, entries):
             previous = json.load(f)
         if previous.get("schema") == SCHEMA and previous.get("device") == device:
             earlier = previous["benchmarks"]
+        else:  # say so: a partial run would otherwise drop the other benchmarks' results unseen
+            names = ", ".join(previous.get("benchmarks", previous)) or "none"
+            print(f"note: {path} is from another runner version or device (schema "
+                  f"{previous.get('schema')}, device {previous.get('device')}); it is replaced, and its "
+                  f"entries ({names}) are not carried over: rerun those benchmarks too", flush=True)
     merged = {**earlier, **entries}
     order = [*BENCHMARKS, *merged]
     benchmarks = {name: merged[name] for name in sorted(merged, key=order.index)}
