@@ -11,7 +11,7 @@ import torch
 
 from fastlm import metrics as metrics_mod
 from fastlm import train as train_mod
-from fastlm.config import TrainConfig
+from fastlm.config import TrainConfig, parse_args
 from fastlm.metrics import read_metrics
 from fastlm.plots import loss_curves
 from fastlm.train import get_lr
@@ -369,3 +369,73 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", steps=2)), "corrupt")
     assert (out / "ckpt.pt").read_bytes() == b"definitely not a checkpoint"
     _one_line_error(run_cli("fastlm.train", *tiny_args(tmp_path / "none", "--resume", steps=2)), "no checkpoint")
+
+
+# --------------------------------------------------------------------------- on a CUDA device
+# What the tests above show of the loop (no host sync between reads, bit-exact resume), shown with
+# the GPU kernels that `auto` picks there: Triton attention and loss, CUDA AdamW.
+
+# Head dim 64 (the kernels' main case), block 64, on the GPU; dropout stays on (CUDA RNG state).
+CUDA = ["--device", "cuda", "--block_size", "64", "--d_model", "128", "--n_head", "2", "--batch_size", "8"]
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def expected_backends(dtype):
+    return {"causal_attention": "sdpa" if dtype == "float32" else "triton",  # auto: SDPA for fp32 on CUDA
+            "linear_cross_entropy": "triton", "adamw": "cuda"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,extra", [
+    ("bfloat16", []),
+    ("float16", []),  # GradScaler: scale, unscale-on-step and update stay on the device
+    ("float32", ["--grad_clip", "0"]),
+    ("bfloat16", ["--skip_nonfinite_steps", "2", "--grad_accum_steps", "2"]),  # the device-side skip flag
+], ids=["bf16", "fp16-scaler", "fp32-noclip", "bf16-skip-accum"])
+def test_cuda_steps_between_reads_never_wait_for_the_device(tmp_path, dtype, extra):
+    """Every step between two reads (log, eval, checkpoint) is launched without one host sync:
+    torch's sync debug mode "error" raises at the first (a .item(), a blocking copy, a
+    synchronize), in the data feed, forward, loss, backward, scaler or optimizer."""
+    trainer = train_mod.Trainer(parse_args(tiny_args(tmp_path / "run", *CUDA, "--dtype", dtype, *extra, steps=20)))
+    try:
+        assert trainer.backends == expected_backends(dtype)
+        for _ in range(2):  # first launches: kernel compiles, lazy CUDA and scaler state
+            trainer.advance()
+        trainer._read_pending()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                trainer.advance()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        loss, norm, lr = trainer._read_pending()
+        assert math.isfinite(loss) and loss < math.log(256) + 0.5 and lr > 0
+        assert trainer.step == 5 and trainer.skipped_steps == 0
+    finally:
+        trainer.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_resume_is_bit_exact(tmp_path, monkeypatch, dtype):
+    """Stopped by SIGTERM at step 6 and resumed, a CUDA run ends as the uninterrupted one, bit for bit:
+    losses and weights (dropout's CUDA RNG, the data order, AdamW and GradScaler state restored).
+    Two uninterrupted runs are compared first, so that a nondeterministic kernel is named as such."""
+    args = [*CUDA, "--dtype", dtype, "--ckpt_interval", "4", "--eval_interval", "5"]
+    full, again, split = tmp_path / "full", tmp_path / "again", tmp_path / "split"
+    for out in (full, again):
+        assert train_mod.main(tiny_args(out, *args, steps=12)) == 0
+    assert losses(full) == losses(again), "two identical CUDA runs differ: a kernel is not deterministic"
+    monkeypatch.setattr(train_mod.Trainer, "_should_stop", stop_at(6))
+    assert train_mod.main(tiny_args(split, *args, steps=12)) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert train_mod.main(["--resume", "--out_dir", str(split)]) == 0
+    a, b = losses(full), losses(split)
+    assert sorted(b) == list(range(1, 13))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    wa, wb = weights(full), weights(split)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
