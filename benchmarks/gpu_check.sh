@@ -11,10 +11,11 @@
 # report; the FSDP smoke test is one of the gpu tests), bench (kernel benchmarks), e2e (the
 # end-to-end training step, and the data loader against it). Results and a log go to
 # benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides); each run merges its benchmarks into
-# summary.json. Each command has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT), and
-# --budget S (default 480) caps the whole run: a command gets at most what is left of it, and one
-# that would start with under 30 s left is skipped and reported, so the run ends inside the GPU
-# window with every finished phase's results. --archive FILE writes the results folder as a
+# summary.json. Each command has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT); at it the
+# command gets SIGINT, as from Ctrl-C, so pytest still reports and the benchmark runner still
+# writes the rows that finished. --budget S (default 480) caps the whole run: a command gets at
+# most what is left of it, and one that would start with under 30 s left is skipped and reported,
+# so the run ends inside the GPU window with every finished phase's results. --archive FILE writes the results folder as a
 # .tar.gz after each phase (one file to bring back from the machine). The gpu tests run in
 # parallel processes (pytest-xdist, FASTLM_TEST_WORKERS, default 8: Triton compiles are CPU-bound)
 # with a per-test timeout (pytest-timeout), stopping after FASTLM_MAXFAIL (default 3) failures.
@@ -34,7 +35,7 @@ while (($#)); do
     --archive) shift; [[ -n "${1:-}" ]] || { echo "gpu_check.sh: error: --archive needs a file name" >&2; exit 2; }
       archive=$1 ;;
     --only) shift; while (($#)) && [[ "$1" != --* ]]; do phases+=("$1"); shift; done; continue ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: error: unknown argument '$1' (phases: ${ALL_PHASES[*]})" >&2; exit 2 ;;
   esac
   shift
@@ -60,7 +61,7 @@ failed=()
 run() {  # run PHASE TIMEOUT COMMAND...: one command of a phase, timed, logged, inside the budget
   local phase=$1 limit=$2; shift 2
   local left=$((budget - SECONDS))
-  ((limit > left - 5)) && limit=$((left - 5))
+  ((limit > left - 25)) && limit=$((left - 25))  # room for the SIGKILL grace within the budget
   echo "+ [$phase, limit ${limit}s] $*"
   ((dry_run)) && return 0
   if ((limit < 30)); then
@@ -69,9 +70,11 @@ run() {  # run PHASE TIMEOUT COMMAND...: one command of a phase, timed, logged, 
     return 1
   fi
   local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@"
+  # SIGINT at the limit, as Ctrl-C: pytest then prints its failures and writes its JUnit report,
+  # and the benchmark runner writes the rows that finished; SIGKILL 20 s later if still running.
+  timeout -s INT --kill-after=20 "$limit" "$@"
   local status=$?
-  echo "= [$phase] exit $status after $((SECONDS - start)) s"
+  echo "= [$phase] exit $status after $((SECONDS - start)) s$( ((status == 124)) && echo " (time limit: stopped)")"
   ((status == 0)) || failed+=("$phase: $*")
   return $status
 }

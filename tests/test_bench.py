@@ -241,3 +241,74 @@ def test_a_summary_that_cannot_be_merged_is_named_before_it_is_replaced(tmp_path
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     merged = bench_cli.merged_summary(str(tmp_path), {}, "cpu", {"adamw": {"rows": []}})
     assert list(merged["benchmarks"]) == ["adamw", "e2e"] and capsys.readouterr().out == ""
+
+
+SLOW_BENCHMARK = '''
+"""Two rows, recorded as they finish, then what SLOW_MODE says: hang or die."""
+import os
+import time
+
+from fastlm.bench.common import Row, report_rows
+
+DTYPE = {"cpu": "float32"}
+
+
+def run(quick, device, dtype):
+    rows = []
+    for i in range(2):
+        rows.append(Row("slow", f"case {i}", "torch", ref_ms=1.0 + i))
+        report_rows(rows)
+    if os.environ["SLOW_MODE"] == "die":
+        os._exit(3)
+    time.sleep(120)
+'''
+
+
+@pytest.fixture
+def slow_benchmark(tmp_path, monkeypatch):
+    (tmp_path / "slowbench.py").write_text(SLOW_BENCHMARK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), REPO, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(bench_cli, "BENCHMARKS", {"slow": "slowbench", "later": "slowbench"})
+    out = tmp_path / "results"
+    return out
+
+
+@pytest.mark.parametrize("mode,why", [("hang", "timed out after 5 s"), ("die", "died (exit status 3)")])
+def test_a_benchmark_that_times_out_or_dies_keeps_the_rows_it_finished(slow_benchmark, monkeypatch, mode, why):
+    monkeypatch.setenv("SLOW_MODE", mode)
+    assert bench_cli.main(["--only", "slow", "--device", "cpu", "--timeout", "5", "--out-dir", str(slow_benchmark)]) == 0
+    entry = json.loads((slow_benchmark / "summary.json").read_text())["benchmarks"]["slow"]
+    assert [r["case"] for r in entry["rows"]] == ["case 0", "case 1"] and "skipped" not in entry
+    assert why in entry["partial"] and "the 2 row(s) finished before are kept" in entry["partial"]
+    assert f"**partial**: {entry['partial']}" in (slow_benchmark / "summary.md").read_text()
+    assert not [p for p in os.listdir(slow_benchmark) if p.startswith(".")]  # no leftover result files
+
+
+def test_an_interrupted_run_writes_what_finished_and_names_what_did_not_run(slow_benchmark, monkeypatch, capsys):
+    """Ctrl-C (or the SIGTERM of a time limit) ends the running benchmark, keeps its finished rows
+    in the results, names the benchmarks not run, and leaves their earlier results alone."""
+    import _thread
+    import threading
+
+    monkeypatch.setenv("SLOW_MODE", "hang")
+    slow_benchmark.mkdir()
+    earlier = {"rows": [dict(Row("slow", "old", "torch", ref_ms=9.0).to_dict())], "quick": False, "dtype": "float32",
+               "command": "earlier", "date": "then", "seconds": 1.0}
+    (slow_benchmark / "summary.json").write_text(json.dumps(
+        {"schema": bench_cli.SCHEMA, "device": "cpu", "env": {}, "benchmarks": {"later": earlier}}))
+    partial = slow_benchmark / ".slow-partial.json"
+
+    def interrupt_once_rows_are_recorded():
+        for _ in range(600):
+            if partial.exists() and len(json.loads(partial.read_text() or "[]")) == 2:
+                break
+            threading.Event().wait(0.1)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_rows_are_recorded, daemon=True).start()
+    assert bench_cli.main(["--only", "slow", "later", "--device", "cpu", "--out-dir", str(slow_benchmark)]) == 130
+    benchmarks = json.loads((slow_benchmark / "summary.json").read_text())["benchmarks"]
+    assert [r["case"] for r in benchmarks["slow"]["rows"]] == ["case 0", "case 1"]
+    assert benchmarks["slow"]["partial"].startswith("interrupted after")
+    assert benchmarks["later"] == earlier
+    assert "=== stopped: not run: later" in capsys.readouterr().out

@@ -8,6 +8,9 @@ and one benchmark's memory never inflates the next one's peak. It alone writes r
 <name>.json per benchmark, summary.json, summary.md and PNGs, into benchmarks/results/<device
 slug>/ for a full run and into a fresh scratch directory for a quick one (--out-dir chooses).
 A run of some benchmarks replaces their entries in the folder's summary.json and keeps the rest.
+A benchmark that runs out of time (--timeout), dies, or is interrupted (Ctrl-C, SIGTERM) keeps
+the rows it finished (each benchmark records them as it goes), marked partial; an interrupted
+run writes its results, names the benchmarks it did not run, and exits 130.
 
 `--parity` instead trains the same model with the reference and the fused path and checks that
 the losses and final weights agree (fastlm/bench/parity.py); exit status 1 when they do not.
@@ -75,24 +78,49 @@ def _kill_group(proc):
     proc.wait()
 
 
+def _partial_result(partial_path, why):
+    """What a benchmark that did not finish leaves: the rows it recorded (common.report_rows),
+    marked partial, or else a skipped entry saying why."""
+    try:
+        with open(partial_path) as f:
+            rows = json.load(f)
+        os.remove(partial_path)
+    except (OSError, ValueError):
+        rows = []
+    if not rows:
+        return {"skipped": why}
+    return {"rows": rows, "partial": f"{why}; the {len(rows)} row(s) finished before are kept"}
+
+
 def run_in_subprocess(name, args, out_dir, timeout):
-    """Run one benchmark in a fresh interpreter; returns {"rows": [...], ...} or {"skipped": reason}."""
+    """Run one benchmark in a fresh interpreter; returns {"rows": [...], ...} or {"skipped": reason}.
+
+    A benchmark that times out or dies keeps the rows it finished, with a "partial" note. When
+    this process is interrupted (Ctrl-C, SIGTERM), the benchmark is ended and the exception
+    carries its partial result as `bench_result`."""
+    from fastlm.bench.common import PARTIAL_ROWS_ENV
+
     result_path = os.path.join(out_dir, f".{name}-result.json")
-    if os.path.exists(result_path):
-        os.remove(result_path)
+    partial_path = os.path.join(out_dir, f".{name}-partial.json")
+    for path in (result_path, partial_path):
+        if os.path.exists(path):
+            os.remove(path)
     spec = {"name": name, "module": BENCHMARKS[name], "quick": args.quick, "device": args.device,
             "dtype": args.dtype, "result_path": result_path}
     code = "import json, sys; from fastlm.bench.__main__ import run_benchmark; run_benchmark(json.loads(sys.argv[1]))"
     sys.stdout.flush()
     # Its own session, so that a timeout or Ctrl-C also ends the processes it spawned itself.
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], start_new_session=True,
+                            env={**os.environ, PARTIAL_ROWS_ENV: partial_path})
+    started = time.perf_counter()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        return {"skipped": f"timed out after {timeout:.0f} s"}
-    except BaseException:
+        return _partial_result(partial_path, f"timed out after {timeout:.0f} s")
+    except BaseException as exc:
         _kill_group(proc)
+        exc.bench_result = _partial_result(partial_path, f"interrupted after {time.perf_counter() - started:.0f} s")
         raise
     try:
         with open(result_path) as f:
@@ -100,7 +128,9 @@ def run_in_subprocess(name, args, out_dir, timeout):
         os.remove(result_path)
     except (OSError, ValueError):
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-        return {"skipped": f"the benchmark process died ({how}) before reporting"}
+        return _partial_result(partial_path, f"the benchmark process died ({how}) before reporting")
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
     return result
 
 
@@ -159,18 +189,26 @@ def run_suite(args, out_dir):
           f"{env['python']}, {env['threads']} threads; {'quick' if args.quick else 'full'} run of "
           f"{', '.join(args.names)}\nresults -> {out_dir}{args.out_dir_note}")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entries = {}
+    entries, stopped = {}, None
     for name in args.names:
         print(f"\n=== {name} ===", flush=True)
         started = time.perf_counter()
-        result = run_in_subprocess(name, args, out_dir, timeout)
+        try:
+            result = run_in_subprocess(name, args, out_dir, timeout)
+        except (KeyboardInterrupt, SystemExit) as exc:  # keep what finished, write it, then stop
+            stopped, result = exc, getattr(exc, "bench_result", {"skipped": "interrupted"})
         about = result.pop("about", None)
         entries[name] = {"quick": args.quick, "dtype": result.pop("dtype", args.dtype), "command": args.command,
                          "date": date, "seconds": time.perf_counter() - started, **result}
         _write_json(out_dir, name, {"benchmark": name, "about": about, "env": env, "device": args.device,
                                     **entries[name]})
-        status = result.get("skipped")
-        print(f"=== {name}: {'skipped: ' + status if status else 'done'} ({entries[name]['seconds']:.0f} s)")
+        status = result.get("skipped") or result.get("partial")
+        print(f"=== {name}: {'done' if not status else ('skipped: ' if 'skipped' in result else 'partial: ') + status}"
+              f" ({entries[name]['seconds']:.0f} s)", flush=True)
+        if stopped is not None:
+            not_run = args.names[args.names.index(name) + 1:]
+            print(f"=== stopped{': not run: ' + ', '.join(not_run) if not_run else ''}", flush=True)
+            break
     summary = merged_summary(out_dir, env, args.device, entries)
     _write_json(out_dir, "summary", summary)
     save_plots(out_dir, lambda: draw_plots(out_dir, summary, entries))
@@ -182,7 +220,9 @@ def run_suite(args, out_dir):
     print(f"\n{measured} measured, {len(rows) - measured} skipped; wrote {', '.join(f'{n}.json' for n in entries)}, "
           f"summary.json, summary.md and PNGs in {out_dir}"
           f"{f' (the summary keeps {kept} benchmark(s) of earlier runs)' if kept else ''}")
-    return 0
+    if isinstance(stopped, SystemExit):
+        return stopped.code if isinstance(stopped.code, int) else 1
+    return 130 if stopped is not None else 0
 
 
 def run_parity_check(args, out_dir):

@@ -16,7 +16,8 @@ import statistics
 
 import torch
 
-from fastlm.bench.common import Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, time_ms, timed_backends
+from fastlm.bench.common import (Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, report_rows, time_ms,
+                                 timed_backends)
 from fastlm.optim import AdamW
 
 DTYPE = {"cpu": "float32", "cuda": "float32"}
@@ -127,6 +128,7 @@ def run(quick, device, dtype):
                         gbs = BYTES_PER_PARAM * n_params / (times[name] * 1e-3) / 1e9
                         row.extra.update(gbs=gbs, copy_fraction=gbs / copy_bandwidth_gbs(device))
                 rows.append(row)
+            report_rows(rows)
             print(f"  done adamw {row.case}", flush=True)
         del params
         gc.collect()

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from fastlm.bench.common import Row, max_rel_error, peak_memory_mb, time_ms, timed_backends
+from fastlm.bench.common import Row, max_rel_error, peak_memory_mb, report_rows, time_ms, timed_backends
 from fastlm.ops import causal_attention
 from fastlm.ops.attention import attention_reference
 
@@ -125,6 +125,7 @@ def run(quick, device, dtype):
             row.ref_ms, row.ref_peak_mb = reference or (None, None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        report_rows(rows)
     return rows
 
 

@@ -45,6 +45,24 @@ class Row:
         return {**dataclasses.asdict(self), "speedup": speedup}
 
 
+# Where a benchmark process keeps the rows it has finished (set by the runner, bench/__main__.py),
+# so that a benchmark stopped by its time limit or Ctrl-C still reports them.
+PARTIAL_ROWS_ENV = "FASTLM_BENCH_PARTIAL"
+
+
+def report_rows(rows):
+    """Record the rows measured so far (call after each finished case). The runner keeps them if
+    this process is stopped before run() returns; outside the runner this does nothing."""
+    path = os.environ.get(PARTIAL_ROWS_ENV)
+    if not path:
+        return
+    import json
+
+    with open(path + ".part", "w") as f:
+        json.dump([row.to_dict() for row in rows], f, default=str)
+    os.replace(path + ".part", path)
+
+
 def timed_backends(op, device, backends):
     """{backend: None if it is timed here, else why not}, from fastlm.ops.available_backends.
 

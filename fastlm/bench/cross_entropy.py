@@ -19,7 +19,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastlm.bench.common import Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, time_ms, timed_backends
+from fastlm.bench.common import (Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, report_rows, time_ms,
+                                 timed_backends)
 from fastlm.ops import cross_entropy, linear_cross_entropy
 
 DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
@@ -156,6 +157,7 @@ def run(quick, device, dtype):
         case_timing = dict(warmup=3, repeats=25) if extra["logits_mb"] < 64 else timing
         rows += measure("cross_entropy", case, (n, vocab), timed_backends("cross_entropy", device, CE_BACKENDS),
                         dtype, device, case_timing, extra)
+        report_rows(rows)
         print(f"  done cross_entropy {case}", flush=True)
     backends = timed_backends("linear_cross_entropy", device, LINEAR_BACKENDS)
     if cpu and not quick:
@@ -164,5 +166,6 @@ def run(quick, device, dtype):
         case = f"N={n} D={dim} V={vocab}"
         rows += measure("linear_cross_entropy", case, (n, dim, vocab), backends, dtype, device,
                         dict(warmup=0, repeats=2) if cpu else timing, {"logits_mb": n * vocab * elem / 2**20})
+        report_rows(rows)
         print(f"  done linear_cross_entropy {case}", flush=True)
     return rows

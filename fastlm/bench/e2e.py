@@ -21,7 +21,7 @@ from unittest import mock
 
 import torch
 
-from fastlm.bench.common import Row, peak_memory_mb, time_ms
+from fastlm.bench.common import Row, peak_memory_mb, report_rows, time_ms
 
 DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 # The trainer paths of the parity check (fastlm/bench/parity.py): the reference is the explicit
@@ -176,5 +176,9 @@ def measure_case(case, device, dtype, mode):
 
 def run(quick, device, dtype):
     device = torch.device(device)
-    return [measure_case(case, device, dtype, mode) for case in CASES["quick" if quick else device.type]
-            for mode in MODES[device.type]]
+    rows = []
+    for case in CASES["quick" if quick else device.type]:
+        for mode in MODES[device.type]:
+            rows.append(measure_case(case, device, dtype, mode))
+            report_rows(rows)
+    return rows

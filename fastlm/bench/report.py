@@ -74,7 +74,8 @@ def write_markdown(out_dir):
              f"{env['triton']}, Python {env['python']}, {env['threads']} threads.", ""]
     if summary:
         lines += [f"- {name}: `{e['command']}` ({e['date']}, {e['seconds']:.0f} s" + "".join(
-            f", {note}" for note in (e["dtype"], e["quick"] and "quick sizes") if note) + ")"
+            f", {note}" for note in (e["dtype"], e["quick"] and "quick sizes",
+                                     e.get("partial") and f"**partial**: {e['partial']}") if note) + ")"
             for name, e in summary["benchmarks"].items()]
         lines += ["", REFERENCE_NOTE, "", markdown_table(table_rows(summary["benchmarks"])), ""]
     if parity:
