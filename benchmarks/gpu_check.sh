@@ -11,7 +11,8 @@
 # report; the FSDP smoke test is one of the gpu tests), bench (kernel benchmarks), e2e (the
 # end-to-end training step, and the data loader against it). Results and a log go to
 # benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides); each run merges its benchmarks into
-# summary.json. Each command has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT); at it the
+# summary.json. Each command has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT, and
+# FASTLM_PARITY_TIMEOUT, FASTLM_LOADER_TIMEOUT for the second command of tests and e2e); at it the
 # command gets SIGINT, as from Ctrl-C, so pytest still reports and the benchmark runner still
 # writes the rows that finished. --budget S (default 480) caps the whole run: a command gets at
 # most what is left of it, and one that would start with under 30 s left is skipped and reported,
@@ -115,14 +116,14 @@ for phase in "${phases[@]}"; do
     tests)
       run tests "${FASTLM_TESTS_TIMEOUT:-300}" $PYTHON -m pytest "${pytest_args[@]}" tests
       # Parity is about the kernels' arithmetic, not their tile sizes (each config has its own test).
-      run tests 180 env FASTLM_AUTOTUNE=0 $PYTHON -m fastlm.bench --parity --device cuda --out-dir "$RESULTS"
+      run tests "${FASTLM_PARITY_TIMEOUT:-180}" env FASTLM_AUTOTUNE=0 $PYTHON -m fastlm.bench --parity --device cuda --out-dir "$RESULTS"
       ;;
     bench)
       run bench "${FASTLM_BENCH_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only cross_entropy adamw attention --out-dir "$RESULTS"
       ;;
     e2e)
       run e2e "${FASTLM_E2E_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only e2e --out-dir "$RESULTS"
-      run e2e 120 $PYTHON benchmarks/data_throughput.py --device cuda --corpus_mb 20 --workers 8  # loader vs step
+      run e2e "${FASTLM_LOADER_TIMEOUT:-120}" $PYTHON benchmarks/data_throughput.py --device cuda --corpus_mb 20 --workers 8  # loader vs step
       ;;
     profile)  # where a step's time goes: the evidence for the targets the numbers miss
       run profile "${FASTLM_PROFILE_TIMEOUT:-180}" $PYTHON -m fastlm.bench.profile_step --device cuda --out-dir "$RESULTS"
