@@ -3,6 +3,7 @@
 Under `torchrun` every process is one rank of a torch.distributed process group (nccl on CUDA,
 gloo on CPU); outside it the run is a world of one.
 """
+import gc
 import os
 from dataclasses import dataclass
 
@@ -49,6 +50,20 @@ def init_world(device_name):
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return world
+
+
+def end_world():
+    """Destroy the process group, if any, once nothing else holds it.
+
+    Call it after the last reference to a DistributedDataParallel wrapper is dropped: its C++
+    Reducer holds the group too, and a Reducer that outlives the group's registration destroys a
+    gloo group itself while holding the GIL, as a gloo worker thread waits for the GIL to free the
+    last collective's tensors: the process hangs at exit (about one 2-rank CPU run in 12). Garbage
+    collected first, the wrapper leaves the group to destroy_process_group, which releases the GIL.
+    """
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def any_rank(flag, world, device):

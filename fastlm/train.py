@@ -27,7 +27,7 @@ from fastlm.checkpoint_sharded import (SHARDED_NAME, load_full, load_meta, load_
                                       sharded_to_resume)
 from fastlm.config import ConfigError, fail, parse_args
 from fastlm.data import BatchSampler, eval_batches, load_data, tokenizer_from_dict
-from fastlm.distributed import any_rank, gather, init_world, resolve_device
+from fastlm.distributed import any_rank, end_world, gather, init_world, resolve_device
 from fastlm.eval import hellaswag_metrics, read_hellaswag
 from fastlm.export import init_run
 from fastlm.files import DirectoryLock, atomic_write_text, remove_stale_temporaries
@@ -165,6 +165,8 @@ class Trainer:
         """Release out_dir (the lock); the Trainer cannot train afterwards. discard: the run failed
         before it wrote anything (bad data, a bad flag): remove the lock file too, and out_dir when
         this run made them and out_dir is left empty, so that a refused run leaves nothing behind."""
+        if getattr(self, "raw_model", None) is not None:
+            self.model = self.raw_model  # the DDP and compile wrappers go first: see end_world
         if self._lock is None:
             return
         if discard and self._made_lock_file:
@@ -609,8 +611,8 @@ def main(argv=None):
     finally:
         if trainer is not None:
             trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        trainer = None
+        end_world()
     return code
 
 

@@ -47,3 +47,45 @@ def test_two_gloo_ranks_end_with_identical_weights_and_resume(tmp_path):
     assert resumed.returncode == 0, diagnose(resumed)
     final = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "final"]
     assert final[-1]["step"] == 9 and final[-1]["ranks_identical"] is True
+
+
+def test_the_ddp_wrapper_is_gone_before_the_process_group_is_destroyed(tmp_path, monkeypatch):
+    """A DDP Reducer that outlives the process group's registration destroys a gloo group itself,
+    holding the GIL, while a gloo worker waits for the GIL: an exit hang (1 run in 12 before this
+    was fixed). In-process, in a one-rank gloo group playing a distributed world, the trainer's
+    wrapper must be collected by the time destroy_process_group runs."""
+    import weakref
+
+    import torch.distributed as dist
+    import torch.nn.parallel
+
+    from fastlm import distributed
+    from fastlm import train as train_mod
+
+    class OneRankWorld(distributed.World):
+        distributed = True  # DDP, all-reduces and barriers, in a group of one
+
+    wrappers = []
+
+    class RecordedDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            wrappers.append(weakref.ref(self))
+
+    alive_at_destroy = []
+    destroy = dist.destroy_process_group
+
+    def checked_destroy(*args, **kwargs):
+        alive_at_destroy.append(sum(ref() is not None for ref in wrappers))
+        return destroy(*args, **kwargs)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(train_mod, "init_world", lambda device: OneRankWorld())
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordedDDP)
+        monkeypatch.setattr(dist, "destroy_process_group", checked_destroy)
+        assert train_mod.main(tiny_args(tmp_path / "run", steps=3)) == 0
+    finally:
+        if dist.is_initialized():
+            destroy()
+    assert len(wrappers) == 1 and alive_at_destroy == [0]
