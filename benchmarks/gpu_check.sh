@@ -16,8 +16,9 @@
 # command gets SIGINT, as from Ctrl-C, so pytest still reports and the benchmark runner still
 # writes the rows that finished. --budget S (default 480) caps the whole run: a command gets at
 # most what is left of it, and one that would start with under 30 s left is skipped and reported,
-# so the run ends inside the GPU window with every finished phase's results. --archive FILE writes the results folder as a
-# .tar.gz after each phase (one file to bring back from the machine). The gpu tests run in
+# so the run ends inside the GPU window with every finished phase's results. --archive FILE
+# writes the results folder as a .tar.gz after each phase (one file to bring back from the
+# machine). The gpu tests run in
 # parallel processes (pytest-xdist, FASTLM_TEST_WORKERS, default 8: Triton compiles are CPU-bound)
 # with a per-test timeout (pytest-timeout), stopping after FASTLM_MAXFAIL (default 3) failures.
 set -uo pipefail
