@@ -432,13 +432,15 @@ def test_cuda_launch_tunes_or_uses_one_fixed_config(monkeypatch, mode):
         kernels._launch_cuda("fwd", tuned, plain, grid_of, (1, 2), {"HEAD_DIM": 64})
     if mode == "tuned":
         assert not plain.calls and len(tuned.calls) == 1 and callable(tuned.calls[0][0])
+        assert tuned.calls[0][1] == {"HEAD_DIM": 64, "enable_fp_fusion": True}
         return
     config = forced if mode == "forced" else kernels.DEFAULT_CONFIGS["fwd"]
     assert not tuned.calls
     [(grid, kwargs)] = plain.calls
     assert grid == (config.kwargs["BLOCK_M"] * 1000,)
+    # FMA contraction is asked for, not left to Triton's default (which flips in Triton 3.10).
     assert kwargs == {"HEAD_DIM": 64, **config.kwargs, "num_warps": config.num_warps,
-                      "num_stages": config.num_stages}
+                      "num_stages": config.num_stages, "enable_fp_fusion": True}
 
 
 def test_default_configs_are_tuning_candidates_at_every_head_size():

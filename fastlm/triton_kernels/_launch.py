@@ -3,6 +3,10 @@ import contextlib
 
 import torch
 
+# Compile options of every launch. FMA contraction is stated, not left to Triton's default (on up
+# to 3.9, off from 3.10): the kernels' numerics and their sm_90 compile checks assume it.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 
 def device_guard(t):
     """Make t's CUDA device current while a kernel is launched: Triton launches on the current

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from fastlm.triton_kernels._launch import device_guard
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, device_guard
 
 LOG2E = 1.4426950408889634
 
@@ -439,10 +439,10 @@ def _launch_cuda(name, tuned, kernel, grid_of, args, common):
     """Launch `kernel` on CUDA: the autotuned variant, or one fixed config (forced or default)."""
     config = _forced_configs[name] if _forced_configs else None if autotune_enabled() else DEFAULT_CONFIGS[name]
     if config is None:
-        tuned[grid_of](*args, **common)
+        tuned[grid_of](*args, **common, **LAUNCH_OPTIONS)
     else:
         kernel[grid_of(config.kwargs)](*args, **common, **config.kwargs, num_warps=config.num_warps,
-                                       num_stages=config.num_stages)
+                                       num_stages=config.num_stages, **LAUNCH_OPTIONS)
 
 
 def cuda_kernels(head_dim):
@@ -511,7 +511,7 @@ def attention_backward(do, q, k, v, o, lse, scale):
             block_m = _DELTA_CONFIG.kwargs["BLOCK_M"]
             _attn_bwd_delta[launch_grid(T, block_m, B * H)](*delta_args, HEAD_DIM=D, BLOCK_M=block_m,
                                                              num_warps=_DELTA_CONFIG.num_warps,
-                                                             num_stages=_DELTA_CONFIG.num_stages)
+                                                             num_stages=_DELTA_CONFIG.num_stages, **LAUNCH_OPTIONS)
         else:
             block_m = INTERPRET_BLOCKS["delta"]
             _attn_bwd_delta[launch_grid(T, block_m, B * H)](*delta_args, HEAD_DIM=D, BLOCK_M=block_m)

@@ -29,6 +29,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS
+
 # Largest dynamic shared memory one block may use on sm_90 (H100): 227 KiB.
 SMEM_LIMIT = {90: 227 * 1024}
 DEFAULT_DTYPES = (torch.bfloat16, torch.float16)
@@ -93,7 +95,7 @@ def compile_kernel(fn, args, constexprs, num_warps, num_stages, arch=90):
     signature, attrs = _signature(fn, args, constexprs)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()

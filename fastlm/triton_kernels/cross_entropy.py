@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton_kernels._launch import device_guard
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, device_guard
 
 
 @triton.jit
@@ -172,5 +172,5 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
             n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD=grad is not None,
             HAS_SMOOTHING=label_smoothing != 0.0, GRAD_SAME_STRIDE=grad_stride == stride,
             ALIGNED_ROWS=stride % vec == 0 and n_cols % vec == 0, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
-            num_warps=num_warps)
+            num_warps=num_warps, **LAUNCH_OPTIONS)
     return loss, lse
