@@ -276,7 +276,8 @@ def slow_benchmark(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode,why", [("hang", "timed out after 5 s"), ("die", "died (exit status 3)")])
 def test_a_benchmark_that_times_out_or_dies_keeps_the_rows_it_finished(slow_benchmark, monkeypatch, mode, why):
     monkeypatch.setenv("SLOW_MODE", mode)
-    assert bench_cli.main(["--only", "slow", "--device", "cpu", "--timeout", "5", "--out-dir", str(slow_benchmark)]) == 0
+    argv = ["--only", "slow", "--device", "cpu", "--timeout", "5", "--out-dir", str(slow_benchmark)]
+    assert bench_cli.main(argv) == 0
     entry = json.loads((slow_benchmark / "summary.json").read_text())["benchmarks"]["slow"]
     assert [r["case"] for r in entry["rows"]] == ["case 0", "case 1"] and "skipped" not in entry
     assert why in entry["partial"] and "the 2 row(s) finished before are kept" in entry["partial"]
@@ -312,3 +313,63 @@ def test_an_interrupted_run_writes_what_finished_and_names_what_did_not_run(slow
     assert benchmarks["slow"]["partial"].startswith("interrupted after")
     assert benchmarks["later"] == earlier
     assert "=== stopped: not run: later" in capsys.readouterr().out
+
+
+def _cuda_summary():
+    """A summary.json of a CUDA run holding a row for every target, some met and some missed."""
+    rows = {
+        "cross_entropy": [
+            Row("cross_entropy", "N=16384 V=50257", "triton", ref_ms=3.0, fused_ms=1.0,
+                extra={"compiled_ref_ms": 1.2, "copy_fraction": 0.9}),
+            Row("cross_entropy", "N=16384 V=128256", "triton", ref_ms=3.0, fused_ms=2.0,  # 1.5x: missed
+                extra={"compiled_ref_ms": 1.9, "copy_fraction": 0.8}),
+            Row("linear_cross_entropy", "N=16384 D=768 V=50257", "triton", ref_ms=10.0, fused_ms=9.0,
+                ref_peak_mb=4000.0, fused_peak_mb=500.0),
+            Row("linear_cross_entropy", "N=8192 D=4096 V=128256", "triton", skipped="out of memory")],
+        "adamw": [Row("adamw", "124M (124.4M, 148 tensors)", "cuda", ref_ms=2.0, fused_ms=1.6,
+                      extra={"copy_fraction": 0.85}),
+                  Row("adamw", "124M (124.4M, 148 tensors), clip", "cuda", ref_ms=3.0, fused_ms=2.0)],
+        "attention": [Row("attention", "B8 H16 T1024 D128", "triton", ref_ms=1.0, fused_ms=2.0),  # T < 2048: no bar
+                      Row("attention", "B4 H16 T2048 D128", "triton", ref_ms=1.0, fused_ms=0.9),
+                      Row("attention", "B1 H16 T8192 D128", "triton", ref_ms=1.0, fused_ms=1.1,
+                          extra={"fwdbwd_tflops": 300.0, "fwd_tflops": 400.0})],
+    }
+    benchmarks = {name: {"rows": [r.to_dict() for r in entry]} for name, entry in rows.items()}
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "python": "3.12", "threads": 16}
+    for entry in benchmarks.values():
+        entry.update(quick=False, dtype="bfloat16", command="python -m fastlm.bench", date="2026-11-26", seconds=1.0)
+    return {"schema": bench_cli.SCHEMA, "device": "cuda", "env": env, "benchmarks": benchmarks}
+
+
+def test_targets_are_judged_from_the_rows_and_missing_rows_are_not_measured(tmp_path):
+    from fastlm.bench import targets
+
+    verdicts = {(v.target, v.size): v for v in targets.judge(_cuda_summary())}
+    met = lambda target, size: verdicts[(target, size)].met  # noqa: E731
+    assert met("cross_entropy triton vs F.cross_entropy eager", "N=16384, V=50257, bf16") is True
+    assert met("cross_entropy triton vs F.cross_entropy eager", "N=16384, V=128256, bf16") is False
+    assert met("cross_entropy triton bandwidth, of copy bandwidth", "N=16384, V=128256, bf16") is False
+    assert met("linear_cross_entropy peak memory, of lm_head + CE", "N=16384, D=768, V=50257, bf16") is True
+    assert met("linear_cross_entropy time, of lm_head + CE", "N=8192, D=4096, V=128256, bf16") is None  # skipped
+    assert met("AdamW cuda vs torch fused", "124M fp32") is True
+    assert met("AdamW cuda + max_grad_norm vs clip_grad_norm_ + torch fused", "124M fp32") is True
+    slowest = verdicts[("causal_attention triton vs SDPA, every case at T >= 2048", "2 cases, bf16")]
+    assert slowest.met is False and "0.91x at B1 H16 T8192 D128" in slowest.measured
+    assert met("causal_attention triton fwd+bwd TFLOP/s (H100 target)", "D=128, T=8192, bf16") is False
+    assert met("causal_attention triton forward TFLOP/s (H100 target)", "D=128, T=8192, bf16") is True
+    assert all(v.met is None for v in verdicts.values() if v.target.startswith("end-to-end"))  # no e2e rows
+    (tmp_path / "summary.json").write_text(json.dumps(_cuda_summary()))
+    assert targets.main([str(tmp_path)]) == 0
+    table = (tmp_path / "targets.md").read_text()
+    assert table.startswith("Targets of the GPU issue on NVIDIA H100 80GB HBM3: 9 met, 5 missed, 6 not measured.")
+    report.write_markdown(str(tmp_path))  # a CUDA summary.md carries the same table
+    summary_md = (tmp_path / "summary.md").read_text()
+    assert "## Targets" in summary_md and table.strip() in summary_md
+
+
+def test_targets_of_a_folder_without_a_summary_is_a_one_line_error(tmp_path, capsys):
+    from fastlm.bench import targets
+
+    assert targets.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read" in err and "summary.json" in err

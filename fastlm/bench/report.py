@@ -78,6 +78,10 @@ def write_markdown(out_dir):
                                      e.get("partial") and f"**partial**: {e['partial']}") if note) + ")"
             for name, e in summary["benchmarks"].items()]
         lines += ["", REFERENCE_NOTE, "", markdown_table(table_rows(summary["benchmarks"])), ""]
+        if summary.get("device") == "cuda":
+            from fastlm.bench import targets
+
+            lines += ["## Targets", "", targets.markdown(targets.judge(summary), env["device"]), ""]
     if parity:
         from fastlm.bench.parity import describe
 
