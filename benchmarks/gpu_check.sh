@@ -18,7 +18,8 @@
 # most what is left of it, and one that would start with under 30 s left is skipped and reported,
 # so the run ends inside the GPU window with every finished phase's results. --archive FILE
 # writes the results folder as a .tar.gz after each phase (one file to bring back from the
-# machine). The gpu tests run in
+# machine). At the end it prints the targets judged from the results
+# (python -m fastlm.bench.targets). The gpu tests run in
 # parallel processes (pytest-xdist, FASTLM_TEST_WORKERS, default 8: Triton compiles are CPU-bound)
 # with a per-test timeout (pytest-timeout), stopping after FASTLM_MAXFAIL (default 3) failures.
 set -uo pipefail
@@ -133,6 +134,13 @@ for phase in "${phases[@]}"; do
   esac
   save_archive
 done
+
+# The targets judged from every benchmark in the results so far (a second or two).
+if ((!dry_run)) && [[ -f "$RESULTS/summary.json" ]]; then
+  echo "=== targets"
+  $PYTHON -m fastlm.bench.targets "$RESULTS" || failed+=("targets: python -m fastlm.bench.targets $RESULTS")
+  save_archive
+fi
 
 if ((${#failed[@]})); then
   echo "=== gpu_check: ${#failed[@]} command(s) failed:"

@@ -74,6 +74,18 @@ def test_commands_run_inside_the_budget_and_are_logged(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:]
     assert "ran: -m fastlm.bench --device cuda --only e2e" in result.stdout
     assert "= [e2e] exit 0" in result.stdout
+    assert "=== targets" not in result.stdout  # no summary.json: no benchmark wrote results
+
+
+def test_the_run_ends_with_the_targets_judged_from_its_results(tmp_path):
+    results = tmp_path / "res"
+    results.mkdir()
+    (results / "summary.json").write_text("{}")  # what a benchmark would have written
+    env = dict(os.environ, PYTHON=_fake_gpu_python(tmp_path), FASTLM_RESULTS=str(results))
+    result = run("--only", "build", "--budget", "200", env=env)
+    assert result.returncode == 0, result.stdout[-2000:]
+    tail = result.stdout.split("=== targets\n", 1)[1]
+    assert tail.startswith(f"ran: -m fastlm.bench.targets {results}") and "gpu_check: done" in tail
 
 
 def test_a_command_at_its_time_limit_is_interrupted_so_it_can_report(tmp_path):
