@@ -55,7 +55,7 @@ def init_world(device_name):
 def end_world():
     """Destroy the process group, if any, once nothing else holds it.
 
-    Call it after the last reference to a DistributedDataParallel wrapper is dropped: its C++
+    Call it once the DistributedDataParallel wrapper is dropped (Trainer.close does it): its C++
     Reducer holds the group too, and a Reducer that outlives the group's registration destroys a
     gloo group itself while holding the GIL, as a gloo worker thread waits for the GIL to free the
     last collective's tensors: the process hangs at exit (about one 2-rank CPU run in 12). Garbage

@@ -611,7 +611,6 @@ def main(argv=None):
     finally:
         if trainer is not None:
             trainer.close()
-        trainer = None
         end_world()
     return code
 

@@ -22,6 +22,10 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["type"] == "train"}
 
 
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
 def test_get_lr_schedule():
     cfg = TrainConfig(lr=3e-4, min_lr=0.0, warmup_steps=100, max_steps=2000)
     assert get_lr(0, cfg) == pytest.approx(3e-6)
@@ -94,8 +98,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     a, b = losses(full), losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    wa = torch.load(full / "ckpt.pt", weights_only=True)["model"]
-    wb = torch.load(split / "ckpt.pt", weights_only=True)["model"]
+    wa, wb = weights(full), weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -147,8 +150,7 @@ def test_resume_with_only_resume_and_out_dir_continues_exactly(tmp_path, monkeyp
     assert train_mod.main(["--resume", "--out_dir", str(split)]) == 0
     assert losses(full) == losses(split) and sorted(losses(split)) == list(range(1, 9))
     assert evals(full) == evals(split) and [e[0] for e in evals(split)] == [0, 3, 6, 8]
-    wa = torch.load(full / "ckpt.pt", weights_only=True)["model"]
-    wb = torch.load(split / "ckpt.pt", weights_only=True)["model"]
+    wa, wb = weights(full), weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     config_a, config_b = (json.loads((d / "config.json").read_text()) for d in (full, split))
     for config in (config_a, config_b):
@@ -377,10 +379,6 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 # Head dim 64 (the kernels' main case), block 64, on the GPU; dropout stays on (CUDA RNG state).
 CUDA = ["--device", "cuda", "--block_size", "64", "--d_model", "128", "--n_head", "2", "--batch_size", "8"]
-
-
-def weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
 def expected_backends(dtype):

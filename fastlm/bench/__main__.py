@@ -202,9 +202,8 @@ def run_suite(args, out_dir):
                          "date": date, "seconds": time.perf_counter() - started, **result}
         _write_json(out_dir, name, {"benchmark": name, "about": about, "env": env, "device": args.device,
                                     **entries[name]})
-        status = result.get("skipped") or result.get("partial")
-        print(f"=== {name}: {'done' if not status else ('skipped: ' if 'skipped' in result else 'partial: ') + status}"
-              f" ({entries[name]['seconds']:.0f} s)", flush=True)
+        state = next((f"{key}: {result[key]}" for key in ("skipped", "partial") if key in result), "done")
+        print(f"=== {name}: {state} ({entries[name]['seconds']:.0f} s)", flush=True)
         if stopped is not None:
             not_run = args.names[args.names.index(name) + 1:]
             print(f"=== stopped{': not run: ' + ', '.join(not_run) if not_run else ''}", flush=True)

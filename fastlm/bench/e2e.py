@@ -72,9 +72,9 @@ def make_trainer(case, path, device, dtype, out_dir, *, seed=1337, dropout=None,
     return Trainer(RunConfig(model_cfg, KernelConfig(**PATHS[path]), train_cfg).validate())
 
 
-def resolved_backends(trainer):
-    """What the trainer's "auto" resolved to, e.g. 'causal_attention sdpa, linear_cross_entropy cpp, adamw cpp'."""
-    return ", ".join(f"{op} {name}" for op, name in trainer.backends.items())
+def describe_backends(backends):
+    """{op: backend} as one line, e.g. 'causal_attention sdpa, linear_cross_entropy cpp, adamw cpp'."""
+    return ", ".join(f"{op} {name}" for op, name in backends.items())
 
 
 def make_step(case, path, device, dtype, mode, seed=1337):
@@ -95,7 +95,7 @@ def make_step(case, path, device, dtype, mode, seed=1337):
         optimizer = AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, max_grad_norm=1.0)
     adamw = f"torch {'fused' if device.type == 'cuda' else 'foreach'}" if path == "pytorch" else \
         optimizer._backend_for(device)
-    backends = ", ".join(f"{op} {name}" for op, name in {**model.backends, "adamw": adamw}.items())
+    backends = describe_backends({**model.backends, "adamw": adamw})
     forward = torch.compile(model) if mode == "compiled" else model
     gen = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, case["vocab_size"], (case["batch_size"], case["block_size"] + 1), generator=gen)
@@ -107,11 +107,9 @@ def make_step(case, path, device, dtype, mode, seed=1337):
         with autocast:
             _, loss = forward(x, y)
         loss.backward()
-        if path == "pytorch":
+        if path == "pytorch":  # fastlm's AdamW clips inside its step, with the fused norm
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-        else:
-            optimizer.step()  # clips with the fused norm
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -136,12 +134,11 @@ def measure_path(case, path, device, dtype, mode):
               "flops_per_token": model.flops_per_token(), "backends": backends}
     if device.type == "cuda":  # the same (compiled) step, steady: no second build or compile
         result["peak_mb"] = peak_memory_mb(lambda: step, device=device)
-        del step, model
-        gc.collect()
-        torch.cuda.empty_cache()
-        return result
     del step, model
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return result
     # The spawned child inherits this: glibc hands large freed blocks straight back to the OS, so
     # the warm-up step leaves no cached memory the measured step could reuse unseen by VmHWM.
     with mock.patch.dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"):

@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from fastlm.bench.common import env_info, max_rel_error
-from fastlm.bench.e2e import make_trainer, resolved_backends
+from fastlm.bench.e2e import describe_backends, make_trainer
 
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-3
@@ -37,7 +37,7 @@ def train_losses(case, path, steps, device, lr, seed):
                                warmup_steps=max(1, steps // 5), max_steps=steps)
         losses = [trainer.train_step()[0] for _ in range(steps)]
         weights = {k: v.detach().float().cpu().clone() for k, v in trainer.raw_model.state_dict().items()}
-        backends = resolved_backends(trainer)
+        backends = describe_backends(trainer.backends)
         del trainer
     gc.collect()
     return losses, weights, backends

@@ -6,8 +6,8 @@
 For each path and mode (default eager) it builds the step of fastlm/bench/e2e.py (GPT-2 small
 on CUDA, the quick model on CPU), runs two warm-up steps (compiling, tuning), profiles `--steps`
 steps, and prints the operators and kernels by their own device time (CPU time on CPU), the 25
-largest, with each one's share of the step. The same tables go to profile_<path>_<mode>.txt in --out-dir. These are
-the numbers behind a missed target: which kernel, how long, how often.
+largest, with each one's share of the step. The same tables go to profile_<path>_<mode>.txt in
+--out-dir. These are the numbers behind a missed target: which kernel, how long, how often.
 """
 import argparse
 import os
@@ -19,7 +19,7 @@ from fastlm.bench import e2e
 
 
 def profile(path, mode, device, steps, batch_size=None):
-    """(table text, step ms) of `steps` profiled steps of one path and mode."""
+    """The table of `steps` profiled steps of one path and mode."""
     case = dict(e2e.CASES[device.type][0] if device.type == "cuda" else e2e.CASES["quick"][0])
     if batch_size:
         case["batch_size"] = batch_size
@@ -45,7 +45,7 @@ def profile(path, mode, device, steps, batch_size=None):
     for event in sorted(events, key=lambda e: -getattr(e, own))[:25]:
         us = getattr(event, own)
         lines.append(f"{100 * us / total_us:5.1f}% {us / steps / 1e3:9.3f} {event.count / steps:10.1f}  {event.key[:110]}")
-    return "\n".join(lines), total_us / steps / 1e3
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -68,7 +68,7 @@ def main(argv=None):
     modes = args.mode or ["eager"]
     for mode in modes:
         for path in args.path:
-            text, _ = profile(path, mode, device, args.steps, args.batch_size)
+            text = profile(path, mode, device, args.steps, args.batch_size)
             print(text + "\n", flush=True)
             if args.out_dir:
                 os.makedirs(args.out_dir, exist_ok=True)

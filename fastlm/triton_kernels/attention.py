@@ -398,6 +398,7 @@ _attn_fwd_tuned = _autotune(_attn_fwd, _FWD_CONFIGS)
 _attn_bwd_dkdv_tuned = _autotune(_attn_bwd_dkdv, _DKDV_CONFIGS)
 _attn_bwd_dq_tuned = _autotune(_attn_bwd_dq, _DQ_CONFIGS)
 
+
 def _find(table, block_m, block_n, num_warps, num_stages):
     """The config of `table` with these tile sizes, warps and stages (it must be one of them)."""
     for config, max_head_dim in table:
@@ -437,7 +438,10 @@ def forced_configs(fwd=None, dkdv=None, dq=None):
 
 def _launch_cuda(name, tuned, kernel, grid_of, args, common):
     """Launch `kernel` on CUDA: the autotuned variant, or one fixed config (forced or default)."""
-    config = _forced_configs[name] if _forced_configs else None if autotune_enabled() else DEFAULT_CONFIGS[name]
+    if _forced_configs:
+        config = _forced_configs[name]
+    else:
+        config = None if autotune_enabled() else DEFAULT_CONFIGS[name]
     if config is None:
         tuned[grid_of](*args, **common, **LAUNCH_OPTIONS)
     else:
