@@ -49,7 +49,8 @@ for phase in "${phases[@]}"; do
     echo "gpu_check.sh: error: unknown phase '$phase' (phases: ${ALL_PHASES[*]})" >&2; exit 2; }
 done
 
-PYTHON=${PYTHON:-python}
+# The Python that holds torch: $PYTHON, else python3 (the one GPU images ship; `python` may be absent).
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 if ((dry_run)); then
   gpu_slug="cuda-<gpu>"
   arch="<sm>"

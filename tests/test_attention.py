@@ -105,6 +105,7 @@ def test_triton_large_logits_stay_finite():
 
 
 def test_triton_under_autocast_keeps_input_dtype():
+    skip_unless_usable("causal_attention", "triton")
     q, k, v = make_inputs(1, 4, 2, 20, 16, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = causal_attention(q, k, v, backend="triton")
@@ -114,6 +115,7 @@ def test_triton_under_autocast_keeps_input_dtype():
 
 
 def test_triton_under_torch_compile():
+    skip_unless_usable("causal_attention", "triton")
     q, k, v = make_inputs(1, 4, 2, 24, 16, torch.float32)
 
     def loss_fn(q, k, v):
@@ -256,6 +258,7 @@ def _train_losses(attn_backend, steps=20):
 
 
 def test_gpt_trains_identically_with_torch_and_triton():
+    skip_unless_usable("causal_attention", "triton")
     pytest.importorskip("fastlm.model")
     ref_losses, ref_model = _train_losses("torch")
     losses, model = _train_losses("triton")
@@ -454,6 +457,7 @@ def test_default_configs_are_tuning_candidates_at_every_head_size():
 
 def test_launchers_build_grids_with_launch_grid(monkeypatch):
     # Every launch, forward and backward, uses one axis of cdiv(T, block) * heads programs.
+    skip_unless_usable("causal_attention", "triton")
     from fastlm.triton_kernels import attention
 
     class Recorder:
