@@ -261,6 +261,9 @@ def resume_config(run, ckpt, where):
             values[name] = asked[name]
             continue
         change = f"{name} {saved[name]!r} -> {asked[name]!r}"
+        if name == "init_from":
+            raise ConfigError(f"--init_from {asked[name]!r} starts a new run from those weights; a resumed run goes on "
+                              f"from its checkpoint in {where}: drop --init_from, or drop --resume and use another --out_dir")
         if name in arch:
             raise ConfigError(f"checkpoint in {where} is incompatible: it has {name}={saved[name]!r}, "
                               f"this run asks for {asked[name]!r}")

@@ -13,6 +13,7 @@ defaults < config file < command line.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -59,6 +60,9 @@ class GPTConfig:
             raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos_emb == "rope" and (self.d_model // self.n_head) % 2:
             raise ConfigError(f"rope needs an even head size, got d_model/n_head = {self.d_model // self.n_head}")
+        _check_finite(self)
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
         _check_choices(self)
 
     @property
@@ -132,6 +136,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        _check_finite(self)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in out_dir and --overwrite replaces it: pass one of them")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -174,6 +181,17 @@ class RunConfig:
 
 
 SECTIONS = {"model": GPTConfig, "kernels": KernelConfig, "train": TrainConfig}
+# What a run's config.json records beside its settings (the backends each op ran on): skipped when
+# that file is given back as --config, so a finished run's settings start a new one.
+RECORD_KEYS = frozenset({"backends"})
+
+
+def _check_finite(cfg):
+    """Every float setting must be a number: inf or nan would only surface steps later, as a NaN loss."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if _field_type(f) is float and value is not None and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
 
 
 def _check_choices(cfg):
@@ -232,7 +250,10 @@ def build_parser(prog, description):
         group = parser.add_argument_group(title)
         for f in fields(cls):
             kind = _field_type(f)
-            kwargs = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {f.default})"}
+            help_text = f.metadata.get("help", "")
+            if "(default:" not in help_text:
+                help_text += f" (default: {f.default})"
+            kwargs = {"default": argparse.SUPPRESS, "help": help_text}
             if kind is bool:
                 kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
             else:
@@ -240,7 +261,9 @@ def build_parser(prog, description):
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
                 kwargs.pop("metavar")
-            group.add_argument(f"--{f.name}", **kwargs)
+            # --max_steps and --max-steps alike, as fastlm's other commands accept both spellings.
+            spellings = dict.fromkeys((f"--{f.name}", f"--{f.name.replace('_', '-')}"))
+            group.add_argument(*spellings, dest=f.name, **kwargs)
     return parser
 
 
@@ -263,6 +286,8 @@ def load_config_file(path):
         raise ConfigError(f"config file {path} must hold a table/object of settings")
     flat = {}
     for key, value in raw.items():
+        if key in RECORD_KEYS:
+            continue
         if key in SECTIONS and isinstance(value, dict):
             flat.update(value)
         else:

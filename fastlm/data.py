@@ -168,6 +168,10 @@ def _read_text_file(path):
         raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
+# Inputs of fastlm.prepare that are records (a text field each), not text to train on as it is.
+STRUCTURED_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+
 def text_files(path):
     """The text files that `path` names: itself, or the sorted .txt files of a directory."""
     if os.path.isdir(path):
@@ -176,13 +180,16 @@ def text_files(path):
             others = [p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p)]
             if not others:
                 raise DataError(f"data directory {path} is empty (no .txt files)")
-            if any(p.endswith((".jsonl", ".jsonl.gz", ".parquet")) for p in others):
+            if any(p.endswith(STRUCTURED_SUFFIXES) for p in others):
                 raise DataError(f"no .txt files in directory {path}; for .jsonl/.parquet run "
                                 f"python -m fastlm.prepare --data {path} --out DIR, then train with --data DIR")
             raise DataError(f"no .txt files in directory {path}")
         return files
     if not os.path.exists(path):
         raise DataError(f"data path not found: {path}")
+    if path.endswith(STRUCTURED_SUFFIXES):  # read as text, its JSON or Parquet syntax would be trained on
+        raise DataError(f"{path} holds records, not plain text; run python -m fastlm.prepare --data {path} "
+                        "--out DIR, then train with --data DIR")
     return [path]
 
 

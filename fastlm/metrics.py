@@ -4,6 +4,7 @@ metrics.jsonl has one JSON object per line: {"type": "train", ...} every log_int
 {"type": "eval", ...} at every eval, {"type": "final", ...} at the end. Only the main process
 writes; a resumed run keeps the records up to its checkpoint's step.
 """
+import contextlib
 import json
 import math
 import os
@@ -79,8 +80,9 @@ class MetricsLog:
 
 
 class Throughput:
-    """Tokens per second over the steps since the last measurement (measured at log steps, after
-    the loop has read the device, so that the time of queued GPU work is counted)."""
+    """Tokens per second of training over the steps since the last measurement (measured at log
+    steps, after the loop has read the device, so that the time of queued GPU work is counted).
+    The time of evaluations and checkpoint writes is left out (`exclude`)."""
 
     def __init__(self, tokens_per_step):
         self.tokens_per_step = tokens_per_step
@@ -97,6 +99,15 @@ class Throughput:
         self._start, self._steps = now, 0
         return self.tokens_per_s
 
+    @contextlib.contextmanager
+    def excluded(self):
+        """Leave the time of the block (an evaluation, a checkpoint write) out of the current window."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - start
+
 
 def eval_record(step, losses, lr):
     return {"type": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
@@ -106,5 +117,6 @@ def eval_record(step, losses, lr):
 def table_row(record, tokens_per_s, elapsed):
     """One line of the eval table printed at every eval."""
     train = f"{record['train_loss']:>10.4f}" if record["train_loss"] is not None else f"{'-':>10}"
+    speed = f"{tokens_per_s:>8.0f}" if tokens_per_s else f"{'-':>8}"  # none measured yet (step 0)
     return (f"{record['step']:>6} | {train} | {record['val_loss']:>8.4f} | {record['val_ppl']:>8.2f} | "
-            f"{record['lr']:>9.2e} | {tokens_per_s:>8.0f} | {elapsed:>7.1f}s")
+            f"{record['lr']:>9.2e} | {speed} | {elapsed:>7.1f}s")

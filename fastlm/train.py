@@ -92,6 +92,9 @@ class Trainer:
         ckpt = self._prepare_out_dir(run.train)
         if ckpt is not None:
             run, changes = resume_config(run, ckpt, self.out_dir)
+            if run.train.max_steps < int(ckpt["step"]):
+                raise ConfigError(f"--max_steps {run.train.max_steps} is below step {ckpt['step']} of the checkpoint "
+                                  f"in {self.out_dir}: nothing to train; pass a larger --max_steps to go on")
             if self.world.is_main and changes:
                 print(f"fastlm: resuming with changes: {'; '.join(changes)}")
         init_state = init_tokenizer = None
@@ -107,6 +110,11 @@ class Trainer:
                               fit_vocab=ckpt is None and "vocab_size" not in run.explicit)
         self.model_cfg.vocab_size = max(self.model_cfg.vocab_size, self.data.vocab_size)  # e.g. gpt2: 50257
         self.tokenizer = self.data.tokenizer
+        if ckpt is None and "tokenizer" in run.explicit and self.tokenizer.kind != train_cfg.tokenizer \
+                and self.world.is_main:  # (a resumed run's tokenizer is checked against its checkpoint's)
+            origin = train_cfg.init_from if init_tokenizer is not None else self.data.source
+            print(f"fastlm: --tokenizer {train_cfg.tokenizer} ignored: {origin} comes with its own "
+                  f"{self.tokenizer.kind} tokenizer, which the run uses", file=sys.stderr)
         if ckpt is not None:
             change = check_same_data(ckpt, self.data, train_cfg.override_resume_config)
             if change and self.world.is_main:
@@ -218,7 +226,8 @@ class Trainer:
                     error = (f"{self.out_dir} is in use by another run{f' ({owner})' if owner else ''}; wait for it "
                              "to finish or choose another --out_dir")
             except OSError as exc:
-                error = f"out_dir {self.out_dir} is not writable ({exc.strerror})"
+                error = (f"out_dir {self.out_dir} is a file; give a directory" if os.path.isfile(self.out_dir)
+                         else f"out_dir {self.out_dir} is not writable ({exc.strerror})")
         if any_rank(error is not None, self.world, self.device):
             raise ConfigError(error or f"rank 0 could not take out_dir {self.out_dir} (see its error)")
 
@@ -454,7 +463,8 @@ class Trainer:
         throughput = Throughput(tokens_per_step)
         try:
             if self.step == 0:  # a resumed run already evaluated at its checkpoint's step
-                self._eval_and_report(bar, throughput.tokens_per_s, started)
+                with throughput.excluded():
+                    self._eval_and_report(bar, throughput.tokens_per_s, started)
             while self.step < cfg.max_steps:
                 fault_trace("step", self.step)
                 if (self.step + 1) % cfg.eval_interval == 0 or self.step + 1 == cfg.max_steps:
@@ -472,10 +482,13 @@ class Trainer:
                     if at_log:
                         self._log_train(loss, norm, lr, throughput.measure(), time.perf_counter() - started, bar)
                     stop = self._should_stop()
-                if at_eval:
-                    self._eval_and_report(bar, throughput.tokens_per_s, started)
+                if at_eval:  # the device was just read, so an eval between log steps measures its own window
+                    tokens_per_s = throughput.tokens_per_s if at_log else throughput.measure()
+                    with throughput.excluded():
+                        self._eval_and_report(bar, tokens_per_s, started)
                 if at_ckpt:
-                    self.save_checkpoint()
+                    with throughput.excluded():
+                        self.save_checkpoint()
                 if stop:
                     break
             if self._saved_step != self.step:
@@ -566,7 +579,8 @@ class Trainer:
             return
         print()
         print(self.metrics.finish(self.train_cfg.eval_train_split))
-        saved = SHARDED_NAME if self.fsdp else f"{CKPT_NAME} (the newest of {self.train_cfg.keep_checkpoints} kept)"
+        kept = len(checkpoint_files(self.out_dir))
+        saved = SHARDED_NAME if self.fsdp else CKPT_NAME + (f" (the newest of {kept} kept)" if kept > 1 else "")
         print(f"\nwrote {saved}, metrics.jsonl and loss.png in {self.out_dir}")
         if self.train_cfg.sample_tokens and self.fsdp:  # generate would need every rank's shards
             print(f"\nsample: skipped under --parallel fsdp; python -m fastlm.consolidate {self.out_dir}, "

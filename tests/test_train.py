@@ -61,8 +61,42 @@ def test_end_to_end_training_writes_outputs(tmp_path, capsys):
     assert records[-1]["type"] == "final"
     stdout = capsys.readouterr().out
     assert "val loss" in stdout and "sample:" in stdout
+    assert "wrote ckpt.pt, metrics.jsonl" in stdout  # one checkpoint written: no "newest of 2 kept"
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["d_model"] == 32 and config["train"]["max_steps"] == 30
+
+
+def _table_rows(stdout):
+    """{step: tok/s column} of the eval table ('-' where none was measured yet)."""
+    rows = [line.split("|") for line in stdout.splitlines() if line.count("|") == 6 and "step" not in line]
+    return {int(cells[0]): cells[5].strip() for cells in rows}
+
+
+def test_tokens_per_s_counts_training_steps_only(tmp_path, capsys):
+    throughput = metrics_mod.Throughput(tokens_per_step=1000)
+    throughput.count_step()
+    with throughput.excluded():  # an evaluation or a checkpoint write
+        time.sleep(0.5)
+    assert throughput.measure() > 1000 / 0.25  # the half second is not in the window
+    # An eval between log steps shows the tokens/s of its own window, not 0 or a stale value.
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--eval_interval", "5", "--log_interval", "10", steps=10)) == 0
+    speeds = _table_rows(capsys.readouterr().out)
+    assert speeds[0] == "-" and float(speeds[5]) > 0 and float(speeds[10]) > 0, speeds
+
+
+def test_an_explicit_tokenizer_that_the_data_overrides_is_reported(tmp_path, capsys):
+    from fastlm.prepare import prepare
+
+    tok = tmp_path / "data.tok"
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 97} x{i % 13}" for i in range(6000)))
+    prepare(str(text), str(tok), "bpe", 300)
+    assert train_mod.main(tiny_args(tmp_path / "run", "--data", tok, "--tokenizer", "byte", steps=1)) == 0
+    err = capsys.readouterr().err
+    assert "--tokenizer byte ignored" in err and "bpe tokenizer" in err, err
+    config = json.loads((tmp_path / "run" / "tokenizer.json").read_text())
+    assert config["kind"] == "bpe"
 
 
 def test_eval_train_split_measures_train_loss_in_eval_mode(tmp_path, monkeypatch):
@@ -270,6 +304,8 @@ def test_help_lists_every_field_with_default():
                  "--ce_backend", "--optim_backend", "--config", "--seed", "--device"):
         assert flag in result.stdout, flag
     assert "(default: 0.0003)" in result.stdout
+    assert "--max_steps INT, --max-steps INT" in result.stdout
+    assert "(default: None)" not in result.stdout.split("--data STR", 1)[1].split("--tokenizer", 1)[0]
 
 
 def test_config_file_and_cli_precedence(tmp_path):
@@ -285,6 +321,22 @@ def test_config_file_and_cli_precedence(tmp_path):
     js.write_text(json.dumps({"batch_size": 3, "compile": "false"}))
     train = parse_args(["--config", str(js)]).train
     assert train.batch_size == 3 and train.compile is False
+    # Flags also take dashes, as fastlm's other commands do.
+    run = parse_args(["--max-steps", "11", "--grad-accum-steps", "2", "--eval_interval", "5"])
+    assert (run.train.max_steps, run.train.grad_accum_steps, run.train.eval_interval) == (11, 2, 5)
+    assert {"max_steps", "grad_accum_steps"} <= run.explicit
+
+
+def test_a_runs_config_json_starts_a_new_run_with_its_settings(tmp_path):
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--lr", "2e-3", "--seed", "7", steps=2)) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["backends"]  # the record beside the settings, skipped when read back
+    run = parse_args(["--config", str(out / "config.json"), "--out_dir", str(tmp_path / "again")])
+    assert run.as_dict()["model"] == saved["model"] and run.as_dict()["kernels"] == saved["kernels"]
+    assert {**saved["train"], "out_dir": str(tmp_path / "again")} == run.as_dict()["train"]
+    assert train_mod.main(["--config", str(out / "config.json"), "--out_dir", str(tmp_path / "again")]) == 0
+    assert losses(tmp_path / "again") == losses(out)  # the same settings train the same run
 
 
 def _one_line_error(result, *needles):
@@ -308,6 +360,10 @@ BAD_INPUTS = [
     (["--lr", "fast"], "invalid float value"),
     (["--data", "/nonexistent/corpus.txt"], "data path not found"),
     (["--ce_backend", "triton"], "cannot run on cpu"),
+    (["--lr", "inf"], "lr must be a finite number, got inf"),
+    (["--beta2", "nan"], "beta2 must be a finite number"),
+    (["--pos_emb", "rope", "--rope_theta", "0"], "rope_theta must be positive"),
+    (["--resume", "--overwrite"], "pass one of them"),
 ]
 
 
@@ -332,6 +388,11 @@ def test_bad_data_files(tmp_path):
     no_txt = tmp_path / "dir"
     no_txt.mkdir()
     _one_line_error(run_cli("fastlm.train", "--data", no_txt, "--out_dir", tmp_path / "o"), "no .txt files")
+    records = tmp_path / "docs.jsonl"  # read as text, its JSON syntax would be trained on
+    records.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(200)))
+    _one_line_error(run_cli("fastlm.train", "--data", records, "--out_dir", tmp_path / "o"),
+                    "holds records, not plain text", "fastlm.prepare")
+    assert not (tmp_path / "o").exists()
 
 
 def test_token_id_out_of_vocab(tmp_path):
@@ -349,6 +410,8 @@ def test_unwritable_out_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     _one_line_error(run_cli("fastlm.train", "--out_dir", blocker / "sub", "--max_steps", "1"), "not writable")
+    _one_line_error(run_cli("fastlm.train", "--out_dir", blocker, "--max_steps", "1"), "is a file")
+    assert blocker.read_text() == "not a directory"
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -359,6 +422,11 @@ def test_existing_run_is_not_overwritten(tmp_path):
     # incompatible checkpoint on resume
     _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", "--d_model", "64", steps=4)),
                     "incompatible", "d_model")
+    # Nothing to train: a stop before the checkpoint's step.
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", steps=1)), "below step 2")
+    # --init_from starts a new run; a resumed one keeps its own weights.
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", "--init_from", out / "ckpt.pt", steps=4)),
+                    "starts a new run")
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     before.pop(".lock"), after.pop(".lock")  # each run writes its pid into the lock file
     assert before == after
