@@ -18,7 +18,8 @@ sizes and fingerprints.
 
 Interrupted, a re-run with the same arguments resumes after the last complete shard: after each
 shard a small state file records where in the input the next piece starts and the tokens already
-read past the shard.
+read past the shard. Finished, a re-run with the same inputs and settings only returns the
+manifest; one with other inputs or settings stops with an error and leaves the shards alone.
 
 `--out FILE.tok` still writes the single token file of earlier versions.
 """
@@ -33,7 +34,7 @@ import time
 
 import numpy as np
 
-from fastlm.config import ConfigError, OneLineParser, fail
+from fastlm.config import ConfigError, OneLineParser, _parse_bool, fail
 from fastlm.data import (BPETokenizer, ByteTokenizer, DataError, _read_text_file, document_tokens, make_tokenizer,
                          text_files, tokenizer_from_dict, write_token_file)
 from fastlm.files import atomic_write, atomic_write_text
@@ -67,7 +68,7 @@ def build_parser():
     p.add_argument("--val-tokens", "--val_tokens", type=int, default=None, dest="val_tokens",
                    help="tokens in the validation shard (default: about 10%% of the corpus, at most 10M)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--progress", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=True,
+    p.add_argument("--progress", type=_parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
                    help="show the progress bar")
     return p
 
@@ -328,30 +329,37 @@ def prepare_shards(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_
                    shard_tokens=100_000_000, val_tokens=None, workers=1, progress=False, bpe_train_mb=200):
     """Tokenize `data` into shards in the directory `out`; resumes an interrupted run there.
 
-    Returns the manifest (dict). Raises DataError / ConfigError for unusable input or settings.
+    Returns the manifest (dict); a finished prepare in `out` of the same inputs and settings is
+    returned as it is. Raises DataError / ConfigError for unusable input or settings, or for a
+    prepare in `out` of other ones; a run that fails before its first shard removes the
+    directories it created.
     """
-    if shard_tokens <= 0 or (val_tokens is not None and val_tokens <= 0) or workers <= 0:
-        raise ConfigError("--shard_tokens, --val_tokens and --workers must be positive")
+    _check_positive(shard_tokens=shard_tokens, val_tokens=val_tokens, workers=workers, vocab_size=vocab_size,
+                    bpe_train_mb=bpe_train_mb)
     files = input_files(data)
     sources = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "fingerprint": fingerprint(p)}
                for p in files]
+    if not any(s["bytes"] for s in sources):
+        raise DataError(f"{data} is empty")
     if os.path.isfile(out):
         raise ConfigError(f"--out {out} is a file; give a directory for shards (or FILE.tok for a token file)")
+    settings = {"tokenizer_kind": tokenizer_kind, "text_field": text_field, "shard_tokens": shard_tokens,
+                "sources": sources}
+    if tokenizer_kind == "bpe":  # the trained vocabulary depends on them too
+        settings.update(vocab_size=vocab_size, bpe_train_mb=bpe_train_mb)
     manifest_path, state_path = os.path.join(out, MANIFEST_NAME), os.path.join(out, STATE_NAME)
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
-            return json.load(f)  # already complete
+            manifest = json.load(f)
+        _check_same_settings(out, "a finished", _manifest_settings(manifest), manifest["val_tokens"], settings,
+                             val_tokens)
+        return manifest  # already complete
     state = _read_state(state_path)
-    settings = {"tokenizer_kind": tokenizer_kind, "text_field": text_field, "shard_tokens": shard_tokens,
-                "sources": sources}
     if state is not None:
-        if state["settings"] != settings or (val_tokens is not None and val_tokens != state["val_tokens"]):
-            raise ConfigError(f"{out} holds an interrupted prepare of other inputs or settings; "
-                              "remove the directory to start afresh")
+        _check_same_settings(out, "an interrupted", state["settings"], state["val_tokens"], settings, val_tokens)
         tokenizer = tokenizer_from_dict(state["tokenizer"])
         if tokenizer_file and hasattr(tokenizer, "file"):
             tokenizer.file = os.path.abspath(tokenizer_file)
-        val_tokens = state["val_tokens"]
         carry = np.load(os.path.join(out, CARRY_NAME))
     else:
         # a run killed before its first resume point leaves at most half-written temporaries
@@ -362,20 +370,76 @@ def prepare_shards(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_
             tokenizer = BPETokenizer.train(texts, vocab_size)
         else:
             tokenizer = make_tokenizer(tokenizer_kind, vocab_size, tokenizer_file=tokenizer_file)
-        val_tokens = val_tokens or _default_val_tokens(files, tokenizer)
-        state = {"settings": settings, "tokenizer": tokenizer.to_dict(), "val_tokens": val_tokens,
+        state = {"settings": settings, "tokenizer": tokenizer.to_dict(),
+                 "val_tokens": val_tokens or _default_val_tokens(files, tokenizer),
                  "shards": [], "cursor": [0, 0], "documents": 0, "text_bytes": 0}
         carry = None
     if getattr(tokenizer, "file", None) is None and hasattr(tokenizer, "encoding"):
         tokenizer.encoding  # a missing tiktoken file is one line now, not one per worker
+    created = _missing_dirs(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _write_shards(data, out, files, tokenizer, state, carry, workers, progress)
+    except BaseException:
+        _remove_dirs_if_empty(created)  # a run that stops before its first shard leaves no directory behind
+        raise
+
+
+def _check_positive(**options):
+    for name, value in options.items():
+        if value is not None and not value > 0:  # `not >` also refuses nan
+            raise ConfigError(f"--{name} must be positive, got {value}")
+
+
+def _manifest_settings(manifest):
+    """The settings a finished prepare ran with: recorded, or read off the fields of a manifest that
+    an earlier fastlm wrote without them (its bpe vocabulary settings are then unknown)."""
+    spec = manifest["tokenizer"]
+    settings = manifest.get("settings") or {"tokenizer_kind": spec.get("name", spec["kind"]),
+                                            "text_field": manifest["text_field"],
+                                            "shard_tokens": manifest["shard_tokens"]}
+    return {**settings, "sources": manifest["sources"]}
+
+
+def _check_same_settings(out, which, recorded, recorded_val_tokens, settings, val_tokens):
+    """ConfigError unless a prepare recorded in `out` used these inputs and settings (and this
+    --val_tokens, where one is given)."""
+    differ = sorted(key for key in recorded.keys() | settings.keys() if recorded.get(key) != settings.get(key))
+    if val_tokens is not None and val_tokens != recorded_val_tokens:
+        differ.append("val_tokens")
+    if differ:
+        raise ConfigError(f"{out} holds {which} prepare of other inputs or settings ({', '.join(differ)} differ); "
+                          "remove the directory to start afresh, or choose another --out")
+
+
+def _missing_dirs(path):
+    """The directories that os.makedirs(path) would create, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_dirs_if_empty(directories):
+    for path in directories:
+        try:
+            os.rmdir(path)  # only ever removes an empty directory
+        except OSError:
+            return
+
+
+def _write_shards(data, out, files, tokenizer, state, carry, workers, progress):
+    """Tokenize `files` from the state's cursor on into shards in `out`, then write the manifest."""
+    settings, val_tokens = state["settings"], state["val_tokens"]
+    shard_tokens, sources = settings["shard_tokens"], settings["sources"]
     dtype = shard_dtype(tokenizer.vocab_size)
     writer = ShardWriter(out, val_tokens, shard_tokens, dtype, state["shards"], carry)
     spec = tokenizer.to_dict()
     documents, text_bytes = state["documents"], state["text_bytes"]
     bar = _progress_bar(sources, state["cursor"], progress)
     started, done_bytes, new_tokens = time.perf_counter(), 0, 0
-    tasks = read_pieces(files, tuple(state["cursor"]), text_field)
+    tasks = read_pieces(files, tuple(state["cursor"]), settings["text_field"])
     try:
         for ids, docs, cursor, size in _tokenized(tasks, spec, workers):
             if len(ids) and int(ids.max()) >= tokenizer.vocab_size:
@@ -397,19 +461,22 @@ def prepare_shards(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_
         if bar is not None:
             bar.close()
     total = sum(s["tokens"] for s in writer.shards) + writer.buffered
+    if total == 0:
+        raise DataError(f"{data} holds no text (its documents are empty)")
     if total <= val_tokens:
         raise DataError(f"{data} gives {total:,} tokens, not more than --val_tokens {val_tokens:,}: no training "
                         "tokens would be left (lower --val_tokens)")
     writer.finish()
     manifest = {
         "format": MANIFEST_FORMAT, "tokenizer": spec, "vocab_size": tokenizer.vocab_size,
-        "dtype": np.dtype(dtype).name, "shard_tokens": shard_tokens, "text_field": text_field,
+        "dtype": np.dtype(dtype).name, "shard_tokens": shard_tokens, "text_field": settings["text_field"],
         "val_tokens": writer.shards[0]["tokens"], "train_tokens": total - writer.shards[0]["tokens"],
         "documents": documents, "text_bytes": text_bytes,
         "end_of_text": getattr(tokenizer, "eot_token", None) if hasattr(tokenizer, "encoding") else None,
         "shards": writer.shards, "sources": sources,
+        "settings": {key: value for key, value in settings.items() if key != "sources"},  # checked on a re-run
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(os.path.join(out, MANIFEST_NAME), json.dumps(manifest, indent=1) + "\n")
     for name in (STATE_NAME, CARRY_NAME):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
@@ -469,7 +536,7 @@ def main(argv=None):
             count, tokenizer = prepare(args.data, args.out, args.tokenizer, args.vocab_size)
             print(f"wrote {count:,} tokens ({tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}) to {args.out}")
             return 0
-        started = time.perf_counter()
+        started, finished_before = time.perf_counter(), os.path.isfile(os.path.join(args.out, MANIFEST_NAME))
         manifest = prepare_shards(args.data, args.out, args.tokenizer, args.vocab_size, args.tokenizer_file,
                                   args.text_field, args.shard_tokens, args.val_tokens, args.workers,
                                   args.progress, args.bpe_train_mb)
@@ -479,7 +546,9 @@ def main(argv=None):
         fail(PROG, f"interrupted; run the same command again to resume from the last complete shard in {args.out}",
              code=130)
     seconds = time.perf_counter() - started
-    print(f"wrote {len(manifest['shards'])} shards to {args.out}: {manifest['train_tokens']:,} train + "
+    shards = f"{len(manifest['shards'])} shards"
+    done = f"{args.out} already holds {shards}" if finished_before else f"wrote {shards} to {args.out}"
+    print(f"{done}: {manifest['train_tokens']:,} train + "
           f"{manifest['val_tokens']:,} val tokens from {manifest['documents']:,} documents "
           f"({manifest['text_bytes'] / 1e6:.1f} MB of text; vocab {manifest['vocab_size']}; {seconds:.1f} s)")
     return 0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fastlm import prepare as prepare_mod
+from fastlm.config import ConfigError
 from fastlm.data import ByteTokenizer, DataError, document_tokens, load_data, tokenizer_from_dict
 from fastlm.prepare import prepare_shards
 from fastlm.shards import read_shard
@@ -52,6 +53,26 @@ def make_corpus(root, with_parquet=True):
         pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), root / "f.parquet", row_group_size=7)
     (root / "notes.md").write_text("not an input")
     return [doc for path in sorted(files, key=str) for doc in files[path]]
+
+
+def write_corpus(path, seed, n=60):
+    """A text file of `n` random documents."""
+    path.write_text("".join(make_docs(n, seed)))
+    return path
+
+
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_main(capsys, *args):
+    """`python -m fastlm.prepare args --progress false` in this process: (exit code, stdout, stderr lines)."""
+    try:
+        code = prepare_mod.main([str(a) for a in args] + ["--progress", "false"])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
 
 
 def shard_stream(out):
@@ -166,11 +187,123 @@ def test_cli_writes_shards_with_progress(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "MB/s text" in result.stderr and "tok/s" in result.stderr
     assert "shards to" in result.stdout
-    again = run_cli("fastlm.prepare", "--data", tmp_path / "in", "--out", tmp_path / "out", "--progress", "false")
-    assert again.returncode == 0  # complete already: nothing to do
+    again = run_cli("fastlm.prepare", "--data", tmp_path / "in", "--out", tmp_path / "out", "--progress", "false",
+                    "--shard_tokens", "4000")
+    assert again.returncode == 0 and "already holds" in again.stdout  # complete already: nothing to do
 
 
 def test_too_small_for_the_val_shard(tmp_path):
     (tmp_path / "t.txt").write_text("tiny corpus")
     with pytest.raises(DataError, match="val_tokens"):
         prepare_shards(str(tmp_path / "t.txt"), str(tmp_path / "out"), val_tokens=100)
+
+
+@pytest.mark.parametrize("change, differ", [(dict(shard_tokens=900), "shard_tokens"),
+                                            (dict(val_tokens=301), "val_tokens"),
+                                            (dict(tokenizer_kind="bpe", vocab_size=300), "tokenizer_kind"),
+                                            (dict(text_field="body"), "text_field"),
+                                            ("edit the corpus", "sources")])
+def test_finished_prepare_refuses_other_inputs_or_settings(tmp_path, change, differ):
+    corpus = write_corpus(tmp_path / "c.txt", 5)
+    args = dict(tokenizer_kind="byte", shard_tokens=1000, val_tokens=300)
+    prepare_shards(str(corpus), str(tmp_path / "out"), **args)
+    before = tree_bytes(tmp_path / "out")
+    if change == "edit the corpus":
+        write_corpus(corpus, 6)
+    else:
+        args.update(change)
+    with pytest.raises(ConfigError, match=rf"finished prepare of other inputs or settings \(.*{differ}"):
+        prepare_shards(str(corpus), str(tmp_path / "out"), **args)
+    assert tree_bytes(tmp_path / "out") == before
+
+
+def test_finished_prepare_with_the_same_settings_is_returned_as_it_is(tmp_path, monkeypatch, capsys):
+    corpus = write_corpus(tmp_path / "c.txt", 7)
+    out = tmp_path / "out"
+    manifest = prepare_shards(str(corpus), str(out), "bpe", vocab_size=300, shard_tokens=2000, val_tokens=500)
+    before = tree_bytes(out)
+    monkeypatch.setattr(prepare_mod, "write_shard", lambda *a: pytest.fail("wrote a shard again"))
+    again = dict(tokenizer_kind="bpe", vocab_size=300, shard_tokens=2000)
+    assert prepare_shards(str(corpus), str(out), **again) == manifest  # the val shard's size may be left out
+    assert prepare_shards(str(corpus), str(out), **again, val_tokens=500) == manifest
+    with pytest.raises(ConfigError, match=r"\(vocab_size differ\)"):
+        prepare_shards(str(corpus), str(out), **{**again, "vocab_size": 320})
+    with pytest.raises(ConfigError, match=r"\(bpe_train_mb differ\)"):
+        prepare_shards(str(corpus), str(out), **again, bpe_train_mb=1)
+    code, stdout, _ = run_main(capsys, "--data", corpus, "--out", out, "--tokenizer", "bpe", "--vocab-size", "300",
+                               "--shard-tokens", "2000")
+    assert code == 0 and stdout.startswith(f"{out} already holds {len(manifest['shards'])} shards")
+    code, _, err = run_main(capsys, "--data", corpus, "--out", out, "--shard-tokens", "2000")
+    assert code == 2 and len(err) == 1 and "tokenizer_kind" in err[0], err
+    assert tree_bytes(out) == before
+
+
+def test_manifest_without_recorded_settings_is_read_off_its_fields(tmp_path):
+    """A manifest that an earlier fastlm wrote holds no "settings": a same-settings re-run is still a no-op."""
+    corpus = write_corpus(tmp_path / "c.txt", 8)
+    prepare_shards(str(corpus), str(tmp_path / "out"), shard_tokens=1500, val_tokens=200)
+    path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["settings"]
+    path.write_text(json.dumps(manifest))
+    assert prepare_shards(str(corpus), str(tmp_path / "out"), shard_tokens=1500) == manifest
+    with pytest.raises(ConfigError, match="shard_tokens"):
+        prepare_shards(str(corpus), str(tmp_path / "out"), shard_tokens=1400)
+
+
+def test_boolean_flags_parse_as_the_trainer_does(tmp_path, capsys):
+    parse = prepare_mod.build_parser().parse_args
+    base = ["--data", "d", "--out", "o"]
+    assert [parse(base + flag).progress for flag in ([], ["--progress"], ["--progress", "on"], ["--progress", "Yes"])] \
+        == [True] * 4
+    assert [parse(base + ["--progress", value]).progress for value in ("off", "0", "False")] == [False] * 3
+    code, _, err = run_main(capsys, "--data", write_corpus(tmp_path / "c.txt", 9), "--out", tmp_path / "out",
+                            "--progress", "maybe")
+    assert code == 2 and len(err) == 1 and "expected true or false, got 'maybe'" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--shard-tokens", "0"), ("--shard_tokens", "-3"), ("--val-tokens", "0"),
+                                         ("--workers", "0"), ("--vocab-size", "-1"), ("--bpe-train-mb", "0"),
+                                         ("--bpe_train_mb", "-0.5"), ("--bpe-train-mb", "nan")])
+def test_numeric_flags_must_be_positive(tmp_path, capsys, flag, value):
+    code, _, err = run_main(capsys, "--data", write_corpus(tmp_path / "c.txt", 10), "--out", tmp_path / "out",
+                            "--tokenizer", "bpe", flag, value)
+    assert code == 2 and len(err) == 1 and f"--{flag[2:].replace('-', '_')} must be positive" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def _empty(path):
+    path.write_text("")
+
+
+def _not_utf8(path):
+    path.write_bytes(b"\xff" + np.random.default_rng(11).integers(0, 256, 300, dtype=np.uint8).tobytes())
+
+
+def _bad_json_line(path):
+    path.write_text('{"body": "no text field"}\n' + "".join(json.dumps({"text": d}) + "\n" for d in make_docs(9, 12)))
+
+
+def _empty_documents(path):
+    path.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(5)))
+
+
+@pytest.mark.parametrize("name, write, extra, needle", [
+    ("e.txt", _empty, [], "e.txt is empty"),
+    ("b.txt", _not_utf8, [], "is not UTF-8 text"),
+    ("c.txt", lambda p: write_corpus(p, 13, 5), ["--val-tokens", "99999999"], "not more than --val_tokens"),
+    ("j.jsonl", _bad_json_line, [], "no field 'text'"),
+    ("j.jsonl", _empty_documents, [], "holds no text"),
+])
+@pytest.mark.parametrize("out_existed", [False, True])
+def test_failed_prepare_leaves_no_directory_of_its_own(tmp_path, capsys, name, write, extra, needle, out_existed):
+    write(tmp_path / name)
+    out = tmp_path / "new" / "out"
+    if out_existed:
+        out.mkdir(parents=True)
+    code, _, err = run_main(capsys, "--data", tmp_path / name, "--out", out, *extra)
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert out.is_dir() == out_existed and (tmp_path / "new").is_dir() == out_existed
+    if out_existed:
+        assert list(out.iterdir()) == []
