@@ -201,7 +201,7 @@ def _check_choices(cfg):
             raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(cfg, f.name)!r}")
 
 
-def _parse_bool(text):
+def parse_bool(text):
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -226,7 +226,7 @@ def _coerce(f, value):
         return None
     try:
         if kind is bool:
-            return value if isinstance(value, bool) else _parse_bool(str(value))
+            return value if isinstance(value, bool) else parse_bool(str(value))
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return kind(value)
@@ -255,7 +255,7 @@ def build_parser(prog, description):
                 help_text += f" (default: {f.default})"
             kwargs = {"default": argparse.SUPPRESS, "help": help_text}
             if kind is bool:
-                kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+                kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
             else:
                 kwargs.update(type=kind, metavar=kind.__name__.upper())
             if f.metadata.get("choices"):

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from fastlm.config import ConfigError, OneLineParser, _parse_bool, fail
+from fastlm.config import ConfigError, OneLineParser, fail, parse_bool
 from fastlm.data import (BPETokenizer, ByteTokenizer, DataError, _read_text_file, document_tokens, make_tokenizer,
                          text_files, tokenizer_from_dict, write_token_file)
 from fastlm.files import atomic_write, atomic_write_text
@@ -68,7 +68,7 @@ def build_parser():
     p.add_argument("--val-tokens", "--val_tokens", type=int, default=None, dest="val_tokens",
                    help="tokens in the validation shard (default: about 10%% of the corpus, at most 10M)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--progress", type=_parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
+    p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
                    help="show the progress bar")
     return p
 
