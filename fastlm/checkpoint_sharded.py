@@ -19,6 +19,7 @@ the exporters read).
 """
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -133,7 +134,11 @@ def load_sharded(path, model, optimizer=None):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     state = _state_dicts(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        # In one process, without a process group, DCP says so once per call ("torch.distributed
+        # is disabled, ... assuming the intent is to load in a single process"): that is the intent.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

@@ -321,6 +321,14 @@ def as_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+def one_line_warnings(prog):
+    """Show warnings as the CLIs show errors, one line each ("prog: warning: ..."), not with the
+    file, line number and source line of the code that raised them. Call from a CLI's main()."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"{prog}: warning: {message}\n"
+
+
 def fail(prog, message, code=2):
     """Print one line on stderr and exit: how every CLI reports a user error."""
     print(f"{prog}: error: {message}", file=sys.stderr)

@@ -10,12 +10,13 @@ import os
 import sys
 
 from fastlm.checkpoint import CKPT_NAME
-from fastlm.config import ConfigError, OneLineParser, fail
+from fastlm.config import ConfigError, OneLineParser, fail, one_line_warnings
 
 PROG = "python -m fastlm.consolidate"
 
 
 def main(argv=None):
+    one_line_warnings(PROG)
     parser = OneLineParser(prog=PROG, description="Consolidate a sharded (FSDP) checkpoint into one file.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("path", help="the run's out_dir, or its ckpt.dcp directory")

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from fastlm.config import ConfigError, OneLineParser, fail, parse_bool
+from fastlm.config import ConfigError, OneLineParser, fail, one_line_warnings, parse_bool
 from fastlm.data import (BPETokenizer, ByteTokenizer, DataError, _read_text_file, document_tokens, make_tokenizer,
                          text_files, tokenizer_from_dict, write_token_file)
 from fastlm.files import atomic_write, atomic_write_text
@@ -530,6 +530,7 @@ def prepare(data, out, tokenizer_kind="byte", vocab_size=4096):
 
 
 def main(argv=None):
+    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         if args.out.endswith(".tok"):

@@ -25,7 +25,7 @@ from fastlm.checkpoint import (CKPT_FORMAT, CKPT_NAME, check_same_data, checkpoi
                                remove_checkpoints, resume_config, save_checkpoint)
 from fastlm.checkpoint_sharded import (SHARDED_NAME, load_full, load_meta, load_sharded, save_sharded,
                                       sharded_to_resume)
-from fastlm.config import ConfigError, fail, parse_args
+from fastlm.config import ConfigError, fail, one_line_warnings, parse_args
 from fastlm.data import BatchSampler, eval_batches, load_data, tokenizer_from_dict
 from fastlm.distributed import any_rank, end_world, gather, init_world, resolve_device
 from fastlm.eval import hellaswag_metrics, read_hellaswag
@@ -605,6 +605,7 @@ def _warn(message):
 
 def main(argv=None):
     code, trainer = 2, None
+    one_line_warnings(PROG)
     try:
         run = parse_args(argv, prog=PROG, description="Train a GPT with fastlm.")
         trainer = Trainer(run)

@@ -339,6 +339,7 @@ def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_co
     # One file for fastlm.sample and export.
     done = run_cli("fastlm.consolidate", killed)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning" not in done.stderr.lower(), done.stderr  # DCP's "torch.distributed is disabled" is the intent here
     from fastlm.checkpoint import load_checkpoint
 
     single = load_checkpoint(str(killed / "ckpt.pt"))

@@ -327,6 +327,17 @@ def test_config_file_and_cli_precedence(tmp_path):
     assert {"max_steps", "grad_accum_steps"} <= run.explicit
 
 
+def test_warnings_are_one_line_like_errors(monkeypatch):
+    import warnings
+
+    from fastlm.config import one_line_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    one_line_warnings("python -m fastlm.train")
+    text = warnings.formatwarning("the BPE file is neither cached nor given", UserWarning, __file__, 1)
+    assert text == "python -m fastlm.train: warning: the BPE file is neither cached nor given\n"
+
+
 def test_a_runs_config_json_starts_a_new_run_with_its_settings(tmp_path):
     out = tmp_path / "run"
     assert train_mod.main(tiny_args(out, "--lr", "2e-3", "--seed", "7", steps=2)) == 0
