@@ -193,7 +193,7 @@ def load_checkpoint(path, warn=_warn):
             continue
         if failures and warn is not None:
             skipped = ", ".join(os.path.basename(p) for p, _ in failures)
-            warn(f"{failures[0][1]}; skipped {skipped}, resuming from {os.path.basename(candidate)} "
+            warn(f"{failures[0][1]}; skipped {skipped}, loading {os.path.basename(candidate)} "
                  f"(step {ckpt['step']})")
         return ckpt
     if len(failures) == 1:

@@ -4,11 +4,13 @@
     python -m fastlm.eval --ckpt out/ --task hellaswag --data hellaswag_val.jsonl
 
 Language modelling (--task lm, the default): the data (a UTF-8 text file, a directory of .txt
-files, a token file from fastlm.prepare, or nothing for the embedded corpus's validation split) is
-cut into windows of block_size + 1 tokens that overlap by one token, so every token but the first is
-predicted once, from the context since its window began. Perplexity is per token of the model's own
-tokenizer; bits per byte (total loss in bits / UTF-8 bytes of the predicted text) does not depend
-on the tokenizer, so models with different tokenizers compare fairly on it.
+files, a token file, token shards as training reads them -- a directory or glob from fastlm.prepare,
+llm.c or nanoGPT, scored on their validation split, or one shard file, scored whole -- or nothing
+for the embedded corpus's validation split) is cut into windows of block_size + 1 tokens that
+overlap by one token, so every token but the first is predicted once, from the context since its
+window began. Perplexity is per token of the model's own tokenizer; bits per byte (total loss in
+bits / UTF-8 bytes of the predicted text) does not depend on the tokenizer, so models with
+different tokenizers compare fairly on it.
 
 HellaSwag (--task hellaswag): the jsonl file as published (one object per line with "ctx" (or
 "ctx_a"/"ctx_b"), four "endings" and a "label"). Each ending is scored by the model's loss on its
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.config import ConfigError, OneLineParser, fail
+from fastlm.export import MODEL_PATH_HELP, load_model
 
 PROG = "python -m fastlm.eval"
 
@@ -35,21 +38,29 @@ PROG = "python -m fastlm.eval"
 def load_eval_tokens(path, tokenizer):
     """Token ids (1-D int64 numpy) of the data at `path` in `tokenizer`'s vocabulary.
 
-    A token file written with another tokenizer is decoded and re-encoded; no path means the
-    validation split (last 10%) of the embedded corpus, as training holds it out.
+    A token file written with another tokenizer is decoded and re-encoded; token shards must come
+    from the same tokenizer (a DataError otherwise). Shards are read by the training loader, which
+    checks them: a directory or glob gives its validation split, one shard file all of its tokens.
+    No path means the validation split (last 10%) of the embedded corpus, as training holds it out.
     """
-    from fastlm.data import _read_text_file, embedded_corpus, is_token_file, read_token_file, text_files
+    from fastlm.data import (_read_text_file, embedded_corpus, is_token_file, load_data, read_token_file,
+                             text_files, tokenizer_from_dict)
+    from fastlm.shards import looks_like_shards
 
     if path is None:
         ids = np.asarray(tokenizer.encode(embedded_corpus()), dtype=np.int64)
         return ids[len(ids) - len(ids) // 10:]
     if is_token_file(path):
-        from fastlm.data import tokenizer_from_dict
-
         tokens, header = read_token_file(path)
         if header["tokenizer"] == tokenizer.to_dict():
             return np.asarray(tokens, dtype=np.int64)
         text = tokenizer_from_dict(header["tokenizer"]).decode(np.asarray(tokens).tolist())
+    elif looks_like_shards(path):
+        # block_size 1: evaluation pads its last window, so each split needs only 2 tokens.
+        data = load_data(path, tokenizer.kind, None, 1, tokenizer=tokenizer)
+        one_file = os.path.isfile(path) and os.path.basename(path) not in ("train.bin", "val.bin")
+        splits = (data.train, data.val) if one_file else (data.val,)  # a lone shard is split 90/10 for training
+        return np.concatenate([np.asarray(split, dtype=np.int64) for split in splits])
     else:
         text = "".join(_read_text_file(p) for p in text_files(path))
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
@@ -169,39 +180,44 @@ def hellaswag_metrics(model, tokenizer, examples):
 def build_parser():
     p = OneLineParser(prog=PROG, description="Evaluate a fastlm checkpoint.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True,
-                   help="checkpoint file or out_dir, a Hugging Face GPT-2 directory, or a fastlm .safetensors file")
+    p.add_argument("--ckpt", required=True, help=MODEL_PATH_HELP)
     p.add_argument("--task", choices=("lm", "hellaswag"), default="lm")
     p.add_argument("--data", default=None,
-                   help="lm: text file, directory of .txt files or token file (default: the embedded corpus's "
+                   help="lm: text file, directory of .txt files, token file, or token shards (a directory or glob: "
+                        "their validation split; one shard file: all of it) (default: the embedded corpus's "
                         "validation split); hellaswag: the jsonl file")
     p.add_argument("--batch-size", "--batch_size", type=int, default=8, dest="batch_size")
     p.add_argument("--max-tokens", "--max_tokens", type=int, default=None, dest="max_tokens",
-                   help="lm: evaluate only the first this many tokens")
+                   help="lm: score only the first this many predicted tokens")
     p.add_argument("--limit", type=int, default=None, help="hellaswag: only the first this many examples")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return p
 
 
+def check_args(args):
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise ConfigError(f"--max-tokens must be positive (the number of tokens to score), got {args.max_tokens}")
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError(f"--limit must be positive (the number of HellaSwag examples), got {args.limit}")
+    if args.task == "lm" and args.limit is not None:
+        raise ConfigError("--limit applies to --task hellaswag; for --task lm use --max-tokens")
+    if args.task == "hellaswag" and args.max_tokens is not None:
+        raise ConfigError("--max-tokens applies to --task lm; for --task hellaswag use --limit")
+    if args.task == "hellaswag" and args.data is None:
+        raise ConfigError("--task hellaswag needs --data FILE (the HellaSwag jsonl file)")
+
+
 def main(argv=None):
     from fastlm.distributed import resolve_device
-    from fastlm.export import load_pretrained
-    from fastlm.model import GPT
 
     args = build_parser().parse_args(argv)
     try:
-        if args.batch_size <= 0:
-            raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
-        if args.task == "hellaswag" and args.data is None:
-            raise ConfigError("--task hellaswag needs --data FILE (the HellaSwag jsonl file)")
+        check_args(args)
         device = resolve_device(args.device)
-        config, state, tokenizer = load_pretrained(args.ckpt)
-        if tokenizer is None:
-            raise ConfigError(f"{args.ckpt} comes without a tokenizer; evaluation needs one")
-        model = GPT(config)
-        model.load_state_dict(state)
-        model = model.to(device).eval()
+        model, tokenizer = load_model(args.ckpt, device)
         if args.task == "lm":
             tokens = load_eval_tokens(args.data, tokenizer)
             result = evaluate_lm(model, tokenizer, tokens, batch_size=args.batch_size, max_tokens=args.max_tokens)

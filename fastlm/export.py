@@ -6,17 +6,20 @@
 --format hf writes config.json and model.safetensors that `transformers.GPT2LMHeadModel
 .from_pretrained(DIR)` loads as is, with the tokenizer (tokenizer.json) where it has a Hugging Face
 form (a trained `tokenizers` BPE, or the GPT-2 BPE of an imported model); the byte tokenizer has
-none and is left out with a note. GPT-2 expresses learned positions, LayerNorm, a GELU MLP (exact,
-or the tanh approximation of the original GPT-2) and full attention heads; fastlm's head is always
-tied, as GPT-2's. A model without biases is written with zero biases. RoPE, RMSNorm, SwiGLU and
-grouped-query heads have no GPT-2 form: exporting them is a one-line error.
+none and is left out with a note (an earlier export's tokenizer files are removed, so the
+directory describes this model alone; other files stay). GPT-2 expresses learned positions,
+LayerNorm, a GELU MLP (exact, or the tanh approximation of the original GPT-2) and full attention
+heads; fastlm's head is always tied, as GPT-2's. A model without biases is written with zero
+biases. RoPE, RMSNorm, SwiGLU and grouped-query heads have no GPT-2 form: exporting them is a
+one-line error.
 
 --format safetensors writes fastlm's own state dict with the architecture (GPTConfig) and the
 tokenizer in the file's metadata; `load_safetensors` reads it back.
 
 The other way, `load_hf_gpt2(DIR)` reads a local GPT-2 directory (for example the `gpt2` weights a
 user downloaded) into (GPTConfig, state_dict, tokenizer or None) for fastlm's GPT; the training
-command's --init_from uses it. `safetensors` is needed for both directions; `transformers` never is.
+command's --init_from uses it, and `load_model` (fastlm.eval, fastlm.sample) reads any of these forms.
+`safetensors` is needed for both directions; `transformers` never is.
 """
 import argparse
 import dataclasses
@@ -27,9 +30,11 @@ import sys
 import torch
 
 from fastlm.config import ConfigError, GPTConfig, OneLineParser, fail
+from fastlm.files import atomic_write, atomic_write_text
 
 PROG = "python -m fastlm.export"
 HF_WEIGHTS = "model.safetensors"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_FORMAT = "fastlm-weights-1"
 LAYERNORM_EPS = 1e-5  # fastlm's LayerNorm/RMSNorm epsilon (fastlm.model.make_norm)
 # fastlm mlp -> GPT-2 activation_function, and back (gelu_pytorch_tanh is the same function as gelu_new).
@@ -42,7 +47,7 @@ def _safetensors():
         import safetensors.torch
     except ImportError:
         raise ConfigError("this needs the safetensors package: pip install safetensors "
-                          "(or pip install 'fastlm[hf]')") from None
+                          "(from a checkout: pip install -e '.[hf]')") from None
     return safetensors.torch
 
 
@@ -111,23 +116,39 @@ def to_gpt2_state_dict(state, config):
 
 def export_hf(config, state, tokenizer, out_dir, dropout=0.1):
     """Write a GPT-2 directory (config.json, model.safetensors, tokenizer files where the tokenizer
-    has an HF form); returns the list of files written."""
-    st = _safetensors()
+    has an HF form); returns the list of files written. Tokenizer files of an earlier export that
+    this model does not have are removed, so the directory describes this model alone."""
+    _safetensors()  # a missing package is reported before anything is written
     eos_id = hf_end_of_text_id(tokenizer)
     cfg = gpt2_config(config, dropout, eos_id)
+    has_tokenizer = tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir} is a file; give a directory (--format hf writes one)")
+    if not has_tokenizer and all(os.path.isfile(os.path.join(out_dir, f)) for f in ("vocab.json", "merges.txt")):
+        raise ConfigError(f"{out_dir} holds vocab.json and merges.txt, which would be read as this model's "
+                          "tokenizer; export into another directory")
     os.makedirs(out_dir, exist_ok=True)
-    st.save_file(to_gpt2_state_dict(state, config), os.path.join(out_dir, HF_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    save_safetensors(to_gpt2_state_dict(state, config), os.path.join(out_dir, HF_WEIGHTS), {"format": "pt"})
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
     written = ["config.json", HF_WEIGHTS]
-    if tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
-        tokenizer._tok.save(os.path.join(out_dir, "tokenizer.json"))
+    if has_tokenizer:
         special = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"} if eos_id is not None else {}
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
-                       **special}, f, indent=2)
-        written += ["tokenizer.json", "tokenizer_config.json"]
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
+                            **special}
+        atomic_write_text(os.path.join(out_dir, "tokenizer.json"), tokenizer._tok.to_str(pretty=True))
+        atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(tokenizer_config, indent=2))
+        written += list(HF_TOKENIZER_FILES)
+    else:
+        for name in HF_TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     return written
+
+
+def save_safetensors(tensors, path, metadata):
+    """safetensors' save_file, but atomic and with the umask's permissions (save_file leaves 0600)."""
+    with atomic_write(path) as f:
+        f.write(_safetensors().save(tensors, metadata=metadata))
 
 
 def hf_end_of_text_id(tokenizer):
@@ -247,13 +268,14 @@ def hf_tokenizer(hf_dir):
 
 def export_safetensors(config, state, tokenizer, path):
     """fastlm's state dict in one .safetensors file; metadata holds the GPTConfig and the tokenizer."""
-    st = _safetensors()
+    if os.path.isdir(path):
+        raise ConfigError(f"--out {path} is a directory; give a file name (--format safetensors writes one file)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != "lm_head.weight"}  # tied
     metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(dataclasses.asdict(config))}
     if tokenizer is not None:
         metadata["tokenizer"] = json.dumps(tokenizer.to_dict())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    st.save_file(tensors, path, metadata=metadata)
+    save_safetensors(tensors, path, metadata)
 
 
 def load_safetensors(path):
@@ -276,17 +298,46 @@ def load_safetensors(path):
 
 def load_pretrained(path):
     """(GPTConfig, state_dict, tokenizer or None) from an HF GPT-2 directory, a fastlm safetensors file,
-    or a fastlm checkpoint (file or out_dir): what `--init_from` starts from."""
+    or a fastlm checkpoint (file or out_dir): what `--init_from` starts from. A tokenizer with more
+    ids than the model's vocabulary (a tokenizer file of another model) is a ConfigError."""
     from fastlm.checkpoint import CKPT_NAME, load_checkpoint, model_config_from_checkpoint
     from fastlm.data import tokenizer_from_dict
 
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) \
             and not os.path.isfile(os.path.join(path, CKPT_NAME)):
-        return load_hf_gpt2(path)
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        return load_safetensors(path)
-    ckpt = load_checkpoint(path)
-    return model_config_from_checkpoint(ckpt), ckpt["model"], tokenizer_from_dict(ckpt["tokenizer"])
+        config, state, tokenizer = load_hf_gpt2(path)
+    elif os.path.isfile(path) and path.endswith(".safetensors"):
+        config, state, tokenizer = load_safetensors(path)
+    else:
+        ckpt = load_checkpoint(path)
+        config, state = model_config_from_checkpoint(ckpt), ckpt["model"]
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"{path}: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but the model's "
+                          f"vocabulary is {config.vocab_size} (is the tokenizer from another model?)")
+    return config, state, tokenizer
+
+
+MODEL_PATH_HELP = ("checkpoint file or out_dir, a Hugging Face GPT-2 directory (one without tokenizer files "
+                   "reads text as UTF-8 bytes), or a fastlm .safetensors file")
+
+
+def load_model(path, device="cpu"):
+    """(GPT in eval mode on `device`, tokenizer) of the weights at `path`, in any form load_pretrained
+    reads. Weights without a tokenizer (fastlm's hf export of a byte model) read text as UTF-8 bytes,
+    as `--init_from` with the default --tokenizer byte does."""
+    from fastlm.data import ByteTokenizer
+    from fastlm.model import GPT
+
+    config, state, tokenizer = load_pretrained(path)
+    if tokenizer is None:
+        if config.vocab_size < ByteTokenizer.vocab_size:
+            raise ConfigError(f"{path} comes without a tokenizer, and its vocabulary ({config.vocab_size}) is too "
+                              "small for UTF-8 bytes (256)")
+        tokenizer = ByteTokenizer()
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model.to(device).eval(), tokenizer
 
 
 def init_run(run, path):

@@ -15,11 +15,9 @@ import time
 
 import torch
 
-from fastlm.checkpoint import load_checkpoint, model_config_from_checkpoint
 from fastlm.config import ConfigError, OneLineParser, fail
-from fastlm.data import tokenizer_from_dict
 from fastlm.distributed import resolve_device
-from fastlm.model import GPT
+from fastlm.export import MODEL_PATH_HELP, load_model
 
 PROG = "python -m fastlm.sample"
 END_OF_TEXT = "<|endoftext|>"
@@ -137,7 +135,7 @@ def benchmark_generation(model, prompt_ids, max_new_tokens, repeats=1):
 def build_parser():
     p = OneLineParser(prog=PROG, description="Sample text from a fastlm checkpoint.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint file, or the out_dir that holds ckpt.pt")
+    p.add_argument("--ckpt", required=True, help=MODEL_PATH_HELP)
     p.add_argument("--prompt", action="append", default=None,
                    help="text to continue (repeat for a batch of prompts; default a newline)")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200, dest="max_new_tokens")
@@ -147,21 +145,17 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="makes the sample reproducible")
     p.add_argument("--num-samples", "--num_samples", type=int, default=1, dest="num_samples")
     p.add_argument("--stop", action="append", default=[], help="end a sample at this string (repeatable)")
-    p.add_argument("--no-cache", "--no_cache", action="store_false", dest="use_cache",
-                   help="recompute the whole context at every token (no KV cache)")
-    p.add_argument("--no-stream", "--no_stream", action="store_false", dest="stream",
-                   help="print each sample when it is complete")
+    # Cache and streaming are on unless switched off. The switches' defaults are SUPPRESSed: the help
+    # would show "(default: True)" beside --no-cache, as if it were on.
+    p.set_defaults(use_cache=True, stream=True)
+    p.add_argument("--no-cache", "--no_cache", action="store_false", dest="use_cache", default=argparse.SUPPRESS,
+                   help="recompute the whole context at every token (no KV cache; the cache is used by default)")
+    p.add_argument("--no-stream", "--no_stream", action="store_false", dest="stream", default=argparse.SUPPRESS,
+                   help="print each sample when it is complete (one prompt streams by default)")
     p.add_argument("--benchmark", action="store_true",
                    help="print tokens/s of cached and uncached greedy decoding of max-new-tokens tokens")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return p
-
-
-def load_model(ckpt, device):
-    """The checkpoint's GPT in eval mode on `device`, with the "auto" backends of this machine."""
-    model = GPT(model_config_from_checkpoint(ckpt))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 def main(argv=None):
@@ -177,10 +171,10 @@ def main(argv=None):
             raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
         if args.num_samples <= 0:
             raise ConfigError(f"--num-samples must be positive, got {args.num_samples}")
+        if "" in args.stop:
+            raise ConfigError("--stop needs a non-empty string")
         device = resolve_device(args.device)
-        ckpt = load_checkpoint(args.ckpt)
-        model = load_model(ckpt, device)
-        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+        model, tokenizer = load_model(args.ckpt, device)
     except ConfigError as exc:
         fail(PROG, str(exc))
     prompts = args.prompt or ["\n"]

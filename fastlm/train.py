@@ -107,7 +107,7 @@ class Trainer:
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else init_tokenizer
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
                               self.model_cfg.block_size, tokenizer, tokenizer_file=train_cfg.tokenizer_file,
-                              fit_vocab=ckpt is None and "vocab_size" not in run.explicit)
+                              fit_vocab=ckpt is None and init_state is None and "vocab_size" not in run.explicit)
         self.model_cfg.vocab_size = max(self.model_cfg.vocab_size, self.data.vocab_size)  # e.g. gpt2: 50257
         self.tokenizer = self.data.tokenizer
         if ckpt is None and "tokenizer" in run.explicit and self.tokenizer.kind != train_cfg.tokenizer \

@@ -113,9 +113,99 @@ def test_cli_lm_and_hellaswag(checkpoint, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("hellaswag acc ")
 
 
+def one_line_error(capsys, argv, needle):
+    with pytest.raises(SystemExit) as info:
+        eval_mod.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
     for args, needle in ((["--task", "hellaswag"], "needs --data"), (["--data", str(tmp_path / "no")], "not found")):
-        with pytest.raises(SystemExit) as info:
-            eval_mod.main(["--ckpt", str(checkpoint), *args])
-        err = capsys.readouterr().err
-        assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
+        one_line_error(capsys, ["--ckpt", str(checkpoint), *args], needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-tokens", "-4"], "--max-tokens must be positive"),
+    (["--max-tokens", "0"], "--max-tokens must be positive"),
+    (["--limit", "3"], "--limit applies to --task hellaswag"),
+    (["--task", "hellaswag", "--limit", "-1"], "--limit must be positive"),
+    (["--task", "hellaswag", "--limit", "0"], "--limit must be positive"),
+    (["--task", "hellaswag", "--max-tokens", "5"], "--max-tokens applies to --task lm"),
+])
+def test_bad_counts_are_one_line_errors(checkpoint, tmp_path, capsys, args, needle):
+    data = write_hellaswag(tmp_path / "h.jsonl", RECORDS) if "hellaswag" in args else tmp_path / "t.txt"
+    if "hellaswag" not in args:
+        data.write_text("some text to score " * 3)
+    one_line_error(capsys, ["--ckpt", str(checkpoint), "--data", str(data), *args], needle)
+
+
+def test_max_tokens_counts_the_scored_tokens(checkpoint, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(c) for c in np.random.default_rng(0).integers(97, 123, 50)))
+    for n in (1, 7):
+        assert eval_mod.main(["--ckpt", str(checkpoint), "--data", str(text), "--max-tokens", str(n), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] == n
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A fastlm.prepare directory (byte tokenizer) of random text: (directory, its text)."""
+    from fastlm import prepare
+
+    root = tmp_path_factory.mktemp("shards")
+    text = "".join(chr(c) for c in np.random.default_rng(1).integers(32, 127, 3000))
+    (root / "corpus.txt").write_text(text)
+    assert prepare.main(["--data", str(root / "corpus.txt"), "--out", str(root / "prepared"), "--tokenizer", "byte",
+                         "--val-tokens", "301", "--progress", "false"]) == 0
+    return root / "prepared", text
+
+
+def test_prepared_shards_are_scored_on_their_validation_split(checkpoint, shards):
+    from fastlm.data import ByteTokenizer
+    from fastlm.shards import read_shard
+
+    directory, text = shards
+    val, train = (np.asarray(read_shard(directory / name)) for name in ("val_000000.bin", "train_000001.bin"))
+    assert len(val) == 301 and len(val) + len(train) == len(text)
+    tok = ByteTokenizer()
+    for data, want in ((directory, val), (str(directory / "*.bin"), val), (directory / "val_000000.bin", val),
+                       (directory / "train_000001.bin", train)):  # one shard file is scored whole
+        np.testing.assert_array_equal(eval_mod.load_eval_tokens(str(data), tok), want)
+
+
+def test_cli_scores_shards_and_rejects_another_tokenizer_s(checkpoint, shards, tmp_path, capsys):
+    directory, _ = shards
+    assert eval_mod.main(["--ckpt", str(checkpoint), "--data", str(directory), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 300
+    nanogpt = tmp_path / "nanogpt"  # raw uint16 train.bin/val.bin without meta.pkl: GPT-2 ids, as nanoGPT assumes
+    nanogpt.mkdir()
+    for name in ("train.bin", "val.bin"):
+        np.random.default_rng(2).integers(0, 50257, 100).astype(np.uint16).tofile(nanogpt / name)
+    one_line_error(capsys, ["--ckpt", str(checkpoint), "--data", str(nanogpt / "val.bin")], "tokenizer mismatch")
+
+
+def test_hf_export_of_a_byte_model_is_scored_with_bytes(checkpoint, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from fastlm import export
+
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be: that is the question. " * 3)
+    assert export.main(["--ckpt", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    results = []
+    for ckpt in (checkpoint, tmp_path / "hf"):
+        assert eval_mod.main(["--ckpt", str(ckpt), "--data", str(text), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+
+
+def test_a_tokenizer_larger_than_the_model_is_a_one_line_error(checkpoint, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from fastlm import export
+    from fastlm.data import BPETokenizer
+
+    hf = tmp_path / "hf"
+    assert export.main(["--ckpt", str(checkpoint), "--format", "hf", "--out", str(hf)]) == 0
+    BPETokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], 300)._tok.save(str(hf / "tokenizer.json"))
+    one_line_error(capsys, ["--ckpt", str(hf)], "ids but the model's vocabulary is 256")

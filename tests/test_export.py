@@ -83,6 +83,83 @@ def test_bpe_tokenizer_goes_with_the_export(tmp_path):
     assert back.encode("the lazy fox") == tok.encode("the lazy fox")
 
 
+def random_bpe_model(vocab=300):
+    from fastlm.data import BPETokenizer
+
+    words = ["".join(chr(c) for c in torch.randint(97, 123, (5,)).tolist()) for _ in range(200)]
+    tok = BPETokenizer.train([" ".join(words)], vocab)
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=32)
+    return config, GPT(config).state_dict(), tok
+
+
+def test_exporting_again_leaves_a_directory_of_the_new_model_alone(tmp_path):
+    from fastlm.data import ByteTokenizer
+
+    out = tmp_path / "out"
+    written = export.export_hf(*random_bpe_model(), out)
+    assert "tokenizer.json" in written
+    (out / "README.md").write_text("mine")
+    byte_config = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, d_model=32)
+    export.export_hf(byte_config, GPT(byte_config).state_dict(), ByteTokenizer(), out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config, _, tokenizer = export.load_pretrained(str(out))
+    assert config.vocab_size == 256 and tokenizer is None
+    model, tokenizer = export.load_model(str(out))
+    assert tokenizer.kind == "byte" and model.config.vocab_size == 256
+
+
+def test_export_refuses_a_directory_whose_other_tokenizer_would_be_read(tmp_path):
+    out = tmp_path / "gpt2"
+    out.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (out / name).write_text("{}")
+    config = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, d_model=32)
+    with pytest.raises(ConfigError, match="vocab.json and merges.txt"):
+        export.export_hf(config, GPT(config).state_dict(), None, out)
+    assert sorted(p.name for p in out.iterdir()) == ["merges.txt", "vocab.json"]
+
+
+@pytest.mark.parametrize("fmt,kind,needle", [("hf", "file", "is a file"), ("safetensors", "dir", "is a directory")])
+def test_out_of_the_wrong_kind_is_a_one_line_error_and_left_alone(checkpoint, tmp_path, capsys, fmt, kind, needle):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("keep")
+    else:
+        out.mkdir()
+        (out / "x").write_text("keep")
+    with pytest.raises(SystemExit) as info:
+        export.main(["--ckpt", str(checkpoint), "--format", fmt, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert (out if kind == "file" else out / "x").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_have_the_permissions_the_umask_gives(checkpoint, tmp_path, capsys, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        export.main(["--ckpt", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "hf")])
+        export.main(["--ckpt", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "w.safetensors")])
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "hf").iterdir(), tmp_path / "w.safetensors"]
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o666 & ~umask for f in files}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from fastlm import train as train_mod
+    from tests.helpers import tiny_args
+
+    out = tmp_path_factory.mktemp("export") / "run"
+    assert train_mod.main(tiny_args(out, steps=2)) == 0
+    return out
+
+
 @pytest.mark.parametrize("overrides,needle", [
     (dict(pos_emb="rope"), "pos_emb=rope"),
     (dict(norm="rmsnorm"), "norm=rmsnorm"),
@@ -190,6 +267,27 @@ def test_init_from_rejects_a_different_architecture(tmp_path, capsys):
         train_mod.main([*TRAIN, "--init_from", str(path), "--n_head", "2", "--out_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "n_head=2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_init_from_weights_whose_tokenizer_outgrows_the_model_is_a_one_line_error(tmp_path, capsys):
+    from fastlm import train as train_mod
+    from fastlm.data import ByteTokenizer
+
+    config = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, d_model=32)
+    stale = tmp_path / "stale"  # a byte model's export beside an earlier BPE export's tokenizer.json
+    export.export_hf(config, GPT(config).state_dict(), ByteTokenizer(), stale)
+    _, _, bpe = random_bpe_model()
+    bpe._tok.save(str(stale / "tokenizer.json"))
+    small = tmp_path / "small"  # no tokenizer files: training reads the data with the byte tokenizer
+    config = GPTConfig(vocab_size=101, block_size=16, n_layer=1, n_head=2, d_model=32, pad_vocab_to=1)
+    export.export_hf(config, GPT(config).state_dict(), None, small)
+    for path, needle in ((stale, "ids but the model's vocabulary is 256"), (small, "vocab_size is 101")):
+        out = tmp_path / f"run-{path.name}"
+        with pytest.raises(SystemExit) as info:
+            train_mod.main([*TRAIN, "--init_from", str(path), "--max_steps", "1", "--out_dir", str(out)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
 
 
 def test_init_from_a_checkpoint_keeps_the_weights_and_restarts_the_optimizer(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastlm import train as train_mod
-from fastlm.checkpoint import load_checkpoint
+from fastlm.export import load_model
 from fastlm.model import KVCache
 from tests.helpers import run_cli, tiny_args
 
@@ -47,6 +47,55 @@ def test_missing_checkpoint(tmp_path):
     assert result.returncode == 2 and "no checkpoint" in result.stderr
 
 
+def test_empty_stop_string_is_a_one_line_error(checkpoint, capsys):
+    with pytest.raises(SystemExit) as info:
+        sample_mod.main(["--ckpt", str(checkpoint), "--stop", "x", "--stop", ""])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--stop" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_shows_no_default_beside_the_switches_that_turn_things_off(capsys):
+    with pytest.raises(SystemExit):
+        sample_mod.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--no-cache, --no_cache", "--no-stream, --no_stream"):
+        entry = help_text[help_text.index(flag):]
+        entry = entry[:entry.index(" --", len(flag))]
+        assert "(default: True)" not in entry, entry
+    args = sample_mod.build_parser().parse_args(["--ckpt", "x"])
+    assert args.use_cache and args.stream
+    args = sample_mod.build_parser().parse_args(["--ckpt", "x", "--no-cache", "--no_stream"])
+    assert not args.use_cache and not args.stream
+
+
+@pytest.mark.parametrize("form", ["safetensors", "hf"])
+def test_samples_from_exported_weights_equal_the_checkpoint_s(checkpoint, tmp_path, capsys, form):
+    pytest.importorskip("safetensors")
+    from fastlm import export
+
+    out = tmp_path / ("w.safetensors" if form == "safetensors" else "hf")
+    assert export.main(["--ckpt", str(checkpoint), "--format", form, "--out", str(out)]) == 0
+    capsys.readouterr()
+    args = ["--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]
+    assert sample_mod.main(["--ckpt", str(checkpoint), *args]) == 0
+    want = capsys.readouterr().out
+    assert sample_mod.main(["--ckpt", str(out), *args]) == 0  # hf: no tokenizer file, the byte tokenizer
+    assert capsys.readouterr().out == want
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning_for_the_caller(checkpoint, tmp_path, capsys):
+    import shutil
+
+    from fastlm.checkpoint import checkpoint_files
+
+    newest = checkpoint_files(checkpoint)[0]
+    shutil.copy(newest, tmp_path)
+    (tmp_path / "ckpt-000999.pt").write_bytes(b"not a zip archive")
+    assert sample_mod.main(["--ckpt", str(tmp_path), "--max-new-tokens", "3", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped ckpt-000999.pt, loading ckpt-" in err and "resuming" not in err
+
+
 # --------------------------------------------------------------------------- streaming, stops, batches
 
 from fastlm import sample as sample_mod  # noqa: E402
@@ -88,11 +137,7 @@ def test_text_stream_waits_for_complete_utf8_characters():
 
 
 def test_streamed_pieces_are_the_returned_text(checkpoint):
-    from fastlm.checkpoint import load_checkpoint
-    from fastlm.data import tokenizer_from_dict
-
-    ckpt = load_checkpoint(checkpoint)
-    model, tok = sample_mod.load_model(ckpt, "cpu"), tokenizer_from_dict(ckpt["tokenizer"])
+    model, tok = load_model(str(checkpoint))
     pieces = []
     texts = sample_mod.generate_texts(model, tok, ["To be", "A"], 40, seed=1, on_text=lambda r, p: pieces.append((r, p)))
     for row, text in enumerate(texts):
@@ -148,7 +193,7 @@ def test_cuda_cached_decoding_matches_a_full_forward(cuda_checkpoint, dtype):
     """KV-cached decoding on the GPU: each step's logits are the last position of a full forward,
     within the dtype's rounding (the cached path attends one query to the cache, the full one runs
     the causal kernel)."""
-    model = sample_mod.load_model(load_checkpoint(str(cuda_checkpoint)), torch.device("cuda")).to(dtype)
+    model = load_model(str(cuda_checkpoint), torch.device("cuda"))[0].to(dtype)
     seq = torch.randint(0, 256, (3, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         cache = KVCache(model, seq[:, :8])
