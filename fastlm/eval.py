@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastlm.config import ConfigError, OneLineParser, fail
+from fastlm.config import ConfigError, OneLineParser, fail, one_line_warnings
 from fastlm.export import MODEL_PATH_HELP, load_model
 
 PROG = "python -m fastlm.eval"
@@ -213,6 +213,7 @@ def check_args(args):
 def main(argv=None):
     from fastlm.distributed import resolve_device
 
+    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         check_args(args)

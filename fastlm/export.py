@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from fastlm.config import ConfigError, GPTConfig, OneLineParser, fail
+from fastlm.config import ConfigError, GPTConfig, OneLineParser, fail, one_line_warnings
 from fastlm.files import atomic_write, atomic_write_text
 
 PROG = "python -m fastlm.export"
@@ -368,6 +368,7 @@ def main(argv=None):
     from fastlm.checkpoint import load_checkpoint, model_config_from_checkpoint
     from fastlm.data import tokenizer_from_dict
 
+    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         ckpt = load_checkpoint(args.ckpt)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fastlm.config import ConfigError, OneLineParser, fail
+from fastlm.config import ConfigError, OneLineParser, fail, one_line_warnings
 from fastlm.distributed import resolve_device
 from fastlm.export import MODEL_PATH_HELP, load_model
 
@@ -159,6 +159,7 @@ def build_parser():
 
 
 def main(argv=None):
+    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         if args.max_new_tokens < 0:
