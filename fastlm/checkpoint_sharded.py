@@ -17,6 +17,7 @@ on any number of ranks (DCP reshards: 2 -> 1, 1 -> 2) or into a plain model in o
 consolidate() turns one into the single-file format of fastlm.checkpoint (what fastlm.sample and
 the exporters read).
 """
+import contextlib
 import os
 import shutil
 import warnings
@@ -74,6 +75,15 @@ def sharded_to_resume(out_dir):
     return sharded if int(load_meta(sharded)["step"]) >= single_step else None
 
 
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """In one process, without a process group, DCP warns at every call that "torch.distributed is
+    disabled, ... assuming the intent is to save/load in a single process": that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _state_dicts(model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
@@ -96,7 +106,8 @@ def save_sharded(path, model, optimizer, meta):
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
         os.makedirs(tmp)
     _barrier()
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)  # ends with a collective: all shards written
+    with _single_process_is_intended():
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)  # ends with a collective: all shards written
     if _rank() == 0:
         with open(os.path.join(tmp, META_NAME), "wb") as f:
             torch.save({**meta, "format": CKPT_FORMAT, "sharded": True}, f)
@@ -134,10 +145,7 @@ def load_sharded(path, model, optimizer=None):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     state = _state_dicts(model, optimizer)
-    with warnings.catch_warnings():
-        # In one process, without a process group, DCP says so once per call ("torch.distributed
-        # is disabled, ... assuming the intent is to load in a single process"): that is the intent.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _single_process_is_intended():
         dcp.load(state, checkpoint_id=path)
     if optimizer is None:
         set_model_state_dict(model, state["model"])

@@ -16,7 +16,6 @@ PROG = "python -m fastlm.consolidate"
 
 
 def main(argv=None):
-    one_line_warnings(PROG)
     parser = OneLineParser(prog=PROG, description="Consolidate a sharded (FSDP) checkpoint into one file.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("path", help="the run's out_dir, or its ckpt.dcp directory")
@@ -36,4 +35,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings(PROG)  # the command line only: main() called in-process leaves warnings as they are
     sys.exit(main())

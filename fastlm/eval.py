@@ -213,7 +213,6 @@ def check_args(args):
 def main(argv=None):
     from fastlm.distributed import resolve_device
 
-    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
@@ -234,4 +233,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings(PROG)  # the command line only: main() called in-process leaves warnings as they are
     sys.exit(main())

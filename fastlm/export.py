@@ -368,7 +368,6 @@ def main(argv=None):
     from fastlm.checkpoint import load_checkpoint, model_config_from_checkpoint
     from fastlm.data import tokenizer_from_dict
 
-    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         ckpt = load_checkpoint(args.ckpt)
@@ -390,4 +389,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings(PROG)  # the command line only: main() called in-process leaves warnings as they are
     sys.exit(main())

@@ -530,7 +530,6 @@ def prepare(data, out, tokenizer_kind="byte", vocab_size=4096):
 
 
 def main(argv=None):
-    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         if args.out.endswith(".tok"):
@@ -556,4 +555,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings(PROG)  # the command line only: main() called in-process leaves warnings as they are
     sys.exit(main())

@@ -159,7 +159,6 @@ def build_parser():
 
 
 def main(argv=None):
-    one_line_warnings(PROG)
     args = build_parser().parse_args(argv)
     try:
         if args.max_new_tokens < 0:
@@ -210,4 +209,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings(PROG)  # the command line only: main() called in-process leaves warnings as they are
     sys.exit(main())

@@ -605,7 +605,6 @@ def _warn(message):
 
 def main(argv=None):
     code, trainer = 2, None
-    one_line_warnings(PROG)
     try:
         run = parse_args(argv, prog=PROG, description="Train a GPT with fastlm.")
         trainer = Trainer(run)
@@ -631,4 +630,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings(PROG)  # the command line only: main() called in-process leaves warnings as they are
     sys.exit(main())
