@@ -318,22 +318,25 @@ def load_pretrained(path):
     return config, state, tokenizer
 
 
-MODEL_PATH_HELP = ("checkpoint file or out_dir, a Hugging Face GPT-2 directory (one without tokenizer files "
-                   "reads text as UTF-8 bytes), or a fastlm .safetensors file")
+MODEL_PATH_HELP = ("checkpoint file or out_dir, a Hugging Face GPT-2 directory (a 256-token one without "
+                   "tokenizer files reads text as UTF-8 bytes), or a fastlm .safetensors file")
 
 
 def load_model(path, device="cpu"):
     """(GPT in eval mode on `device`, tokenizer) of the weights at `path`, in any form load_pretrained
-    reads. Weights without a tokenizer (fastlm's hf export of a byte model) read text as UTF-8 bytes,
-    as `--init_from` with the default --tokenizer byte does."""
+    reads. Weights without a tokenizer and with a vocabulary of 256 (fastlm's hf export of a byte
+    model) read text as UTF-8 bytes, as `--init_from` with the default --tokenizer byte does."""
     from fastlm.data import ByteTokenizer
     from fastlm.model import GPT
 
     config, state, tokenizer = load_pretrained(path)
     if tokenizer is None:
-        if config.vocab_size < ByteTokenizer.vocab_size:
-            raise ConfigError(f"{path} comes without a tokenizer, and its vocabulary ({config.vocab_size}) is too "
-                              "small for UTF-8 bytes (256)")
+        # Only a model of exactly the 256 byte ids is read as bytes: a GPT-2 directory missing its
+        # tokenizer files would otherwise be scored, silently, on the wrong tokens.
+        if config.vocab_size != ByteTokenizer.vocab_size:
+            raise ConfigError(f"{path} comes without a tokenizer, and its vocabulary ({config.vocab_size}) is not "
+                              "the 256 UTF-8 bytes of fastlm's byte tokenizer; add its tokenizer files "
+                              "(tokenizer.json, or vocab.json and merges.txt)")
         tokenizer = ByteTokenizer()
     model = GPT(config)
     model.load_state_dict(state)

@@ -198,6 +198,15 @@ def test_hf_export_of_a_byte_model_is_scored_with_bytes(checkpoint, tmp_path, ca
         assert eval_mod.main(["--ckpt", str(ckpt), "--data", str(text), "--json"]) == 0
         results.append(json.loads(capsys.readouterr().out))
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+    # A larger vocabulary without tokenizer files (a GPT-2 directory missing them) is not bytes.
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "config.json").write_text(json.dumps({**config, "vocab_size": 320}))
+    weights = export._safetensors().load_file(str(tmp_path / "hf" / "model.safetensors"))
+    weights["transformer.wte.weight"] = torch.cat([weights["transformer.wte.weight"]] * 2)[:320]
+    export.save_safetensors(weights, str(wide / "model.safetensors"), {"format": "pt"})
+    one_line_error(capsys, ["--ckpt", str(wide), "--data", str(text)], "comes without a tokenizer")
 
 
 def test_a_tokenizer_larger_than_the_model_is_a_one_line_error(checkpoint, tmp_path, capsys):
