@@ -323,7 +323,8 @@ def as_dict(cfg):
 
 def one_line_warnings(prog):
     """Show warnings as the CLIs show errors, one line each ("prog: warning: ..."), not with the
-    file, line number and source line of the code that raised them. Call from a CLI's main()."""
+    file, line number and source line of the code that raised them. Called where a command starts
+    (its `__main__` block), so that main() run in-process leaves the warnings module alone."""
     import warnings
 
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"{prog}: warning: {message}\n"

@@ -82,7 +82,7 @@ class MetricsLog:
 class Throughput:
     """Tokens per second of training over the steps since the last measurement (measured at log
     steps, after the loop has read the device, so that the time of queued GPU work is counted).
-    The time of evaluations and checkpoint writes is left out (`exclude`)."""
+    The time of evaluations and checkpoint writes is left out (`excluded`)."""
 
     def __init__(self, tokens_per_step):
         self.tokens_per_step = tokens_per_step
