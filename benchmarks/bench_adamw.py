@@ -1,6 +1,6 @@
 """`python benchmarks/bench_adamw.py [--quick] [...]` is `python -m fastlm.bench --only adamw [...]`."""
 import sys
 
-from fastlm.bench.__main__ import main
+from fastlm.bench.__main__ import script_main
 
-sys.exit(main(["--only", "adamw", *sys.argv[1:]]))
+sys.exit(script_main("adamw"))

@@ -1,6 +1,6 @@
 """`python benchmarks/bench_attention.py [--quick] [...]` is `python -m fastlm.bench --only attention [...]`."""
 import sys
 
-from fastlm.bench.__main__ import main
+from fastlm.bench.__main__ import script_main
 
-sys.exit(main(["--only", "attention", *sys.argv[1:]]))
+sys.exit(script_main("attention"))

@@ -1,6 +1,6 @@
 """`python benchmarks/bench_cross_entropy.py [--quick] [...]` is `python -m fastlm.bench --only cross_entropy [...]`."""
 import sys
 
-from fastlm.bench.__main__ import main
+from fastlm.bench.__main__ import script_main
 
-sys.exit(main(["--only", "cross_entropy", *sys.argv[1:]]))
+sys.exit(script_main("cross_entropy"))

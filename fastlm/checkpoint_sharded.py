@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from fastlm.checkpoint import CKPT_FORMAT, CKPT_NAME, save_checkpoint
+from fastlm.checkpoint import CKPT_FORMAT, CKPT_NAME, checkpoint_files, load_checkpoint, save_checkpoint
 from fastlm.config import ConfigError
 from fastlm.files import atomic_write
 
@@ -73,6 +73,21 @@ def sharded_to_resume(out_dir):
     except Exception:  # a corrupt ckpt.pt is not a reason to ignore a whole sharded one
         return sharded
     return sharded if int(load_meta(sharded)["step"]) >= single_step else None
+
+
+def load_single_file(path):
+    """fastlm.checkpoint.load_checkpoint(path) for the readers of single files (sample, eval, export,
+    --init_from): an out_dir whose sharded checkpoint is newer than its single files, or holds only
+    that, is a ConfigError that says to consolidate it, not a quiet read of older weights."""
+    sharded = find_sharded(path) if os.path.isdir(path) else None
+    advice = f"run python -m fastlm.consolidate {path} first"
+    if sharded is not None and not checkpoint_files(path):
+        raise ConfigError(f"{path} holds a sharded checkpoint ({os.path.basename(sharded)}) only; {advice}")
+    ckpt = load_checkpoint(path)
+    if sharded is not None and int(load_meta(sharded)["step"]) > int(ckpt["step"]):
+        raise ConfigError(f"{path}: its sharded checkpoint ({os.path.basename(sharded)}, step "
+                          f"{load_meta(sharded)['step']}) is newer than its single-file one (step {ckpt['step']}); {advice}")
+    return ckpt
 
 
 @contextlib.contextmanager

@@ -300,16 +300,17 @@ def load_pretrained(path):
     """(GPTConfig, state_dict, tokenizer or None) from an HF GPT-2 directory, a fastlm safetensors file,
     or a fastlm checkpoint (file or out_dir): what `--init_from` starts from. A tokenizer with more
     ids than the model's vocabulary (a tokenizer file of another model) is a ConfigError."""
-    from fastlm.checkpoint import CKPT_NAME, load_checkpoint, model_config_from_checkpoint
+    from fastlm.checkpoint import CKPT_NAME, model_config_from_checkpoint
+    from fastlm.checkpoint_sharded import find_sharded, load_single_file
     from fastlm.data import tokenizer_from_dict
 
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) \
-            and not os.path.isfile(os.path.join(path, CKPT_NAME)):
+            and not os.path.isfile(os.path.join(path, CKPT_NAME)) and find_sharded(path) is None:
         config, state, tokenizer = load_hf_gpt2(path)
     elif os.path.isfile(path) and path.endswith(".safetensors"):
         config, state, tokenizer = load_safetensors(path)
     else:
-        ckpt = load_checkpoint(path)
+        ckpt = load_single_file(path)
         config, state = model_config_from_checkpoint(ckpt), ckpt["model"]
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -368,12 +369,13 @@ def build_parser():
 
 
 def main(argv=None):
-    from fastlm.checkpoint import load_checkpoint, model_config_from_checkpoint
+    from fastlm.checkpoint import model_config_from_checkpoint
+    from fastlm.checkpoint_sharded import load_single_file
     from fastlm.data import tokenizer_from_dict
 
     args = build_parser().parse_args(argv)
     try:
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = load_single_file(args.ckpt)
         config = model_config_from_checkpoint(ckpt)
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
         if args.format == "hf":

@@ -191,10 +191,25 @@ def test_unknown_benchmark_name_exits_2_with_one_line(argv, capsys):
     assert err.count("\n") == 1 and "unknown benchmark" in err and argv[0] in err
 
 
-@pytest.mark.parametrize("argv", [["--only", "e2e", "--quick", "adamw"], ["--parity", "--only", "e2e"]])
+@pytest.mark.parametrize("argv", [["--only", "e2e", "--quick", "adamw"], ["--parity", "--only", "e2e"],
+                                  ["--parity", "--dtype", "bfloat16"], ["--quick", "adamw", "--steps", "5"]])
 def test_contradictory_selection_exits_2_with_one_line(argv, capsys):
     assert bench_cli.main(argv) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_benchmark_script_refuses_a_selection_of_other_benchmarks(capsys):
+    assert bench_cli.script_main("adamw", ["--only", "e2e"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs the adamw benchmark" in err
+
+
+def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("kept")
+    assert bench_cli.main(["--quick", "adamw", "--out-dir", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and blocker.read_text() == "kept"
 
 
 def test_unknown_name_from_the_command_line_and_from_a_benchmark_script():
@@ -223,6 +238,10 @@ def test_profile_step_bad_arguments_are_one_line_errors(capsys):
 
     assert profile_step.main(["--device", "cpu", "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "profile_step: error: --steps must be >= 1, got 0"
+    assert profile_step.main(["--device", "tpu"]) == 2
+    assert capsys.readouterr().err.strip() == "profile_step: error: device must be auto, cpu, cuda or cuda:N, got 'tpu'"
+    assert profile_step.main(["--device", "cpu", "--out-dir", __file__]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_copy_bandwidth_is_measured_once_per_device():

@@ -349,6 +349,32 @@ def test_cli_fsdp_resumes_after_kill_9_with_equal_losses_then_on_one_rank_and_co
     assert sample.returncode == 0, sample.stderr[-2000:]
 
 
+def test_single_file_readers_ask_for_consolidation_instead_of_reading_older_weights(tmp_path):
+    """sample, eval and export read single files: an out_dir whose sharded checkpoint is the only one,
+    or newer than its ckpt.pt, is a one-line error naming fastlm.consolidate, not a quiet read of the
+    older weights (nor an attempt to read the out_dir as a Hugging Face directory)."""
+    from tests.helpers import run_cli, tiny_args
+
+    out = tmp_path / "run"
+
+    def refused(needle):
+        for module, args in (("fastlm.sample", ["--ckpt", out, "--max-new-tokens", "2"]),
+                             ("fastlm.eval", ["--ckpt", out, "--max-tokens", "8"]),
+                             ("fastlm.export", ["--ckpt", out, "--format", "safetensors", "--out", tmp_path / "m.st"])):
+            result = run_cli(module, *args)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+            assert needle in lines[0] and f"python -m fastlm.consolidate {out}" in lines[0], lines[0]
+
+    assert run_cli("fastlm.train", *tiny_args(out, "--parallel", "fsdp", steps=2)).returncode == 0
+    refused("holds a sharded checkpoint (ckpt.dcp) only")
+    assert run_cli("fastlm.consolidate", out).returncode == 0
+    assert run_cli("fastlm.sample", "--ckpt", out, "--max-new-tokens", "2").returncode == 0
+    resumed = run_cli("fastlm.train", *tiny_args(out, "--resume", steps=4))  # goes on sharded: ckpt.pt stays at step 2
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    refused("is newer than its single-file one (step 2)")
+
+
 def test_single_file_checkpoint_resumes_under_fsdp(tmp_path, single_run):
     """A one-process run's ckpt.pt layout (full tensors, index-keyed AdamW state) continues on 2 FSDP ranks."""
     model, wrapped, optimizer = build("single")

@@ -47,11 +47,17 @@ def test_missing_checkpoint(tmp_path):
     assert result.returncode == 2 and "no checkpoint" in result.stderr
 
 
-def test_empty_stop_string_is_a_one_line_error(checkpoint, capsys):
+@pytest.mark.parametrize("args,needle", [
+    (["--stop", "x", "--stop", ""], "--stop needs a non-empty string"),
+    # Bytes that are not UTF-8 reach argv as surrogates (Python's surrogateescape).
+    (["--prompt", "\udcff\udcfe"], "is not valid UTF-8 text"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_prompt_stop_and_device_are_one_line_errors(checkpoint, capsys, args, needle):
     with pytest.raises(SystemExit) as info:
-        sample_mod.main(["--ckpt", str(checkpoint), "--stop", "x", "--stop", ""])
+        sample_mod.main(["--ckpt", str(checkpoint), *args])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "--stop" in err and len(err.strip().splitlines()) == 1
+    assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_help_shows_no_default_beside_the_switches_that_turn_things_off(capsys):

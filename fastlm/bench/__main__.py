@@ -210,14 +210,14 @@ def run_suite(args, out_dir):
             break
     summary = merged_summary(out_dir, env, args.device, entries)
     _write_json(out_dir, "summary", summary)
-    save_plots(out_dir, lambda: draw_plots(out_dir, summary, entries))
+    plots = save_plots(out_dir, lambda: draw_plots(out_dir, summary, entries))
     write_markdown(out_dir)
     rows = table_rows(entries)
     measured = sum(map(is_measured, rows))
     print(f"\nSummary ({env['device']}, torch {env['torch']}, triton {env['triton']}):\n{text_table(rows)}")
     kept = len(summary["benchmarks"]) - len(entries)
     print(f"\n{measured} measured, {len(rows) - measured} skipped; wrote {', '.join(f'{n}.json' for n in entries)}, "
-          f"summary.json, summary.md and PNGs in {out_dir}"
+          f"summary.json, summary.md{' and ' + ', '.join(plots) if plots else ''} in {out_dir}"
           f"{f' (the summary keeps {kept} benchmark(s) of earlier runs)' if kept else ''}")
     if isinstance(stopped, SystemExit):
         return stopped.code if isinstance(stopped.code, int) else 1
@@ -278,6 +278,10 @@ def parse_args(argv):
         raise UsageError("--quick NAME... selects benchmarks as --only does; name them once (a run is quick or full)")
     if args.parity and (only or quick):
         raise UsageError("--parity runs no benchmark; drop the benchmark names")
+    if args.parity and args.dtype is not None:
+        raise UsageError("--parity trains in float32 (its tolerances are fp32's); drop --dtype")
+    if args.steps is not None and not args.parity:
+        raise UsageError("--steps sets the --parity check's training steps; the benchmarks take no --steps")
     args.names, args.quick = only or quick or list(BENCHMARKS), args.quick is not None
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be positive, got {args.steps}")
@@ -298,8 +302,24 @@ def output_dir(args):
         args.out_dir_note = " (scratch: quick runs never write benchmarks/results/ unless --out-dir says so)"
     else:
         path = os.path.join(RESULTS_DIR, device_slug(args.device))
-    os.makedirs(path, exist_ok=True)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out-dir {path} is a file; give a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out-dir {path}: {exc.strerror}") from None
     return os.path.abspath(path)
+
+
+def script_main(name, argv=None):
+    """benchmarks/bench_<name>.py: `python -m fastlm.bench --only <name> [...]`. A selection of its
+    own (--only, --parity) would override the script's, so it is an error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in ("--only", "--parity") or arg.startswith("--only=") for arg in argv):
+        print(f"{PROG}: error: this script runs the {name} benchmark; to choose others, use "
+              "python -m fastlm.bench --only NAME...", file=sys.stderr)
+        return 2
+    return main(["--only", name, *argv])
 
 
 def _exit_on_sigterm(signum, frame):

@@ -16,6 +16,8 @@ import sys
 import torch
 
 from fastlm.bench import e2e
+from fastlm.config import ConfigError
+from fastlm.distributed import resolve_device
 
 
 def profile(path, mode, device, steps, batch_size=None):
@@ -58,12 +60,16 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("profile_step: error: no CUDA device is visible to torch", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:  # an unknown device, or cuda without one
+        print(f"profile_step: error: {exc}", file=sys.stderr)
         return 2
     if args.steps < 1:
         print(f"profile_step: error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        print(f"profile_step: error: --out-dir {args.out_dir} is a file; give a directory", file=sys.stderr)
         return 2
     modes = args.mode or ["eager"]
     for mode in modes:

@@ -95,8 +95,9 @@ def write_markdown(out_dir):
 
 
 def save_plots(out_dir, draw):
-    """Write each figure of draw() -> {name: figure} as out_dir/<name>.png. A plot that fails is
-    a warning on stderr: it must never cost the numbers."""
+    """Write each figure of draw() -> {name: figure} as out_dir/<name>.png; returns the names
+    written. A plot that fails is a warning on stderr: it must never cost the numbers."""
+    written = []
     try:
         import matplotlib
 
@@ -106,8 +107,10 @@ def save_plots(out_dir, draw):
         for name, fig in draw().items():
             fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=120, bbox_inches="tight")
             plt.close(fig)
+            written.append(f"{name}.png")
     except Exception as exc:
         print(f"python -m fastlm.bench: warning: plots failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return written
 
 
 def summary_figures(rows, title):
