@@ -84,9 +84,10 @@ def load_single_file(path):
     if sharded is not None and not checkpoint_files(path):
         raise ConfigError(f"{path} holds a sharded checkpoint ({os.path.basename(sharded)}) only; {advice}")
     ckpt = load_checkpoint(path)
-    if sharded is not None and int(load_meta(sharded)["step"]) > int(ckpt["step"]):
-        raise ConfigError(f"{path}: its sharded checkpoint ({os.path.basename(sharded)}, step "
-                          f"{load_meta(sharded)['step']}) is newer than its single-file one (step {ckpt['step']}); {advice}")
+    sharded_step = int(load_meta(sharded)["step"]) if sharded is not None else -1
+    if sharded_step > int(ckpt["step"]):
+        raise ConfigError(f"{path}: its sharded checkpoint ({os.path.basename(sharded)}, step {sharded_step}) is "
+                          f"newer than its single-file one (step {ckpt['step']}); {advice}")
     return ckpt
 
 

@@ -35,14 +35,14 @@ import time
 import numpy as np
 
 from fastlm.config import ConfigError, OneLineParser, fail, one_line_warnings, parse_bool
-from fastlm.data import (BPETokenizer, ByteTokenizer, DataError, _read_text_file, document_tokens, make_tokenizer,
-                         text_files, tokenizer_from_dict, write_token_file)
+from fastlm.data import (STRUCTURED_SUFFIXES, BPETokenizer, ByteTokenizer, DataError, _read_text_file,
+                         document_tokens, make_tokenizer, text_files, tokenizer_from_dict, write_token_file)
 from fastlm.files import atomic_write, atomic_write_text
 from fastlm.shards import MANIFEST_FORMAT, MANIFEST_NAME, shard_dtype, write_shard
 from fastlm.tokenizers import TIKTOKEN_NAMES
 
 PROG = "python -m fastlm.prepare"
-INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+INPUT_SUFFIXES = (".txt", *STRUCTURED_SUFFIXES)
 STATE_NAME = ".prepare-state.json"
 CARRY_NAME = ".prepare-carry.npy"
 PIECE_BYTES = 1 << 20  # text per task sent to a worker

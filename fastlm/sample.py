@@ -173,12 +173,12 @@ def main(argv=None):
             raise ConfigError(f"--num-samples must be positive, got {args.num_samples}")
         if "" in args.stop:
             raise ConfigError("--stop needs a non-empty string")
-        for text in (args.prompt or []) + args.stop:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
-                raise ConfigError(f"{'--prompt' if text in (args.prompt or []) else '--stop'} {ascii(text)} is not "
-                                  "valid UTF-8 text") from None
+        for flag, texts in (("--prompt", args.prompt or []), ("--stop", args.stop)):
+            for text in texts:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+                    raise ConfigError(f"{flag} {ascii(text)} is not valid UTF-8 text") from None
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.ckpt, device)
     except ConfigError as exc:
