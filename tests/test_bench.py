@@ -233,6 +233,27 @@ def test_profile_step_prints_where_a_step_spends_its_time(tmp_path, capsys):
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
 
 
+def test_profile_step_counts_each_kernel_once_on_cuda():
+    # Kineto reports a CUDA kernel twice: as its own event and as the own device time of the
+    # operator that launched it. The step's device time is the kernels' alone.
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from fastlm.bench.profile_step import own_time_total_us
+
+    def event(device_type, self_device, self_cpu, annotation=False):
+        return SimpleNamespace(device_type=device_type, self_device_time_total=self_device,
+                               self_cpu_time_total=self_cpu, is_user_annotation=annotation)
+
+    events = [event(DeviceType.CPU, 300.0, 40.0),   # aten::mm: its gemm's 300 us as own device time
+              event(DeviceType.CUDA, 300.0, 0.0),   # the gemm kernel
+              event(DeviceType.CUDA, 100.0, 0.0),   # a kernel launched by Triton, no operator
+              event(DeviceType.CUDA, 400.0, 0.0, annotation=True)]  # a user range on the device
+    assert own_time_total_us(events, "cuda") == 400.0
+    assert own_time_total_us(events, "cpu") == 40.0
+
+
 def test_profile_step_bad_arguments_are_one_line_errors(capsys):
     from fastlm.bench import profile_step
 

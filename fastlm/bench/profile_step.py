@@ -20,6 +20,19 @@ from fastlm.config import ConfigError
 from fastlm.distributed import resolve_device
 
 
+def own_time_total_us(events, device_type):
+    """The step's own time in the profiled `events` (microseconds): device time on CUDA, CPU time
+    on CPU. On CUDA an operator's own device time is that of the kernels it launched, which are
+    events of their own too: as torch's own table does, only the device's events (kernels, copies)
+    are summed, or every kernel would count twice."""
+    if device_type != "cuda":
+        return sum(e.self_cpu_time_total for e in events)
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+
+
 def profile(path, mode, device, steps, batch_size=None):
     """The table of `steps` profiled steps of one path and mode."""
     case = dict(e2e.CASES[device.type][0] if device.type == "cuda" else e2e.CASES["quick"][0])
@@ -39,7 +52,7 @@ def profile(path, mode, device, steps, batch_size=None):
             torch.cuda.synchronize()
     events = prof.key_averages()
     own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    total_us = sum(getattr(e, own) for e in events) or 1.0
+    total_us = own_time_total_us(events, device.type) or 1.0
     lines = [f"{path} {mode} on {device.type}: {case['name']}, batch {case['batch_size']} x {case['block_size']} "
              f"tokens; {backends}", f"{steps} steps, {total_us / steps / 1e3:.2f} ms of own "
              f"{'device' if device.type == 'cuda' else 'CPU'} time per step",
