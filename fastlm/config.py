@@ -15,7 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -237,13 +239,17 @@ def _coerce(f, value):
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors as one line and exits 2 (no usage dump)."""
 
+    # True for the command that torchrun starts on every rank (fastlm.train): see fail().
+    same_on_every_rank = False
+
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        fail(self.prog, message, same_on_every_rank=self.same_on_every_rank)
 
 
 def build_parser(prog, description):
     parser = OneLineParser(prog=prog, description=description,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.same_on_every_rank = True  # torchrun starts fastlm.train on every rank
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="TOML or JSON file of settings (command-line flags win)")
     for title, cls in SECTIONS.items():
@@ -330,7 +336,40 @@ def one_line_warnings(prog):
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"{prog}: warning: {message}\n"
 
 
-def fail(prog, message, code=2):
-    """Print one line on stderr and exit: how every CLI reports a user error."""
+# How long a rank other than 0 waits, silent, for the launcher to stop it once rank 0 has reported
+# an error that every rank meets alike. Rank 0 normally ends, and torchrun stops the rest, within a
+# fraction of a second; a rank waits it out (and then prints the error itself) only where nothing
+# stops it: rank 0 did not meet the error (another node's config file) or runs on another node.
+RANK0_GRACE_S = 10.0
+
+
+def is_other_rank():
+    """Whether this process is a rank other than 0 of a multi-process launch, judged from the
+    RANK and WORLD_SIZE that torchrun sets (torch.distributed is not initialised yet)."""
+    return (os.environ.get("RANK", "0").strip() not in ("", "0")
+            and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"))
+
+
+def fail(prog, message, code=2, same_on_every_rank=False):
+    """Print one line on stderr and exit: how every CLI reports a user error.
+
+    same_on_every_rank: the error follows from what every rank of a launch shares (the command
+    line, the config file), so rank 0 alone prints it and the other ranks exit with the same
+    code in silence -- after giving rank 0 the time to print, since the launcher stops every
+    rank as soon as one ends. A rank that is not stopped within RANK0_GRACE_S prints it too."""
+    if same_on_every_rank and is_other_rank():
+        _wait_for_rank0(code)
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _wait_for_rank0(code):
+    """Wait up to RANK0_GRACE_S for the launcher's SIGTERM (or a Ctrl-C), then exit with `code`
+    at once and in silence; returns when neither came."""
+    def stopped(signum, frame):
+        os._exit(code)
+
+    previous = {signum: signal.signal(signum, stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
+    time.sleep(RANK0_GRACE_S)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

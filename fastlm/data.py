@@ -251,7 +251,7 @@ def read_token_file(path):
 
 @dataclass
 class TokenData:
-    train: np.ndarray
+    train: np.ndarray  # None for shards holding only a validation split, loaded with need_train=False
     val: np.ndarray
     tokenizer: object
     source: str
@@ -273,17 +273,20 @@ def split_tokens(tokens, block_size, source):
     return train, val
 
 
-def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None, tokenizer_file=None, fit_vocab=False):
+def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None, tokenizer_file=None, fit_vocab=False,
+              need_train=True):
     """Load (and for text, tokenize) the training data.
 
     tokenizer: an existing tokenizer (from a checkpoint) to reuse instead of building one; data
     that brings its own (shards, token files) must match it. vocab_size: the run's vocabulary
     (None: the tokenizer's); fit_vocab: raise it to the tokenizer's when smaller (vocab_size was
     a default, not a choice). tokenizer_file: a local .tiktoken file for tiktoken names.
+    need_train=False (evaluation): token shards may hold only a validation split; train is then None.
     Returns TokenData (train/val: 1-D arrays or TokenShards); raises DataError for unusable data.
     """
     if path is not None and looks_like_shards(path):
-        return _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokenizer_file, fit_vocab)
+        return _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokenizer_file, fit_vocab,
+                            need_train)
     if path is not None and is_token_file(path):
         tokens, header = read_token_file(path)
         tok = tokenizer_from_dict(header["tokenizer"])
@@ -387,9 +390,10 @@ def _shards_tokenizer(flavour, manifest, directory, tokenizer_kind, tokenizer_fi
     return TiktokenTokenizer(tokenizer_kind if tokenizer_kind in TIKTOKEN_NAMES else "gpt2", tokenizer_file)
 
 
-def _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokenizer_file, fit_vocab):
-    train_files, val_files, manifest, flavour = find_shards(path)
-    tok = _shards_tokenizer(flavour, manifest, os.path.dirname(train_files[0]), tokenizer_kind, tokenizer_file)
+def _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokenizer_file, fit_vocab, need_train):
+    train_files, val_files, manifest, flavour = find_shards(path, need_train)
+    directory = os.path.dirname((train_files + val_files)[0])
+    tok = _shards_tokenizer(flavour, manifest, directory, tokenizer_kind, tokenizer_file)
     _check_same_tokenizer(tokenizer, tok, path)
     if tokenizer is not None:
         tok = tokenizer
@@ -397,7 +401,7 @@ def _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokeni
     if tok.vocab_size > vocab_size:
         raise DataError(f"{path} was tokenized with vocabulary {tok.vocab_size} ({tok.kind}), larger than the "
                         f"model's vocab_size {vocab_size}")
-    train = open_shards(train_files)
+    train = open_shards(train_files) if train_files else None  # None: a validation split alone (need_train=False)
     val = open_shards(val_files) if val_files else None
     for tokens, what in ((train, "training shards"), (val, "validation shards")):
         if tokens is not None and len(tokens) == 0:
@@ -413,7 +417,7 @@ def _load_shards(path, tokenizer_kind, vocab_size, block_size, tokenizer, tokeni
     if val is None:
         train, val = split_tokens(train, block_size, path)
     for tokens, what in ((train, "training"), (val, "validation")):
-        if len(tokens) < block_size + 1:
+        if tokens is not None and len(tokens) < block_size + 1:
             raise DataError(f"{path}: the {what} tokens ({len(tokens)}) are fewer than block_size + 1 = {block_size + 1}")
     if hasattr(tok, "can_load_offline") and not tok.can_load_offline():
         # Training needs only the ids; decoding (the end-of-run sample, fastlm.sample) needs the file.

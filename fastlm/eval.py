@@ -40,7 +40,8 @@ def load_eval_tokens(path, tokenizer):
 
     A token file written with another tokenizer is decoded and re-encoded; token shards must come
     from the same tokenizer (a DataError otherwise). Shards are read by the training loader, which
-    checks them: a directory or glob gives its validation split, one shard file all of its tokens.
+    checks them: a directory or glob gives its validation split (it may hold nothing else: nanoGPT's
+    val.bin alone, llm.c's *_val_*.bin, fastlm.prepare's val shards), one shard file all of its tokens.
     No path means the validation split (last 10%) of the embedded corpus, as training holds it out.
     """
     from fastlm.data import (_read_text_file, embedded_corpus, is_token_file, load_data, read_token_file,
@@ -57,7 +58,7 @@ def load_eval_tokens(path, tokenizer):
         text = tokenizer_from_dict(header["tokenizer"]).decode(np.asarray(tokens).tolist())
     elif looks_like_shards(path):
         # block_size 1: evaluation pads its last window, so each split needs only 2 tokens.
-        data = load_data(path, tokenizer.kind, None, 1, tokenizer=tokenizer)
+        data = load_data(path, tokenizer.kind, None, 1, tokenizer=tokenizer, need_train=False)
         one_file = os.path.isfile(path) and os.path.basename(path) not in ("train.bin", "val.bin")
         splits = (data.train, data.val) if one_file else (data.val,)  # a lone shard is split 90/10 for training
         return np.concatenate([np.asarray(split, dtype=np.int64) for split in splits])

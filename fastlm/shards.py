@@ -193,11 +193,13 @@ def read_manifest(directory):
     return manifest
 
 
-def find_shards(path):
+def find_shards(path, need_train=True):
     """The shard files `path` names, as (train files, val files, manifest or None, flavour).
 
     path: a directory (its *.bin files), a glob (val shards: the same glob with "train" -> "val"),
     or one .bin file (nanoGPT's train.bin brings its val.bin). flavour: "fastlm", "llm.c" or "nanogpt".
+    need_train: a path without training shards is a DataError; False (evaluation) accepts one that
+    holds only validation shards, and gives no train files.
     """
     if is_glob(path):
         files = sorted(glob.glob(path))
@@ -223,8 +225,9 @@ def find_shards(path):
                 train, val = ([sibling] if os.path.isfile(sibling) else []), [path]
             elif os.path.isfile(sibling):
                 val = [sibling]
-    if not train:
-        raise _error(f"{path} holds no training shards (file names with 'train', or other than 'val')")
+    if not train and need_train:
+        raise _error(f"{path} holds no training shards (file names with 'train', or other than 'val'); "
+                     "training needs a train split beside the validation one")
     manifest = read_manifest(directory)
     nanogpt = [f for f in train + val if _is_nanogpt_bin(f)]
     flavour = "fastlm" if manifest else ("nanogpt" if nanogpt else "llm.c")

@@ -604,13 +604,15 @@ def _warn(message):
 
 
 def main(argv=None):
-    code, trainer = 2, None
+    code, run, trainer = 2, None, None
     try:
         run = parse_args(argv, prog=PROG, description="Train a GPT with fastlm.")
         trainer = Trainer(run)
         code = trainer.train()
     except (ConfigError, ops.BackendUnavailable) as exc:
-        fail(PROG, str(exc), code=2)
+        # Without a run, the error is the command line's or the config file's: under torchrun every
+        # rank meets it, and rank 0 alone says so. Later errors may be one rank's own (its device).
+        fail(PROG, str(exc), code=2, same_on_every_rank=run is None)
     except TrainingError as exc:
         fail(PROG, str(exc), code=1)
     except OSError as exc:  # e.g. a full disk while writing metrics: one line, not a traceback

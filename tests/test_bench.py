@@ -198,10 +198,39 @@ def test_contradictory_selection_exits_2_with_one_line(argv, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_a_benchmark_script_refuses_a_selection_of_other_benchmarks(capsys):
-    assert bench_cli.script_main("adamw", ["--only", "e2e"]) == 2
+@pytest.mark.parametrize("argv", [["--only", "e2e"], ["--only=e2e"], ["--parity"], ["--quick", "--parity"]])
+def test_a_benchmark_script_refuses_a_selection_of_other_benchmarks(argv, capsys):
+    assert bench_cli.script_main("adamw", argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "runs the adamw benchmark" in err
+    assert err.count("\n") == 1 and err.startswith("python benchmarks/bench_adamw.py: error: ")
+    assert "runs the adamw benchmark" in err and "python -m fastlm.bench --" in err
+
+
+@pytest.mark.parametrize("name", list(bench_cli.BENCHMARKS))
+def test_a_benchmark_script_s_help_is_its_own(name):
+    proc = _run(f"benchmarks/bench_{name}.py", "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: python benchmarks/bench_{name}.py "), proc.stdout
+    assert f"run the {name} benchmark" in proc.stdout
+    usage, options = proc.stdout.split("\n\n")[0], proc.stdout.split("options:")[1]  # not the description
+    offered = set(re.findall(r"--[a-z-]+", usage)) | set(re.findall(r"^  (--[a-z-]+)", options, re.M))
+    assert offered == {"--quick", "--device", "--dtype", "--timeout", "--out-dir"}  # the script is the selection
+    assert "NAME" not in usage + options
+
+
+def test_the_module_s_help_offers_every_selection():
+    proc = _run("-m", "fastlm.bench", "--help", timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m fastlm.bench "), proc.stdout
+    for flag in ("--only NAME", "--quick [NAME ...]", "--parity", "--steps"):
+        assert flag in proc.stdout, flag
+
+
+def test_a_benchmark_script_runs_its_benchmark_and_records_its_own_command(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench_cli, "run_suite", lambda args, out_dir: seen.update(vars(args)) or 0)
+    assert bench_cli.script_main("e2e", ["--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    assert seen["names"] == ["e2e"] and seen["quick"] is True and not seen["parity"]
+    assert seen["command"] == f"python benchmarks/bench_e2e.py --quick --device cpu --out-dir {tmp_path}"
 
 
 def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
@@ -213,11 +242,14 @@ def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_unknown_name_from_the_command_line_and_from_a_benchmark_script():
-    for args in (["-m", "fastlm.bench", "--only", "nope"], ["benchmarks/bench_adamw.py", "--quick", "nope"]):
+    for args, prog, needle in ((["-m", "fastlm.bench", "--only", "nope"], "python -m fastlm.bench",
+                                "unknown benchmark 'nope' for --only"),
+                               (["benchmarks/bench_adamw.py", "--quick", "nope"], "python benchmarks/bench_adamw.py",
+                                "unrecognized arguments: nope")):  # a script's --quick names no benchmarks
         proc = _run(*args, timeout=60)
         assert proc.returncode == 2, args
-        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("python -m fastlm.bench: error: ")
-        assert "unknown benchmark 'nope' for --quick" in proc.stderr or args[0] == "-m"
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"{prog}: error: "), proc.stderr
+        assert needle in proc.stderr, proc.stderr
 
 
 def test_profile_step_prints_where_a_step_spends_its_time(tmp_path, capsys):

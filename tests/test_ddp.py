@@ -1,7 +1,9 @@
 """DistributedDataParallel on CPU: two gloo processes under torchrun."""
 import os
+import re
 import socket
 
+import pytest
 import torch
 
 from fastlm.metrics import read_metrics
@@ -47,6 +49,19 @@ def test_two_gloo_ranks_end_with_identical_weights_and_resume(tmp_path):
     assert resumed.returncode == 0, diagnose(resumed)
     final = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "final"]
     assert final[-1]["step"] == 9 and final[-1]["ranks_identical"] is True
+
+
+@pytest.mark.parametrize("args,needle", [(["--lr", "-1"], "lr must be positive, got -1.0"),
+                                          (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag")])
+def test_a_command_line_error_is_printed_once_not_once_per_rank(tmp_path, args, needle):
+    result = torchrun("--out_dir", tmp_path / "o", *args)
+    assert result.returncode != 0, result.stderr
+    assert result.stderr.count(needle) == 1, diagnose(result)
+    assert "Traceback" not in result.stderr.split(needle)[0]  # rank 0's one line, before the launcher's report
+    # torchrun's report: rank 0 exited 2; rank 1 too, or it was still starting when it was stopped.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", result.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, diagnose(result)
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_ddp_wrapper_is_gone_before_the_process_group_is_destroyed(tmp_path, monkeypatch):

@@ -185,6 +185,34 @@ def test_cli_scores_shards_and_rejects_another_tokenizer_s(checkpoint, shards, t
     one_line_error(capsys, ["--ckpt", str(checkpoint), "--data", str(nanogpt / "val.bin")], "tokenizer mismatch")
 
 
+@pytest.mark.filterwarnings("ignore:the gpt2 tokenizer's BPE file")  # ids are all eval reads here
+@pytest.mark.parametrize("layout", ["nanogpt", "llm.c"])
+def test_a_validation_split_alone_is_scored(tmp_path, layout):
+    """nanoGPT's val.bin or llm.c's *_val_*.bin without training shards beside them: eval needs no train split."""
+    from fastlm.shards import write_shard
+    from fastlm.tokenizers import TiktokenTokenizer
+
+    val = np.random.default_rng(3).integers(0, 50257, 257)
+    if layout == "nanogpt":
+        val.astype(np.uint16).tofile(tmp_path / "val.bin")
+        paths = (tmp_path, tmp_path / "val.bin")
+    else:
+        write_shard(tmp_path / "fineweb_val_000000.bin", val)
+        paths = (tmp_path, tmp_path / "*_val_*.bin")
+    for path in paths:
+        np.testing.assert_array_equal(eval_mod.load_eval_tokens(str(path), TiktokenTokenizer("gpt2")), val)
+
+
+def test_cli_scores_prepared_val_shards_alone(checkpoint, shards, tmp_path, capsys):
+    import shutil
+
+    directory, _ = shards
+    for name in ("val_000000.bin", "manifest.json"):  # the training shards left behind
+        shutil.copy(directory / name, tmp_path / name)
+    assert eval_mod.main(["--ckpt", str(checkpoint), "--data", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 300
+
+
 def test_hf_export_of_a_byte_model_is_scored_with_bytes(checkpoint, tmp_path, capsys):
     pytest.importorskip("safetensors")
     from fastlm import export

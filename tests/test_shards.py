@@ -180,12 +180,25 @@ def test_bad_shards_are_one_line_errors(tmp_path):
         load_data(str(tmp_path / "nothing_*.bin"), "byte", None, 8)
 
 
+def test_a_validation_split_alone_is_for_evaluation_only(tmp_path):
+    val = np.arange(300) % 250
+    llmc_write(tmp_path / "fineweb_val_000000.bin", val)
+    with pytest.raises(DataError, match="training needs a train split"):
+        load_data(str(tmp_path), "byte", None, 8)
+    data = load_data(str(tmp_path), "byte", None, 8, need_train=False)
+    assert data.train is None and np.array_equal(np.asarray(data.val), val)
+
+
 def test_bad_data_through_the_cli(tmp_path):
     (tmp_path / "empty").mkdir()
     magic = tmp_path / "magic"
     magic.mkdir()
     (magic / "x_train.bin").write_bytes(b"\0" * 2048)
-    for data, needle in ((tmp_path / "empty", "is empty"), (magic, "not a token shard")):
+    val_only = tmp_path / "val_only"  # nanoGPT's val.bin without its train.bin
+    val_only.mkdir()
+    (np.arange(300) % 250).astype(np.uint16).tofile(val_only / "val.bin")
+    for data, needle in ((tmp_path / "empty", "is empty"), (magic, "not a token shard"),
+                         (val_only, "training needs a train split")):
         result = run_cli("fastlm.train", *tiny_args(tmp_path / "o", "--data", data, steps=1))
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()

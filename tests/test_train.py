@@ -386,6 +386,35 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
+def test_a_command_line_error_is_rank_0_s_to_print(tmp_path, monkeypatch, capsys):
+    """Under torchrun (RANK, WORLD_SIZE) another rank leaves a command-line error to rank 0 and
+    waits, silent, for the launcher to stop it; one that is not stopped says it after all."""
+    from fastlm import config
+
+    waited = []
+    monkeypatch.setattr(config.time, "sleep", waited.append)
+    for rank, world_size, waits in (("0", "2", []), ("1", "2", [config.RANK0_GRACE_S]), ("1", "1", [])):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        for args, needle in ((["--lr", "-1"], "lr must be positive"), (["--no_such_flag"], "unrecognized arguments")):
+            waited.clear()
+            with pytest.raises(SystemExit) as info:
+                train_mod.main(["--out_dir", str(tmp_path / "o"), *args])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert info.value.code == 2 and len(err) == 1 and needle in err[0], err
+            assert waited == waits, (rank, world_size)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_rank_stopped_while_it_waits_exits_with_the_error_s_code_in_silence():
+    code = ("import os, signal, threading; from fastlm import config; config.RANK0_GRACE_S = 600; "
+            "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start(); "
+            "config.fail('prog', 'bad flag', code=2, same_on_every_rank=True)")
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", "")  # ended by the signal, in silence
+
+
 def test_bad_data_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

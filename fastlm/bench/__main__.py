@@ -250,29 +250,57 @@ def _names(values, flag):
     return names
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].replace("`", ""))
-    parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
-                        help=f"run only these benchmarks (of {', '.join(BENCHMARKS)}; commas also separate)")
-    parser.add_argument("--quick", nargs="*", metavar="NAME", default=None,
-                        help="small sizes, a smoke run, into a scratch directory unless --out-dir is given; "
-                             "NAMEs select benchmarks as --only does")
+def script_prog(name):
+    """The program name of benchmarks/bench_<name>.py, as its usage and errors print it."""
+    return f"python benchmarks/bench_{name}.py"
+
+
+def build_parser(script=None):
+    """The command line of `python -m fastlm.bench`, or with script=NAME that of
+    benchmarks/bench_NAME.py: its own program name, and no selection (--only, --quick NAME...,
+    --parity and its --steps), since the script is the selection."""
+    if script is None:
+        prog, description = PROG, __doc__.splitlines()[0].replace("`", "")
+    else:
+        prog = script_prog(script)
+        description = (f"{prog}: run the {script} benchmark (python -m fastlm.bench --only {script}), "
+                       "print its table, write its results")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    if script is None:
+        parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                            help=f"run only these benchmarks (of {', '.join(BENCHMARKS)}; commas also separate)")
+        parser.add_argument("--quick", nargs="*", metavar="NAME", default=None,
+                            help="small sizes, a smoke run, into a scratch directory unless --out-dir is given; "
+                                 "NAMEs select benchmarks as --only does")
+    else:
+        parser.add_argument("--quick", action="store_const", const=[], default=None,
+                            help="small sizes, a smoke run, into a scratch directory unless --out-dir is given")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="passed to every benchmark; default: each benchmark's own (fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--parity", action="store_true",
-                        help="check numerical parity of the reference and fused training paths instead")
-    parser.add_argument("--steps", type=int, default=None, help="--parity: training steps (default 50, quick 20)")
+                        help=("passed to every benchmark; default: each benchmark's own" if script is None
+                              else "default: the benchmark's own") + " (fp32 on CPU, bf16 on CUDA)")
+    if script is None:
+        parser.add_argument("--parity", action="store_true",
+                            help="check numerical parity of the reference and fused training paths instead")
+        parser.add_argument("--steps", type=int, default=None, help="--parity: training steps (default 50, quick 20)")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds per benchmark before it is reported as skipped (default 1200, quick 300)")
+                        help=f"seconds {'per' if script is None else 'for the'} benchmark before it is reported as "
+                             "skipped (default 1200, quick 300)")
     parser.add_argument("--out-dir", default=None,
                         help="default: benchmarks/results/<device slug>/, or a fresh scratch directory with --quick")
+    if script is not None:
+        parser.set_defaults(only=[script], parity=False, steps=None)
 
     def error(message):
-        parser.exit(2, f"{PROG}: error: {message}\n")
+        parser.exit(2, f"{prog}: error: {message}\n")
 
     parser.error = error
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv, script=None):
+    """The run `argv` asks for; script=NAME: the command line of benchmarks/bench_NAME.py."""
+    args = build_parser(script).parse_args(argv)
     only, quick = _names(args.only, "--only"), _names(args.quick, "--quick")
     if only and quick and set(only) != set(quick):
         raise UsageError("--quick NAME... selects benchmarks as --only does; name them once (a run is quick or full)")
@@ -312,27 +340,31 @@ def output_dir(args):
 
 
 def script_main(name, argv=None):
-    """benchmarks/bench_<name>.py: `python -m fastlm.bench --only <name> [...]`. A selection of its
-    own (--only, --parity) would override the script's, so it is an error."""
+    """benchmarks/bench_<name>.py: `python -m fastlm.bench --only <name> [...]` under the script's
+    own name. A selection of its own (--only, --parity) would override the script's, so it is an
+    error that says where selections go."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(arg in ("--only", "--parity") or arg.startswith("--only=") for arg in argv):
-        print(f"{PROG}: error: this script runs the {name} benchmark; to choose others, use "
-              "python -m fastlm.bench --only NAME...", file=sys.stderr)
+    selection = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in ("--only", "--parity")), None)
+    if selection is not None:
+        print(f"{script_prog(name)}: error: this script runs the {name} benchmark; for {selection}, use "
+              f"python -m fastlm.bench {selection}{' NAME...' if selection == '--only' else ''}", file=sys.stderr)
         return 2
-    return main(["--only", name, *argv])
+    return main(argv, script=name)
 
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through run_in_subprocess, which ends the running benchmark
 
 
-def main(argv=None):
+def main(argv=None, script=None):
+    """`python -m fastlm.bench`; script=NAME: benchmarks/bench_NAME.py (see script_main)."""
     if __name__ == "__main__":
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     argv = sys.argv[1:] if argv is None else list(argv)
+    prog = PROG if script is None else script_prog(script)
     try:
-        args = parse_args(argv)
-        args.command = " ".join([PROG, *argv])
+        args = parse_args(argv, script)
+        args.command = " ".join([prog, *argv])
         import torch
 
         if args.device is None:
@@ -342,7 +374,7 @@ def main(argv=None):
         out_dir = output_dir(args)
         return run_parity_check(args, out_dir) if args.parity else run_suite(args, out_dir)
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
 
 
