@@ -5,6 +5,10 @@ cancel to ~0); bf16/fp16 inputs 1e-2 (the gradient is stored in the input dtype)
 backend runs through the interpreter on CPU, so it gets a smaller sweep here and a large one
 on GPU.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -492,6 +496,18 @@ def test_targets_out_of_range(backend, bad, monkeypatch):
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_readme_names_work_after_import_fastlm():
+    """The README writes fastlm.ops.available_backends() and fastlm.optim.AdamW(...): after a bare
+    `import fastlm` those names resolve, and `import fastlm` alone still does not import torch."""
+    script = ("import sys, fastlm; assert 'torch' not in sys.modules; "
+              "print(fastlm.ops.available_backends('cpu')['cross_entropy']['torch'], fastlm.optim.AdamW.__name__, "
+              "fastlm.model.GPT.__name__, fastlm.config.GPTConfig.__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "AdamW", "GPT", "GPTConfig"]
 
 
 def test_backend_reasons_and_auto():
