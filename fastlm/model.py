@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fastlm.config import ConfigError, GPTConfig, KernelConfig
 from fastlm.ops import causal_attention, cross_entropy, linear_cross_entropy, resolve_backend
+from fastlm.ops.checks import dtype_name
 
 IGNORE_INDEX = -100
 
@@ -209,14 +210,33 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx):
         """Final-norm hidden states (B, T, d_model) for token ids idx (B, T)."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        self._check_ids("idx", idx)
         x, rope = self.embed(idx)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
         return self.norm_f(x)
+
+    def _check_ids(self, name, ids, ignore_index=None):
+        """TypeError/ValueError (one line) for token ids that are not (B, T) integers in
+        [0, vocab_size) (or ignore_index) with 1 <= T <= block_size. The range is checked where it
+        costs no device sync (CPU, eager), as the loss ops do; elsewhere the data path has checked
+        every id at load. Ids of the padded vocabulary rows are refused: no input may use them."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            what = dtype_name(ids.dtype) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {what}")
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"{name} must have shape (B, T) with T >= 1, got {tuple(ids.shape)}")
+        if ids.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds block_size {self.config.block_size}")
+        if ids.device.type != "cpu" or torch.compiler.is_compiling() or not ids.numel():
+            return
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if ignore_index is not None:
+            bad &= ids != ignore_index
+        if bool(bad.any()):
+            raise ValueError(f"{name} must hold token ids in [0, {self.config.vocab_size})"
+                             f"{'' if ignore_index is None else f' or {ignore_index}'}, got {int(ids[bad][0])}")
 
     def forward(self, idx, targets=None, return_logits=False, grad_scale=None):
         """idx, targets: (B, T) int64. Returns (logits (B, T, vocab_size) or None, loss or None).
@@ -228,6 +248,10 @@ class GPT(nn.Module):
         factor the loss will be multiplied by before backward (a GradScaler's scale), so that the
         fused loss stores its fp16 gradient already scaled (see fastlm.ops.loss).
         """
+        if targets is not None:
+            if isinstance(targets, torch.Tensor) and isinstance(idx, torch.Tensor) and targets.shape != idx.shape:
+                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            self._check_ids("targets", targets, ignore_index=IGNORE_INDEX)
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h)[..., :self.config.vocab_size], None

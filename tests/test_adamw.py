@@ -328,6 +328,24 @@ def test_validation_of_params_and_grads():
         opt.step()
 
 
+@pytest.mark.parametrize("bad_group, exc, match", [
+    (dict(lr=-1.0), ValueError, r"lr \(param group 1\)"),
+    (dict(betas=(0.9, 1.5)), ValueError, r"betas\[1\] \(param group 1\)"),
+    (dict(params_dtype=torch.float64), TypeError, "parameter 1 .*float64"),
+])
+def test_refused_param_group_is_not_kept(bad_group, exc, match):
+    """add_param_group that raises leaves the optimizer as it was, as torch's does for its checks:
+    a caller that catches the error must not step a group with, say, a negative lr."""
+    p = torch.randn(3, requires_grad=True)
+    opt = AdamW([p], backend="torch")
+    dtype = bad_group.pop("params_dtype", torch.float32)
+    with pytest.raises(exc, match=match):
+        opt.add_param_group({"params": [torch.randn(2, dtype=dtype, requires_grad=True)], **bad_group})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]
+    p.grad = torch.ones(3)
+    opt.step()
+
+
 def test_backend_reasons_shape():
     reasons = adamw_module.backend_reasons("cpu")
     assert set(reasons) == {"torch", "cpp", "cuda", "triton"}

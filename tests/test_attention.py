@@ -137,6 +137,14 @@ def test_torch_paths(case, dtype, backend):
     check_against_reference(backend, *case, dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "auto"])
+@pytest.mark.parametrize("case", [(1, 2, 2, 7, 16), (2, 4, 2, 9, 16)], ids=_id)
+def test_zero_scale_is_the_prefix_mean(case, backend):
+    """scale=0: every query weighs its prefix equally. torch's fused CPU sdpa returns nan for
+    is_causal with scale=0, so the sdpa path must not hand it that call."""
+    check_against_reference(backend, *case, torch.float32, scale=0.0)
+
+
 def test_auto_on_cpu_is_sdpa_and_unsupported_head_size_falls_back():
     q, k, v = make_inputs(1, 2, 2, 9, 24, torch.float32)  # D = 24: no Triton kernel
     out = causal_attention(q, k, v)

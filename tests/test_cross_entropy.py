@@ -5,6 +5,10 @@ cancel to ~0); bf16/fp16 inputs 1e-2 (the gradient is stored in the input dtype)
 backend runs through the interpreter on CPU, so it gets a smaller sweep here and a large one
 on GPU.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -323,6 +327,62 @@ def test_no_grad_leaves_logits_untouched():
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("shape", [(1, 11), (1, 1, 11)])
+def test_fused_expanded_intermediate_matches_reference(backend, shape):
+    """Rows of an expanded intermediate share memory: each cannot hold its own gradient in place."""
+    skip_unless(backend)
+    source = torch.randn(shape, requires_grad=True)
+    lead = (6,) if len(shape) == 2 else (2, 3)
+    targets = make_targets(6, 11, "some").reshape(lead)
+    ref_source = source.detach().double().requires_grad_()
+    ref = cross_entropy_reference((ref_source * 2).expand(*lead, 11), targets)
+    ref.backward()
+    with ran(backend) as calls:
+        loss = cross_entropy((source * 2).expand(*lead, 11), targets, backend=backend)
+    assert calls
+    loss.backward()
+    assert_close(loss, ref, 1e-5, f"{backend} loss")
+    assert_close(source.grad, ref_source.grad, 1e-5, f"{backend} grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_double_backward_raises_instead_of_a_wrong_hessian(backend):
+    """The fused backwards return gradients formed in the forward; differentiating them again
+    would silently give the wrong second derivative (that of the buffer's own history)."""
+    skip_unless(backend)
+    targets = make_targets(4, 5, "absent")
+    logits = torch.randn(4, 5, requires_grad=True)
+    loss = cross_entropy(logits * 1, targets, backend=backend)
+    if backend == "torch":  # F.cross_entropy: the real second derivative
+        (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+        grad.sum().backward()
+        assert torch.allclose(logits.grad, torch.zeros_like(logits), atol=1e-6)  # rows of p - onehot sum to 0
+    else:
+        with pytest.raises(RuntimeError, match=f"cross_entropy: backend '{backend}' has no double backward"):
+            torch.autograd.grad(loss, logits, create_graph=True)
+    hidden = torch.randn(4, 3, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.randn(5, 3), targets, backend=backend)
+    with pytest.raises(RuntimeError, match=f"linear_cross_entropy: backend '{backend}' has no double backward"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_numpy_ignore_index_and_zero_hidden_size(backend):
+    """Valid inputs that F.cross_entropy / F.linear take: an integer ignore_index of any integer
+    type, and D = 0 (all logits 0, loss ln V)."""
+    skip_unless(backend)
+    np = pytest.importorskip("numpy")
+    logits, targets = torch.randn(5, 7), torch.tensor([0, 3, 3, 6, 1])
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=3)
+    assert torch.allclose(cross_entropy(logits, targets, ignore_index=np.int64(3), backend=backend), expected)
+    hidden, weight = torch.randn(5, 0, requires_grad=True), torch.randn(7, 0, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, targets, ignore_index=np.int32(3), backend=backend)
+    assert torch.allclose(loss, torch.tensor(7.0).log())
+    loss.backward()
+    assert hidden.grad.shape == (5, 0) and weight.grad.shape == (7, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear_cross_entropy vs the unfused reference
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +512,18 @@ def test_targets_out_of_range(backend, bad, monkeypatch):
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_readme_names_work_after_import_fastlm():
+    """The README writes fastlm.ops.available_backends() and fastlm.optim.AdamW(...): after a bare
+    `import fastlm` those names resolve, and `import fastlm` alone still does not import torch."""
+    script = ("import sys, fastlm; assert 'torch' not in sys.modules; "
+              "print(fastlm.ops.available_backends('cpu')['cross_entropy']['torch'], fastlm.optim.AdamW.__name__, "
+              "fastlm.model.GPT.__name__, fastlm.config.GPTConfig.__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "AdamW", "GPT", "GPTConfig"]
 
 
 def test_backend_reasons_and_auto():

@@ -134,6 +134,24 @@ def test_too_long_sequence_is_rejected():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
+@pytest.mark.parametrize("idx, targets, error, match", [
+    (torch.zeros(8, dtype=torch.long), None, ValueError, r"idx must have shape \(B, T\).*\(8,\)"),
+    (torch.zeros(1, 0, dtype=torch.long), None, ValueError, r"T >= 1, got \(1, 0\)"),
+    (torch.zeros(1, 4), None, TypeError, "idx must be an int64 or int32 tensor.*float32"),
+    (torch.tensor([[1, 2, 300]]), None, ValueError, r"idx must hold token ids in \[0, 300\), got 300"),
+    (torch.tensor([[1, 2, -1]]), None, ValueError, r"idx must hold token ids in \[0, 300\), got -1"),
+    (torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), ValueError,
+     r"targets must have the shape of idx \(2, 4\), got \(2, 3\)"),
+    # 300..319 are padding rows of the vocabulary: the loss kernels would take them silently.
+    (torch.zeros(1, 3, dtype=torch.long), torch.tensor([[1, -100, 310]]), ValueError,
+     r"targets must hold token ids in \[0, 300\) or -100, got 310"),
+])
+def test_bad_token_ids_are_one_line_errors(idx, targets, error, match):
+    model = GPT(tiny(vocab_size=300))
+    with pytest.raises(error, match=match):
+        model(idx, targets)
+
+
 def test_vocabulary_is_padded_and_padding_is_never_predicted():
     torch.manual_seed(0)
     model = GPT(tiny(vocab_size=300))

@@ -128,14 +128,20 @@ def attention_reference(q, k, v, scale):
 
 def _sdpa(q, k, v, scale):
     group = q.shape[1] // k.shape[1]
+    causal = dict(is_causal=True)
+    if scale == 0.0:
+        # torch's fused CPU kernel returns nan for is_causal with scale=0 (0 * -inf); an explicit
+        # mask takes the path that gives the uniform average over the prefix, as the reference does.
+        T = q.shape[2]
+        causal = dict(attn_mask=torch.ones(T, T, dtype=torch.bool, device=q.device).tril_())
     if group == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **causal)
     try:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **causal)
     except (RuntimeError, TypeError):
         # Kernels without GQA support: repeat k/v per group (autograd sums dk/dv back).
         return F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1),
-                                              v.repeat_interleave(group, dim=1), is_causal=True, scale=scale)
+                                              v.repeat_interleave(group, dim=1), scale=scale, **causal)
 
 
 def _triton(q, k, v, scale):

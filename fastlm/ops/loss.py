@@ -24,7 +24,9 @@ no second N x V buffer exists; their values are gone after the forward. Leaf ten
 caller created) are never overwritten: a separate gradient buffer is used. The version counter
 of overwritten logits is bumped so that any other op that saved them fails loudly in backward.
 The fused cross_entropy backward scales that buffer in place, so it can run only once (no
-retain_graph); linear_cross_entropy's backward is repeatable.
+retain_graph); linear_cross_entropy's backward is repeatable. Rows that share memory (an expanded
+tensor) are copied first. Neither op has a double backward on these paths: the gradients come
+from the forward, so create_graph=True raises (F.cross_entropy, the torch cross_entropy, has one).
 
 Loss scaling: a fused backend forms d loss / d logits in the forward and may store it in 16 bits
 (the logits' dtype). Scaled only later by a GradScaler's factor, most of its entries would have
@@ -41,6 +43,7 @@ implementations; backend choice and chunk size are constants of the trace).
 """
 import functools
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -93,7 +96,8 @@ register_op(LINEAR_OP, backend_reasons, auto_preference)
 
 
 def _check_options(op, ignore_index, reduction, label_smoothing, z_loss):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # Any integer type, as F.cross_entropy takes (a numpy int read from a config, say).
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -302,6 +306,15 @@ def _register_cpp_fake():
 _ROW_KERNELS = {"torch": _ce_rows_torch, "cpp": _ce_rows_cpp, "triton": _ce_rows_triton}
 
 
+def _refuse_double_backward(op, kernel):
+    """The fused backwards hand back gradients formed in the forward, outside autograd: a graph
+    of the backward (create_graph=True) would silently lack their second derivative."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        backend = next(name for name, fn in _ROW_KERNELS.items() if fn is kernel)
+        raise RuntimeError(f"{op}: backend {backend!r} has no double backward (create_graph=True); "
+                           "use F.cross_entropy on the logits (cross_entropy's backend 'torch') for it")
+
+
 def _is_one(grad_out):
     """True when the scalar grad_out is exactly 1 and checking costs no device sync (or graph break)."""
     return grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
@@ -334,12 +347,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
             if overwrite:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(grad)
-        ctx.reduction, ctx.grad_scale = reduction, grad_scale
+        ctx.reduction, ctx.grad_scale, ctx.kernel = reduction, grad_scale, kernel
         ctx.used = False
         return _reduce(loss_rows, valid, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _refuse_double_backward(OP, ctx.kernel)
         if ctx.used:
             raise RuntimeError(f"{OP}: the fused backward scales its saved gradient in place and "
                                "cannot run twice; use backend='torch' with retain_graph=True")
@@ -374,6 +388,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
     logits. With a fused backend the logits buffer may be overwritten (see the module doc).
     """
     _check_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss, grad_scale)
+    ignore_index = int(ignore_index)
     name = resolve_backend(OP, logits.device, backend, dtype=logits.dtype)
     options = dict(ignore_index=ignore_index, reduction=reduction,
                    label_smoothing=float(label_smoothing), z_loss=float(z_loss))
@@ -382,9 +397,13 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
     lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
     if vocab > MAX_FUSED_VOCAB:
         raise ValueError(f"{OP}: backend {name!r} supports V <= {MAX_FUSED_VOCAB}, got V={vocab}")
-    copied = logits.stride(-1) != 1 or not _rows_are_a_view(logits)
-    rows = logits.reshape(-1, vocab) if logits.stride(-1) == 1 else logits.reshape(-1, vocab).contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    rows = logits.reshape(-1, vocab)
+    # Rows that share memory (an expanded tensor, stride 0) cannot each hold their own gradient.
+    overlapping = needs_grad and rows.shape[0] > 1 and rows.stride(0) < vocab
+    copied = logits.stride(-1) != 1 or overlapping or not _rows_are_a_view(logits)
+    if logits.stride(-1) != 1 or overlapping:
+        rows = rows.contiguous()
     # Only an autograd intermediate (or our own copy) may hold its own gradient: callers own
     # leaves, and views of leaves. Under torch.compile the graph owns every buffer: no overwrite.
     overwrite = needs_grad and not torch.compiler.is_compiling() and (copied or _is_intermediate(logits))
@@ -446,7 +465,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         row_weight = _row_weight(valid, reduction, hidden.dtype, grad_scale)
         loss_rows, grads = _chunked_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss,
                                          chunk_rows, kernel, row_weight, with_grads=grads_now)
-        ctx.reduction, ctx.grad_scale = reduction, grad_scale
+        ctx.reduction, ctx.grad_scale, ctx.kernel = reduction, grad_scale, kernel
         ctx.has_bias = bias is not None
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if grads_now:
@@ -458,6 +477,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _refuse_double_backward(LINEAR_OP, ctx.kernel)
         grad_loss = _unscale(grad_loss, ctx.grad_scale)
         if ctx.reduction != "none":
             saved = list(ctx.saved_tensors)
@@ -530,6 +550,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     """
     _check_linear(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
                   chunk_size, grad_scale)
+    ignore_index = int(ignore_index)
     device = hidden.device
     if torch.is_autocast_enabled(device.type):
         cast = torch.get_autocast_dtype(device.type)
@@ -540,7 +561,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     if name != "torch" and weight.shape[0] > MAX_FUSED_VOCAB:
         raise ValueError(f"{LINEAR_OP}: backend {name!r} supports V <= {MAX_FUSED_VOCAB}, got V={weight.shape[0]}")
     lead_shape = hidden.shape[:-1]
-    rows = hidden.reshape(-1, hidden.shape[-1])
+    rows = hidden.reshape(math.prod(lead_shape), hidden.shape[-1])  # not -1: D may be 0
     chunk_rows = chunk_size or default_chunk_rows(rows.shape[0], weight.shape[0], device, hidden.dtype)
     # Grad mode decides, not requires_grad alone: under no_grad the forward must not pay for gradients.
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

@@ -283,10 +283,14 @@ class AdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f" (param group {len(self.param_groups) - 1})"
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                               group["amsgrad"], group["maximize"], group["master_weights"], where)
-        if hasattr(self, "backend"):
-            self._check_params()
+        try:
+            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                   group["amsgrad"], group["maximize"], group["master_weights"], where)
+            if hasattr(self, "backend"):
+                self._check_params()
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a refused group must not stay behind to be stepped
+            raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
