@@ -387,6 +387,22 @@ def test_an_interrupted_run_writes_what_finished_and_names_what_did_not_run(slow
     assert "=== stopped: not run: later" in capsys.readouterr().out
 
 
+def test_a_benchmark_script_saves_what_finished_on_sigterm(monkeypatch):
+    """benchmarks/bench_<name>.py is the program, so SIGTERM must end it as it ends the module
+    (SystemExit, which keeps the finished rows), not kill it with the rows lost."""
+    import signal
+
+    seen = []
+    monkeypatch.setattr(bench_cli, "main", lambda argv, script=None: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_adamw.py", "--quick"])
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert bench_cli.script_main("adamw") == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [bench_cli._exit_on_sigterm]
+
+
 def _cuda_summary():
     """A summary.json of a CUDA run holding a row for every target, some met and some missed."""
     rows = {

@@ -343,6 +343,8 @@ def script_main(name, argv=None):
     """benchmarks/bench_<name>.py: `python -m fastlm.bench --only <name> [...]` under the script's
     own name. A selection of its own (--only, --parity) would override the script's, so it is an
     error that says where selections go."""
+    if argv is None:  # run as the program: SIGTERM saves the finished rows, as for the module
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     argv = sys.argv[1:] if argv is None else list(argv)
     selection = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in ("--only", "--parity")), None)
     if selection is not None:
