@@ -217,14 +217,15 @@ class GPT(nn.Module):
             x = block(x, rope)
         return self.norm_f(x)
 
-    def _check_ids(self, name, ids, ignore_index=None):
-        """TypeError/ValueError (one line) for token ids that are not (B, T) integers in
-        [0, vocab_size) (or ignore_index) with 1 <= T <= block_size. The range is checked where it
-        costs no device sync (CPU, eager), as the loss ops do; elsewhere the data path has checked
-        every id at load. Ids of the padded vocabulary rows are refused: no input may use them."""
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+    def _check_ids(self, name, ids, ignore_index=None, dtypes=(torch.int64, torch.int32)):
+        """TypeError/ValueError (one line) for token ids that are not (B, T) integers of `dtypes`
+        (the embedding takes int64 and int32, the loss int64 only) in [0, vocab_size) (or
+        ignore_index) with 1 <= T <= block_size. The range is checked where it costs no device sync
+        (CPU, eager), as the loss ops do; elsewhere the data path has checked every id at load. Ids
+        of the padded vocabulary rows are refused: no input may use them."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in dtypes:
             what = dtype_name(ids.dtype) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {what}")
+            raise TypeError(f"{name} must be an {' or '.join(map(dtype_name, dtypes))} tensor of token ids, got {what}")
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"{name} must have shape (B, T) with T >= 1, got {tuple(ids.shape)}")
         if ids.shape[1] > self.config.block_size:
@@ -251,7 +252,7 @@ class GPT(nn.Module):
         if targets is not None:
             if isinstance(targets, torch.Tensor) and isinstance(idx, torch.Tensor) and targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-            self._check_ids("targets", targets, ignore_index=IGNORE_INDEX)
+            self._check_ids("targets", targets, ignore_index=IGNORE_INDEX, dtypes=(torch.int64,))
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h)[..., :self.config.vocab_size], None

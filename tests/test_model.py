@@ -142,6 +142,11 @@ def test_too_long_sequence_is_rejected():
     (torch.tensor([[1, 2, -1]]), None, ValueError, r"idx must hold token ids in \[0, 300\), got -1"),
     (torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), ValueError,
      r"targets must have the shape of idx \(2, 4\), got \(2, 3\)"),
+    # The embedding takes int32 ids, the loss ops int64 targets only.
+    (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.int32), TypeError,
+     "targets must be an int64 tensor of token ids, got int32"),
+    (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3), TypeError,
+     "targets must be an int64 tensor of token ids, got float32"),
     # 300..319 are padding rows of the vocabulary: the loss kernels would take them silently.
     (torch.zeros(1, 3, dtype=torch.long), torch.tensor([[1, -100, 310]]), ValueError,
      r"targets must hold token ids in \[0, 300\) or -100, got 310"),
