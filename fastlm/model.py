@@ -372,6 +372,7 @@ class KVCache:
 
     def _prefill_rows(self, idx, rows):
         model = self.model
+        model._check_ids("idx", idx)  # as the uncached path (hidden_states) checks the same prompts
         T = idx.shape[1]
         x, rope = model.embed(idx)
         for layer, block in enumerate(model.blocks):

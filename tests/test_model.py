@@ -157,6 +157,16 @@ def test_bad_token_ids_are_one_line_errors(idx, targets, error, match):
         model(idx, targets)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("prompts", [torch.tensor([[1, 2, 310]]), [[1, 310], [4, 5, 6]]], ids=["batch", "ragged"])
+def test_a_prompt_of_bad_ids_is_refused_with_and_without_the_cache(prompts, use_cache):
+    """The cached prefill runs the prompts as the uncached path does, so it checks them alike:
+    310 is a padding row of the vocabulary (vocab_size 300), never a token."""
+    model = GPT(tiny(vocab_size=300))
+    with pytest.raises(ValueError, match=r"idx must hold token ids in \[0, 300\), got 310"):
+        list(model.stream(prompts, 2, temperature=0, use_cache=use_cache))
+
+
 def test_vocabulary_is_padded_and_padding_is_never_predicted():
     torch.manual_seed(0)
     model = GPT(tiny(vocab_size=300))
