@@ -20,17 +20,22 @@ from fastlm.config import ConfigError
 from fastlm.distributed import resolve_device
 
 
-def own_time_total_us(events, device_type):
-    """The step's own time in the profiled `events` (microseconds): device time on CUDA, CPU time
-    on CPU. On CUDA an operator's own device time is that of the kernels it launched, which are
-    events of their own too: as torch's own table does, only the device's events (kernels, copies)
-    are summed, or every kernel would count twice."""
+def own_times_us(events, device_type):
+    """[(event, own microseconds)] of the profiled `events` that make up a step's own time: device
+    time on CUDA, CPU time on CPU. On CUDA an operator's own device time is that of the kernels it
+    launched, which are events of their own too: as torch's own table does, only the device's
+    events (kernels, copies) count, or every kernel would count twice."""
     if device_type != "cuda":
-        return sum(e.self_cpu_time_total for e in events)
+        return [(e, e.self_cpu_time_total) for e in events]
     from torch.autograd import DeviceType
 
-    return sum(e.self_device_time_total for e in events
-               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    return [(e, e.self_device_time_total) for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
+def own_time_total_us(events, device_type):
+    """The step's own time in the profiled `events` (microseconds): see own_times_us."""
+    return sum(us for _, us in own_times_us(events, device_type))
 
 
 def profile(path, mode, device, steps, batch_size=None):
@@ -50,15 +55,14 @@ def profile(path, mode, device, steps, batch_size=None):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    events = prof.key_averages()
-    own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    total_us = own_time_total_us(events, device.type) or 1.0
+    # The rows listed are those summed (on CUDA the kernels, not also the operators that launched them).
+    own = own_times_us(prof.key_averages(), device.type)
+    total_us = sum(us for _, us in own) or 1.0
     lines = [f"{path} {mode} on {device.type}: {case['name']}, batch {case['batch_size']} x {case['block_size']} "
              f"tokens; {backends}", f"{steps} steps, {total_us / steps / 1e3:.2f} ms of own "
              f"{'device' if device.type == 'cuda' else 'CPU'} time per step",
              f"{'share':>6} {'ms/step':>9} {'calls/step':>10}  name"]
-    for event in sorted(events, key=lambda e: -getattr(e, own))[:25]:
-        us = getattr(event, own)
+    for event, us in sorted(own, key=lambda pair: -pair[1])[:25]:
         lines.append(f"{100 * us / total_us:5.1f}% {us / steps / 1e3:9.3f} {event.count / steps:10.1f}  {event.key[:110]}")
     return "\n".join(lines)
 
