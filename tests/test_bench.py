@@ -393,7 +393,7 @@ def test_a_benchmark_script_saves_what_finished_on_sigterm(monkeypatch):
     import signal
 
     seen = []
-    monkeypatch.setattr(bench_cli, "main", lambda argv, script=None: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    monkeypatch.setattr(bench_cli, "run_suite", lambda args, out_dir: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
     monkeypatch.setattr(sys, "argv", ["benchmarks/bench_adamw.py", "--quick"])
     previous = signal.getsignal(signal.SIGTERM)
     try:

@@ -299,7 +299,14 @@ def build_parser(script=None):
 
 
 def parse_args(argv, script=None):
-    """The run `argv` asks for; script=NAME: the command line of benchmarks/bench_NAME.py."""
+    """The run `argv` asks for; script=NAME: the command line of benchmarks/bench_NAME.py, where
+    a selection of its own (--only, --parity) would override the script's, so it is an error that
+    says where selections go."""
+    if script is not None:
+        selection = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in ("--only", "--parity")), None)
+        if selection is not None:
+            raise UsageError(f"this script runs the {script} benchmark; for {selection}, use python -m fastlm.bench "
+                             f"{selection}{' NAME...' if selection == '--only' else ''}")
     args = build_parser(script).parse_args(argv)
     only, quick = _names(args.only, "--only"), _names(args.quick, "--quick")
     if only and quick and set(only) != set(quick):
@@ -341,16 +348,7 @@ def output_dir(args):
 
 def script_main(name, argv=None):
     """benchmarks/bench_<name>.py: `python -m fastlm.bench --only <name> [...]` under the script's
-    own name. A selection of its own (--only, --parity) would override the script's, so it is an
-    error that says where selections go."""
-    if argv is None:  # run as the program: SIGTERM saves the finished rows, as for the module
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    selection = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in ("--only", "--parity")), None)
-    if selection is not None:
-        print(f"{script_prog(name)}: error: this script runs the {name} benchmark; for {selection}, use "
-              f"python -m fastlm.bench {selection}{' NAME...' if selection == '--only' else ''}", file=sys.stderr)
-        return 2
+    own name (see parse_args)."""
     return main(argv, script=name)
 
 
@@ -360,7 +358,7 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv=None, script=None):
     """`python -m fastlm.bench`; script=NAME: benchmarks/bench_NAME.py (see script_main)."""
-    if __name__ == "__main__":
+    if argv is None:  # run as the program: SIGTERM keeps the finished rows as Ctrl-C does
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = PROG if script is None else script_prog(script)
