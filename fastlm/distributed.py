@@ -5,6 +5,7 @@ gloo on CPU); outside it the run is a world of one.
 """
 import gc
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -32,17 +33,14 @@ def resolve_device(name, local_rank=0):
     """torch.device for "auto", "cpu", "cuda" (this rank's GPU) or "cuda:N"."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not name.startswith("cuda"):
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):  # what torch.device takes of these
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} requested but CUDA is not available")
         if name == "cuda":
             name = f"cuda:{local_rank}"
-    try:
-        return torch.device(name)
-    except RuntimeError:  # e.g. "cuda:x"
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    return torch.device(name)
 
 
 def init_world(device_name):
