@@ -351,8 +351,14 @@ def prepare_shards(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
-        _check_same_settings(out, "a finished", _manifest_settings(manifest), manifest["val_tokens"], settings,
-                             val_tokens)
+        recorded, unrecorded = _manifest_settings(manifest)
+        _check_same_settings(out, "a finished", recorded, manifest["val_tokens"],
+                             {k: v for k, v in settings.items() if k not in unrecorded}, val_tokens)
+        if tokenizer_kind == "bpe" and unrecorded and manifest["vocab_size"] > vocab_size:
+            # a trained vocabulary never exceeds the size asked for: this one was asked larger
+            raise ConfigError(f"{out} holds a finished prepare of other inputs or settings (its bpe vocabulary has "
+                              f"{manifest['vocab_size']} tokens, more than --vocab_size {vocab_size}); "
+                              "remove the directory to start afresh, or choose another --out")
         return manifest  # already complete
     state = _read_state(state_path)
     if state is not None:
@@ -392,13 +398,16 @@ def _check_positive(**options):
 
 
 def _manifest_settings(manifest):
-    """The settings a finished prepare ran with: recorded, or read off the fields of a manifest that
-    an earlier fastlm wrote without them (its bpe vocabulary settings are then unknown)."""
+    """The settings a finished prepare ran with, and the names of those it did not record.
+
+    A manifest that an earlier fastlm wrote holds no settings; they are read off its fields, and the
+    bpe vocabulary settings (vocab_size, bpe_train_mb) are then unknown: the caller cannot compare them."""
     spec = manifest["tokenizer"]
-    settings = manifest.get("settings") or {"tokenizer_kind": spec.get("name", spec["kind"]),
-                                            "text_field": manifest["text_field"],
-                                            "shard_tokens": manifest["shard_tokens"]}
-    return {**settings, "sources": manifest["sources"]}
+    if manifest.get("settings"):
+        return {**manifest["settings"], "sources": manifest["sources"]}, frozenset()
+    settings = {"tokenizer_kind": spec.get("name", spec["kind"]), "text_field": manifest["text_field"],
+                "shard_tokens": manifest["shard_tokens"], "sources": manifest["sources"]}
+    return settings, frozenset({"vocab_size", "bpe_train_mb"})
 
 
 def _check_same_settings(out, which, recorded, recorded_val_tokens, settings, val_tokens):

@@ -251,6 +251,29 @@ def test_manifest_without_recorded_settings_is_read_off_its_fields(tmp_path):
         prepare_shards(str(corpus), str(tmp_path / "out"), shard_tokens=1400)
 
 
+def test_bpe_manifest_without_recorded_settings_is_returned_for_any_vocab_it_fits(tmp_path, capsys):
+    """An earlier fastlm recorded neither --vocab_size nor --bpe_train_mb: a re-run with any values that
+    could have trained this vocabulary returns it untouched; a smaller --vocab_size cannot have."""
+    corpus = write_corpus(tmp_path / "c.txt", 8)
+    out = tmp_path / "out"
+    prepare_shards(str(corpus), str(out), "bpe", vocab_size=300, shard_tokens=2000, val_tokens=500)
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["settings"]
+    path.write_text(json.dumps(manifest))
+    before = tree_bytes(out)
+    again = dict(tokenizer_kind="bpe", shard_tokens=2000)
+    assert prepare_shards(str(corpus), str(out), **again, vocab_size=300) == manifest
+    assert prepare_shards(str(corpus), str(out), **again, vocab_size=8192, bpe_train_mb=1) == manifest
+    code, stdout, _ = run_main(capsys, "--data", corpus, "--out", out, "--tokenizer", "bpe", "--shard-tokens", "2000")
+    assert code == 0 and stdout.startswith(f"{out} already holds"), stdout
+    with pytest.raises(ConfigError, match=r"bpe vocabulary has 300 tokens, more than --vocab_size 299"):
+        prepare_shards(str(corpus), str(out), **again, vocab_size=299)
+    with pytest.raises(ConfigError, match=r"\(shard_tokens differ\)"):
+        prepare_shards(str(corpus), str(out), tokenizer_kind="bpe", vocab_size=300, shard_tokens=1000)
+    assert tree_bytes(out) == before
+
+
 def test_boolean_flags_parse_as_the_trainer_does(tmp_path, capsys):
     parse = prepare_mod.build_parser().parse_args
     base = ["--data", "d", "--out", "o"]
