@@ -12,7 +12,8 @@
 # end-to-end training step, and the data loader against it). Results and a log go to
 # benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides); each run merges its benchmarks into
 # summary.json. Each command has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT, and
-# FASTLM_PARITY_TIMEOUT, FASTLM_LOADER_TIMEOUT for the second command of tests and e2e); at it the
+# FASTLM_PARITY_TIMEOUT, FASTLM_LOADER_TIMEOUT for the second command of tests and e2e, and
+# FASTLM_BENCH_EACH_TIMEOUT for each kernel benchmark within the bench phase); at it the
 # command gets SIGINT, as from Ctrl-C, so pytest still reports and the benchmark runner still
 # writes the rows that finished. --budget S (default 480) caps the whole run: a command gets at
 # most what is left of it, and one that would start with under 30 s left is skipped and reported,
@@ -122,7 +123,10 @@ for phase in "${phases[@]}"; do
       run tests "${FASTLM_PARITY_TIMEOUT:-180}" env FASTLM_AUTOTUNE=0 $PYTHON -m fastlm.bench --parity --device cuda --out-dir "$RESULTS"
       ;;
     bench)
-      run bench "${FASTLM_BENCH_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only cross_entropy adamw attention --out-dir "$RESULTS"
+      # Each benchmark has its own limit inside the phase's (rows that finished are kept), so a slow
+      # one cannot starve the others; attention, the one that tunes most, goes first.
+      run bench "${FASTLM_BENCH_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only attention cross_entropy adamw \
+        --timeout "${FASTLM_BENCH_EACH_TIMEOUT:-130}" --out-dir "$RESULTS"
       ;;
     e2e)
       run e2e "${FASTLM_E2E_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only e2e --out-dir "$RESULTS"

@@ -30,6 +30,8 @@ def test_dry_run_lists_every_phase_in_order_and_runs_nothing():
     assert "--maxfail=3" in pytest and "-n 8" in pytest and "--timeout 240" in pytest and "--junitxml=" in pytest
     assert any("FASTLM_BUILD_CUDA=1" in c and "--no-build-isolation" in c for c in commands)
     assert any("fastlm.bench --parity --device cuda" in c for c in commands)
+    bench = next(c for c in commands if c.startswith("+ [bench"))
+    assert "--only attention cross_entropy adamw --timeout 130" in bench  # no benchmark starves the others
     assert not any(line.startswith("= [") for line in result.stdout.splitlines())  # nothing ran
 
 
