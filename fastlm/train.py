@@ -518,7 +518,12 @@ class Trainer:
     # ----------------------------------------------------------------- reporting
 
     def _config_json(self):
-        return json.dumps({**self.run.as_dict(), "backends": self.backends}, indent=2) + "\n"
+        settings = self.run.as_dict()
+        # --resume, --overwrite and --override_resume_config act on this invocation's out_dir, they
+        # are no settings of the run: recorded true, `--config out/config.json --out_dir out2` would
+        # resume out2, or replace the run out2 holds without being asked to.
+        settings["train"].update(resume=False, overwrite=False, override_resume_config=False)
+        return json.dumps({**settings, "backends": self.backends}, indent=2) + "\n"
 
     def _print_header(self, tokens_per_step):
         n = self.raw_model.num_params()

@@ -202,7 +202,7 @@ def test_resume_restores_the_training_config_and_max_steps_extends_it(tmp_path, 
     changes = [line for line in capsys.readouterr().out.splitlines() if "resuming with changes" in line]
     assert changes == ["fastlm: resuming with changes: max_steps 4 -> 7 (the cosine schedule now ends there)"]
     after = json.loads((out / "config.json").read_text())
-    assert after["train"] == {**before["train"], "max_steps": 7, "resume": True}
+    assert after["train"] == {**before["train"], "max_steps": 7}  # "resume" stays false: see below
     assert after["model"] == before["model"]
     assert [e[0] for e in evals(out)] == [0, 3, 4, 6, 7]  # eval_interval 3 came back (4: the first run's end)
 
@@ -348,6 +348,22 @@ def test_a_runs_config_json_starts_a_new_run_with_its_settings(tmp_path):
     assert {**saved["train"], "out_dir": str(tmp_path / "again")} == run.as_dict()["train"]
     assert train_mod.main(["--config", str(out / "config.json"), "--out_dir", str(tmp_path / "again")]) == 0
     assert losses(tmp_path / "again") == losses(out)  # the same settings train the same run
+
+
+def test_config_json_of_a_resumed_or_overwriting_run_starts_a_new_run(tmp_path):
+    """--resume and --overwrite are the invocation's, not the run's: a run's config.json given as
+    --config neither resumes the new out_dir nor replaces the run it holds."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    assert train_mod.main(tiny_args(out, steps=2)) == 0
+    assert train_mod.main(tiny_args(out, "--overwrite", steps=2)) == 0
+    assert train_mod.main(["--resume", "--out_dir", str(out), "--max_steps", "3", "--override_resume_config"]) == 0
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert (saved["resume"], saved["overwrite"], saved["override_resume_config"]) == (False, False, False)
+    assert train_mod.main(["--config", str(out / "config.json"), "--out_dir", str(tmp_path / "again")]) == 0
+    assert train_mod.main(tiny_args(other, steps=2)) == 0
+    kept = (other / "ckpt.pt").read_bytes()
+    _one_line_error(run_cli("fastlm.train", "--config", out / "config.json", "--out_dir", other), "already holds a run")
+    assert (other / "ckpt.pt").read_bytes() == kept
 
 
 def _one_line_error(result, *needles):
