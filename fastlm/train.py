@@ -201,9 +201,6 @@ class Trainer:
         self._lock_out_dir()
         if self.world.is_main:
             remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
-            if train_cfg.overwrite and not train_cfg.resume:
-                remove_checkpoints(self.out_dir)
-                shutil.rmtree(os.path.join(self.out_dir, SHARDED_NAME), ignore_errors=True)
         if not train_cfg.resume:
             return None
         if sharded is not None:
@@ -449,6 +446,9 @@ class Trainer:
         cfg = self.train_cfg
         tokens_per_step = cfg.batch_size * self.model_cfg.block_size * cfg.grad_accum_steps * self.world.size
         if self.world.is_main:
+            if cfg.overwrite:  # only now that every setting and the data passed: a refused run replaces nothing
+                remove_checkpoints(self.out_dir)
+                shutil.rmtree(os.path.join(self.out_dir, SHARDED_NAME), ignore_errors=True)
             atomic_write_text(os.path.join(self.out_dir, "config.json"), self._config_json())
             atomic_write_text(os.path.join(self.out_dir, "tokenizer.json"),
                               json.dumps(self.tokenizer.to_dict()) + "\n")

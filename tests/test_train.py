@@ -483,6 +483,12 @@ def test_existing_run_is_not_overwritten(tmp_path):
     # --init_from starts a new run; a resumed one keeps its own weights.
     _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", "--init_from", out / "ckpt.pt", steps=4)),
                     "starts a new run")
+    # --overwrite replaces the run only once the new one passed its checks: a refused one touches nothing.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--overwrite", "--data", empty, steps=2)), "is empty")
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--overwrite", "--vocab_size", "100", steps=2)),
+                    "vocab_size is 100")
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     before.pop(".lock"), after.pop(".lock")  # each run writes its pid into the lock file
     assert before == after
