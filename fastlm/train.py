@@ -591,9 +591,12 @@ class Trainer:
             print(f"\nsample: skipped under --parallel fsdp; python -m fastlm.consolidate {self.out_dir}, "
                   "then python -m fastlm.sample")
         elif self.train_cfg.sample_tokens:
-            print("\nsample:\n" + sample_text(self.raw_model, self.tokenizer, "\n", self.train_cfg.sample_tokens,
-                                             temperature=0.8, top_k=20, seed=self.train_cfg.seed,
-                                             device=self.device))
+            try:
+                print("\nsample:\n" + sample_text(self.raw_model, self.tokenizer, "\n", self.train_cfg.sample_tokens,
+                                                 temperature=0.8, top_k=20, seed=self.train_cfg.seed,
+                                                 device=self.device))
+            except ValueError as exc:  # NaN/inf logits, e.g. after --skip_nonfinite_steps skipped every step
+                _warn(f"no sample: {exc}")
 
 
 def weights_digest(model):

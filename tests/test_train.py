@@ -296,6 +296,14 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypatch, ca
     assert (out / "ckpt.pt").read_bytes() == before
 
 
+def test_a_run_whose_every_step_was_skipped_ends_without_a_sample_not_a_traceback(tmp_path, capsys):
+    # The first update with lr 1e12 breaks the weights; every later step is NaN and skipped.
+    args = tiny_args(tmp_path / "run", "--lr", "1e12", "--grad_clip", "0", "--warmup_steps", "1",
+                     "--skip_nonfinite_steps", "10", "--sample_tokens", "5", steps=4)
+    assert train_mod.main(args) == 0
+    assert "no sample: the model's logits are NaN or inf" in capsys.readouterr().err
+
+
 def test_help_lists_every_field_with_default():
     result = run_cli("fastlm.train", "--help")
     assert result.returncode == 0
