@@ -250,7 +250,7 @@ class Trainer:
         self.window_steps = int(loop.get("window_steps", 0))
         self.skipped_steps = int(loop.get("skipped_steps", 0))
         states = ckpt["rng"]
-        if len(states) != self.world.size:
+        if len(states) != self.world.size and self.world.is_main:  # every rank meets it: rank 0 says it
             print(f"{PROG}: warning: checkpoint was written by {len(states)} process(es), resuming with "
                   f"{self.world.size}; batches and dropout will not match the original run exactly", file=sys.stderr)
         state = states[self.world.rank % len(states)]
