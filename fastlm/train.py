@@ -35,7 +35,7 @@ from fastlm.loggers import LoggedMetrics, StepStats, make_loggers
 from fastlm.metrics import TABLE_HEADER, MetricsLog, Throughput, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
-from fastlm.parallel import apply_activation_checkpointing, apply_fsdp
+from fastlm.parallel import apply_activation_checkpointing, apply_fsdp, reshard
 from fastlm.sample import sample_text
 
 PROG = "python -m fastlm.train"
@@ -316,6 +316,8 @@ class Trainer:
             if self.world.distributed:
                 dist.all_reduce(total)
             result[split] = total.item() / (self.train_cfg.eval_iters * self.world.size)
+        if self.fsdp:
+            reshard(self.raw_model)  # sharded again, as the optimizer and the checkpoint expect them
         self.raw_model.train()
         return result
 
