@@ -527,13 +527,18 @@ def _progress_bar(sources, cursor, enabled):
 
 # --------------------------------------------------------------------------- the single token file
 
-def prepare(data, out, tokenizer_kind="byte", vocab_size=4096):
-    """Tokenize `data` into the single token file `out` (the earlier format); returns (count, tokenizer)."""
+def prepare(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_file=None):
+    """Tokenize `data` into the single token file `out` (the earlier format); returns (count, tokenizer).
+    It reads .txt files only: records (.jsonl, .parquet) need the shards of prepare_shards."""
+    records = [p for p in input_files(data) if p.endswith(STRUCTURED_SUFFIXES)] if os.path.isdir(data) else []
+    if records:
+        raise ConfigError(f"{data} holds .jsonl/.parquet files ({os.path.basename(records[0])}, ...) that a FILE.tok "
+                          "output would leave out: it takes .txt files only; give --out a directory for shards")
     files = text_files(data)
     if tokenizer_kind == "bpe":
         tokenizer = BPETokenizer.train((_read_text_file(p) for p in files), vocab_size)
     else:
-        tokenizer = make_tokenizer(tokenizer_kind, vocab_size)
+        tokenizer = make_tokenizer(tokenizer_kind, vocab_size, tokenizer_file=tokenizer_file)
     count = write_token_file(out, (document_tokens(tokenizer, _read_text_file(p)) for p in files), tokenizer)
     return count, tokenizer
 
@@ -542,7 +547,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.out.endswith(".tok"):
-            count, tokenizer = prepare(args.data, args.out, args.tokenizer, args.vocab_size)
+            count, tokenizer = prepare(args.data, args.out, args.tokenizer, args.vocab_size, args.tokenizer_file)
             print(f"wrote {count:,} tokens ({tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}) to {args.out}")
             return 0
         started, finished_before = time.perf_counter(), os.path.isfile(os.path.join(args.out, MANIFEST_NAME))
