@@ -105,10 +105,14 @@ class Trainer:
         if train_cfg.dtype == "float16" and self.device.type != "cuda":
             raise ConfigError("dtype float16 needs a CUDA device (use bfloat16 on CPU)")
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else init_tokenizer
+        # A vocab_size left at its default is the tokenizer's (gpt2: 50257; a nanoGPT character vocabulary: its
+        # size, not 256 rows that no token of the data ever uses).
+        fit_vocab = ckpt is None and init_state is None and "vocab_size" not in run.explicit
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
                               self.model_cfg.block_size, tokenizer, tokenizer_file=train_cfg.tokenizer_file,
-                              fit_vocab=ckpt is None and init_state is None and "vocab_size" not in run.explicit)
-        self.model_cfg.vocab_size = max(self.model_cfg.vocab_size, self.data.vocab_size)  # e.g. gpt2: 50257
+                              fit_vocab=fit_vocab)
+        if fit_vocab or self.data.vocab_size > self.model_cfg.vocab_size:
+            self.model_cfg.vocab_size = self.data.vocab_size
         self.tokenizer = self.data.tokenizer
         if ckpt is None and "tokenizer" in run.explicit and self.tokenizer.kind != train_cfg.tokenizer \
                 and self.world.is_main:  # (a resumed run's tokenizer is checked against its checkpoint's)

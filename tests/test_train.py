@@ -439,6 +439,25 @@ def test_a_rank_stopped_while_it_waits_exits_with_the_error_s_code_in_silence():
     assert (result.returncode, result.stdout, result.stderr) == (2, "", "")  # ended by the signal, in silence
 
 
+def test_a_nanogpt_character_vocabulary_sizes_the_model(tmp_path):
+    """vocab_size left at its default is the data's vocabulary: smaller than 256 too, so the model has
+    no rows that the data never uses (and a sample never draws ids that decode to nothing)."""
+    import numpy as np
+
+    from tests.test_shards import nanogpt_write
+
+    chars = "\n !abcdefghij"
+    rng = np.random.default_rng(3)
+    (tmp_path / "data").mkdir()
+    nanogpt_write(tmp_path / "data", rng.integers(0, len(chars), 3000), rng.integers(0, len(chars), 500), chars)
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--data", tmp_path / "data", steps=2)) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == len(chars)
+    chosen = tmp_path / "chosen"
+    assert train_mod.main(tiny_args(chosen, "--data", tmp_path / "data", "--vocab_size", "100", steps=2)) == 0
+    assert json.loads((chosen / "config.json").read_text())["model"]["vocab_size"] == 100
+
+
 def test_bad_data_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
