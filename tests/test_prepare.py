@@ -206,6 +206,14 @@ def test_a_token_file_output_reads_the_tokenizer_file_given(tmp_path):
     assert read_token_file(tmp_path / "x.tok")[1]["tokenizer"]["file"] == str(tmp_path / "small.tiktoken")
 
 
+def test_help_states_each_default_once():
+    result = run_cli("fastlm.prepare", "--help")
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert result.returncode == 0, result.stderr
+    assert "about 10% of the corpus, at most 10M) --workers" in text  # no "(default: None)" after it
+    assert "tiktoken encoding (default: byte)" in text
+
+
 def test_cli_writes_shards_with_progress(tmp_path):
     make_corpus(tmp_path / "in", with_parquet=False)
     result = run_cli("fastlm.prepare", "--data", tmp_path / "in", "--out", tmp_path / "out", "--workers", "2",
