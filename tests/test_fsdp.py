@@ -408,6 +408,15 @@ def test_cli_evals_leave_the_parameters_sharded(tmp_path, keep_gathered):
     assert [r["step"] for r in evals] == [0, 2, 4] and all(r["update_ratio"] for r in evals[1:])
 
 
+def test_consolidate_help_states_the_default_output_once(capsys):
+    from fastlm import consolidate
+
+    with pytest.raises(SystemExit):
+        consolidate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: ckpt.pt in the run's out_dir)" in text and "(default: None)" not in text, text
+
+
 def test_triton_attention_and_loss_under_fsdp(tmp_path):
     """The Triton custom ops (attention, fused linear cross-entropy; the interpreter on CPU) inside
     FSDP blocks and on the gathered tied weight give the one-process losses."""
