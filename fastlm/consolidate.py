@@ -5,7 +5,6 @@ one process, without a process group, and writes the single-file checkpoint of f
 (model, optimizer, step, RNG states, configs, tokenizer): what `python -m fastlm.sample`, the
 exporters and a resumed run without FSDP read. Default output: ckpt.pt beside ckpt.dcp.
 """
-import argparse
 import os
 import sys
 
@@ -16,8 +15,8 @@ PROG = "python -m fastlm.consolidate"
 
 
 def main(argv=None):
-    parser = OneLineParser(prog=PROG, description="Consolidate a sharded (FSDP) checkpoint into one file.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No ArgumentDefaultsHelpFormatter: --out says its default, which it would follow with "(default: None)".
+    parser = OneLineParser(prog=PROG, description="Consolidate a sharded (FSDP) checkpoint into one file.")
     parser.add_argument("path", help="the run's out_dir, or its ckpt.dcp directory")
     parser.add_argument("--out", default=None, help=f"output file (default: {CKPT_NAME} in the run's out_dir)")
     args = parser.parse_args(argv)

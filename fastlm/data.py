@@ -279,8 +279,9 @@ def load_data(path, tokenizer_kind, vocab_size, block_size, tokenizer=None, toke
 
     tokenizer: an existing tokenizer (from a checkpoint) to reuse instead of building one; data
     that brings its own (shards, token files) must match it. vocab_size: the run's vocabulary
-    (None: the tokenizer's); fit_vocab: raise it to the tokenizer's when smaller (vocab_size was
-    a default, not a choice). tokenizer_file: a local .tiktoken file for tiktoken names.
+    (None: the tokenizer's); fit_vocab: use the tokenizer's instead (vocab_size was a default, not
+    a choice: gpt2 raises it to 50257, a nanoGPT character vocabulary lowers it to its size).
+    tokenizer_file: a local .tiktoken file for tiktoken names.
     need_train=False (evaluation): token shards may hold only a validation split; train is then None.
     Returns TokenData (train/val: 1-D arrays or TokenShards); raises DataError for unusable data.
     """
@@ -361,8 +362,8 @@ def shards_fingerprint(paths):
 
 def run_vocab_size(vocab_size, tokenizer, fit_vocab=False):
     """The vocabulary the run checks ids against: vocab_size, or the tokenizer's where that is None
-    or (fit_vocab) larger. The model pads its rows further (GPTConfig.pad_vocab_to)."""
-    if vocab_size is None or (fit_vocab and tokenizer.vocab_size > vocab_size):
+    or fit_vocab. The model pads its rows further (GPTConfig.pad_vocab_to)."""
+    if vocab_size is None or fit_vocab:
         return tokenizer.vocab_size
     return vocab_size
 

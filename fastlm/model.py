@@ -318,7 +318,7 @@ class GPT(nn.Module):
         self.eval()
         try:
             cache = None
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 lengths = [len(s) for s in seqs] if ragged else [seqs.shape[1]] * seqs.shape[0]
                 if use_cache and max(lengths) < self.config.block_size:
                     if cache is None:
@@ -328,6 +328,10 @@ class GPT(nn.Module):
                         logits = cache.decode(next_id)
                 else:
                     logits = self._last_logits(seqs, ragged)
+                if step == 0 and not torch.isfinite(logits).all():
+                    # Weights of a diverged run: a clear error, not a meaningless argmax or a RuntimeError
+                    # (a device-side assert on CUDA) from torch.multinomial. Checked once (one host sync).
+                    raise ValueError("the model's logits are NaN or inf: its weights are broken (a run that diverged?)")
                 next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)
                 if ragged:
                     seqs = [torch.cat((s, t)) for s, t in zip(seqs, next_id[:, None])]

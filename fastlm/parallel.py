@@ -137,6 +137,15 @@ def apply_fsdp(model, device, param_dtype=None, reshard_after_forward=True, mesh
     return model
 
 
+def reshard(model):
+    """Free the gathered parameters of every FSDP module of `model`, as a backward does. A forward
+    without backward (an eval) leaves them gathered where reshard_after_forward is False, and the
+    modules then hold plain tensors instead of their sharded DTensor parameters."""
+    for module in model.modules():
+        if is_fsdp(module):
+            module.reshard()
+
+
 def is_fsdp(model):
     from torch.distributed.fsdp import FSDPModule
 

@@ -54,7 +54,8 @@ def build_parser():
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="text file, or directory of .txt/.jsonl/.jsonl.gz/.parquet files")
     p.add_argument("--out", required=True, help="output directory for the shards (or a FILE.tok token file)")
-    p.add_argument("--tokenizer", choices=("byte", "bpe", *TIKTOKEN_NAMES), default="byte")
+    p.add_argument("--tokenizer", choices=("byte", "bpe", *TIKTOKEN_NAMES), default="byte",
+                   help="byte, bpe (trained here) or a tiktoken encoding")
     p.add_argument("--tokenizer-file", "--tokenizer_file", dest="tokenizer_file", default=None,
                    help="local .tiktoken file for a tiktoken encoding (no download)")
     p.add_argument("--vocab-size", "--vocab_size", type=int, default=4096, dest="vocab_size",
@@ -65,7 +66,8 @@ def build_parser():
                    help="field holding the text in .jsonl and .parquet inputs")
     p.add_argument("--shard-tokens", "--shard_tokens", type=int, default=100_000_000, dest="shard_tokens",
                    help="tokens per shard (llm.c uses 1e8)")
-    p.add_argument("--val-tokens", "--val_tokens", type=int, default=None, dest="val_tokens",
+    # The default is said in the help: SUPPRESS keeps argparse from adding "(default: None)" after it.
+    p.add_argument("--val-tokens", "--val_tokens", type=int, default=argparse.SUPPRESS, dest="val_tokens",
                    help="tokens in the validation shard (default: about 10%% of the corpus, at most 10M)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
@@ -527,22 +529,28 @@ def _progress_bar(sources, cursor, enabled):
 
 # --------------------------------------------------------------------------- the single token file
 
-def prepare(data, out, tokenizer_kind="byte", vocab_size=4096):
-    """Tokenize `data` into the single token file `out` (the earlier format); returns (count, tokenizer)."""
+def prepare(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_file=None):
+    """Tokenize `data` into the single token file `out` (the earlier format); returns (count, tokenizer).
+    It reads .txt files only: records (.jsonl, .parquet) need the shards of prepare_shards."""
+    records = [p for p in input_files(data) if p.endswith(STRUCTURED_SUFFIXES)] if os.path.isdir(data) else []
+    if records:
+        raise ConfigError(f"{data} holds .jsonl/.parquet files ({os.path.basename(records[0])}, ...) that a FILE.tok "
+                          "output would leave out: it takes .txt files only; give --out a directory for shards")
     files = text_files(data)
     if tokenizer_kind == "bpe":
         tokenizer = BPETokenizer.train((_read_text_file(p) for p in files), vocab_size)
     else:
-        tokenizer = make_tokenizer(tokenizer_kind, vocab_size)
+        tokenizer = make_tokenizer(tokenizer_kind, vocab_size, tokenizer_file=tokenizer_file)
     count = write_token_file(out, (document_tokens(tokenizer, _read_text_file(p)) for p in files), tokenizer)
     return count, tokenizer
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.val_tokens = getattr(args, "val_tokens", None)
     try:
         if args.out.endswith(".tok"):
-            count, tokenizer = prepare(args.data, args.out, args.tokenizer, args.vocab_size)
+            count, tokenizer = prepare(args.data, args.out, args.tokenizer, args.vocab_size, args.tokenizer_file)
             print(f"wrote {count:,} tokens ({tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}) to {args.out}")
             return 0
         started, finished_before = time.perf_counter(), os.path.isfile(os.path.join(args.out, MANIFEST_NAME))

@@ -202,9 +202,14 @@ def main(argv=None):
         seed = None if args.seed is None else args.seed + i
         if streaming:
             write(0, prompts[0])
-        texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=seed, device=device, stop=args.stop,
-                               on_text=write if streaming else None, use_cache=args.use_cache)
+        try:
+            texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=seed, device=device, stop=args.stop,
+                                   on_text=write if streaming else None, use_cache=args.use_cache)
+        except ValueError as exc:  # NaN/inf logits: a checkpoint of a diverged run
+            if streaming:
+                print()
+            fail(PROG, f"{args.ckpt}: {exc}")
         if streaming:
             print()
         else:

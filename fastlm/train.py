@@ -35,7 +35,7 @@ from fastlm.loggers import LoggedMetrics, StepStats, make_loggers
 from fastlm.metrics import TABLE_HEADER, MetricsLog, Throughput, eval_record, peak_flops, table_row
 from fastlm.model import GPT, decay_groups
 from fastlm.optim import AdamW
-from fastlm.parallel import apply_activation_checkpointing, apply_fsdp
+from fastlm.parallel import apply_activation_checkpointing, apply_fsdp, reshard
 from fastlm.sample import sample_text
 
 PROG = "python -m fastlm.train"
@@ -105,10 +105,14 @@ class Trainer:
         if train_cfg.dtype == "float16" and self.device.type != "cuda":
             raise ConfigError("dtype float16 needs a CUDA device (use bfloat16 on CPU)")
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt is not None else init_tokenizer
+        # A vocab_size left at its default is the tokenizer's (gpt2: 50257; a nanoGPT character vocabulary: its
+        # size, not 256 rows that no token of the data ever uses).
+        fit_vocab = ckpt is None and init_state is None and "vocab_size" not in run.explicit
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
                               self.model_cfg.block_size, tokenizer, tokenizer_file=train_cfg.tokenizer_file,
-                              fit_vocab=ckpt is None and init_state is None and "vocab_size" not in run.explicit)
-        self.model_cfg.vocab_size = max(self.model_cfg.vocab_size, self.data.vocab_size)  # e.g. gpt2: 50257
+                              fit_vocab=fit_vocab)
+        if fit_vocab or self.data.vocab_size > self.model_cfg.vocab_size:
+            self.model_cfg.vocab_size = self.data.vocab_size
         self.tokenizer = self.data.tokenizer
         if ckpt is None and "tokenizer" in run.explicit and self.tokenizer.kind != train_cfg.tokenizer \
                 and self.world.is_main:  # (a resumed run's tokenizer is checked against its checkpoint's)
@@ -201,9 +205,6 @@ class Trainer:
         self._lock_out_dir()
         if self.world.is_main:
             remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
-            if train_cfg.overwrite and not train_cfg.resume:
-                remove_checkpoints(self.out_dir)
-                shutil.rmtree(os.path.join(self.out_dir, SHARDED_NAME), ignore_errors=True)
         if not train_cfg.resume:
             return None
         if sharded is not None:
@@ -253,7 +254,7 @@ class Trainer:
         self.window_steps = int(loop.get("window_steps", 0))
         self.skipped_steps = int(loop.get("skipped_steps", 0))
         states = ckpt["rng"]
-        if len(states) != self.world.size:
+        if len(states) != self.world.size and self.world.is_main:  # every rank meets it: rank 0 says it
             print(f"{PROG}: warning: checkpoint was written by {len(states)} process(es), resuming with "
                   f"{self.world.size}; batches and dropout will not match the original run exactly", file=sys.stderr)
         state = states[self.world.rank % len(states)]
@@ -319,6 +320,8 @@ class Trainer:
             if self.world.distributed:
                 dist.all_reduce(total)
             result[split] = total.item() / (self.train_cfg.eval_iters * self.world.size)
+        if self.fsdp:
+            reshard(self.raw_model)  # sharded again, as the optimizer and the checkpoint expect them
         self.raw_model.train()
         return result
 
@@ -449,6 +452,9 @@ class Trainer:
         cfg = self.train_cfg
         tokens_per_step = cfg.batch_size * self.model_cfg.block_size * cfg.grad_accum_steps * self.world.size
         if self.world.is_main:
+            if cfg.overwrite:  # only now that every setting and the data passed: a refused run replaces nothing
+                remove_checkpoints(self.out_dir)
+                shutil.rmtree(os.path.join(self.out_dir, SHARDED_NAME), ignore_errors=True)
             atomic_write_text(os.path.join(self.out_dir, "config.json"), self._config_json())
             atomic_write_text(os.path.join(self.out_dir, "tokenizer.json"),
                               json.dumps(self.tokenizer.to_dict()) + "\n")
@@ -518,7 +524,12 @@ class Trainer:
     # ----------------------------------------------------------------- reporting
 
     def _config_json(self):
-        return json.dumps({**self.run.as_dict(), "backends": self.backends}, indent=2) + "\n"
+        settings = self.run.as_dict()
+        # --resume, --overwrite and --override_resume_config act on this invocation's out_dir, they
+        # are no settings of the run: recorded true, `--config out/config.json --out_dir out2` would
+        # resume out2, or replace the run out2 holds without being asked to.
+        settings["train"].update(resume=False, overwrite=False, override_resume_config=False)
+        return json.dumps({**settings, "backends": self.backends}, indent=2) + "\n"
 
     def _print_header(self, tokens_per_step):
         n = self.raw_model.num_params()
@@ -586,9 +597,12 @@ class Trainer:
             print(f"\nsample: skipped under --parallel fsdp; python -m fastlm.consolidate {self.out_dir}, "
                   "then python -m fastlm.sample")
         elif self.train_cfg.sample_tokens:
-            print("\nsample:\n" + sample_text(self.raw_model, self.tokenizer, "\n", self.train_cfg.sample_tokens,
-                                             temperature=0.8, top_k=20, seed=self.train_cfg.seed,
-                                             device=self.device))
+            try:
+                print("\nsample:\n" + sample_text(self.raw_model, self.tokenizer, "\n", self.train_cfg.sample_tokens,
+                                                 temperature=0.8, top_k=20, seed=self.train_cfg.seed,
+                                                 device=self.device))
+            except ValueError as exc:  # NaN/inf logits, e.g. after --skip_nonfinite_steps skipped every step
+                _warn(f"no sample: {exc}")
 
 
 def weights_digest(model):

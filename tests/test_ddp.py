@@ -51,6 +51,15 @@ def test_two_gloo_ranks_end_with_identical_weights_and_resume(tmp_path):
     assert final[-1]["step"] == 9 and final[-1]["ranks_identical"] is True
 
 
+def test_a_resume_on_another_number_of_ranks_is_reported_once(tmp_path):
+    out = tmp_path / "one"
+    first = run_cli("fastlm.train", *tiny_args(out, steps=2))
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = torchrun(*tiny_args(out, "--resume", steps=3))
+    assert resumed.returncode == 0, diagnose(resumed)
+    assert resumed.stderr.count("written by 1 process(es), resuming with 2") == 1, diagnose(resumed)
+
+
 @pytest.mark.parametrize("args,needle", [(["--lr", "-1"], "lr must be positive, got -1.0"),
                                           (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag")])
 def test_a_command_line_error_is_printed_once_not_once_per_rank(tmp_path, args, needle):

@@ -392,6 +392,31 @@ def test_single_file_checkpoint_resumes_under_fsdp(tmp_path, single_run):
     assert_losses_close(torch.load(tmp_path / "resumed.pt"), single_run[6:])
 
 
+@pytest.mark.parametrize("keep_gathered", ["true", "false"])
+def test_cli_evals_leave_the_parameters_sharded(tmp_path, keep_gathered):
+    """An eval runs forward without backward: with --reshard_after_forward false the gathered
+    parameters stayed in the modules, and the update ratios of the eval record met plain tensors
+    beside their DTensor snapshot (a traceback at the first eval after a step)."""
+    from fastlm.metrics import read_metrics
+    from tests.helpers import run_cli, tiny_args
+
+    out = tmp_path / "run"
+    result = run_cli("fastlm.train", *tiny_args(out, "--parallel", "fsdp", "--reshard_after_forward", keep_gathered,
+                                                "--eval_interval", "2", "--ckpt_interval", "2", steps=4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(r["update_ratio"] for r in evals[1:])
+
+
+def test_consolidate_help_states_the_default_output_once(capsys):
+    from fastlm import consolidate
+
+    with pytest.raises(SystemExit):
+        consolidate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: ckpt.pt in the run's out_dir)" in text and "(default: None)" not in text, text
+
+
 def test_triton_attention_and_loss_under_fsdp(tmp_path):
     """The Triton custom ops (attention, fused linear cross-entropy; the interpreter on CPU) inside
     FSDP blocks and on the gathered tied weight give the one-process losses."""

@@ -180,6 +180,40 @@ def test_cli_errors_are_one_line(tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
 
 
+def test_a_token_file_output_refuses_records_it_would_leave_out(tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("plain text " * 100)
+    (corpus / "b.jsonl").write_text(json.dumps({"text": "a record " * 100}) + "\n")
+    result = run_cli("fastlm.prepare", "--data", corpus, "--out", tmp_path / "x.tok")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "b.jsonl" in lines[0] and "directory" in lines[0], result.stderr
+    assert not (tmp_path / "x.tok").exists()
+    (corpus / "b.jsonl").unlink()
+    assert run_cli("fastlm.prepare", "--data", corpus, "--out", tmp_path / "x.tok").returncode == 0
+
+
+def test_a_token_file_output_reads_the_tokenizer_file_given(tmp_path):
+    pytest.importorskip("tiktoken")
+    from fastlm.data import read_token_file
+    from tests.test_shards import small_ranks, write_tiktoken_file
+
+    write_tiktoken_file(small_ranks(), tmp_path / "small.tiktoken")
+    (tmp_path / "a.txt").write_text("the band and the tin " * 50)
+    result = run_cli("fastlm.prepare", "--data", tmp_path / "a.txt", "--out", tmp_path / "x.tok", "--tokenizer", "gpt2",
+                     "--tokenizer_file", tmp_path / "small.tiktoken")
+    assert result.returncode == 0, result.stderr
+    assert read_token_file(tmp_path / "x.tok")[1]["tokenizer"]["file"] == str(tmp_path / "small.tiktoken")
+
+
+def test_help_states_each_default_once():
+    result = run_cli("fastlm.prepare", "--help")
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert result.returncode == 0, result.stderr
+    assert "about 10% of the corpus, at most 10M) --workers" in text  # no "(default: None)" after it
+    assert "tiktoken encoding (default: byte)" in text
+
+
 def test_cli_writes_shards_with_progress(tmp_path):
     make_corpus(tmp_path / "in", with_parquet=False)
     result = run_cli("fastlm.prepare", "--data", tmp_path / "in", "--out", tmp_path / "out", "--workers", "2",

@@ -102,6 +102,17 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning_for_the_caller(ch
     assert "skipped ckpt-000999.pt, loading ckpt-" in err and "resuming" not in err
 
 
+@pytest.mark.parametrize("temperature", ["0.8", "0"])
+def test_a_checkpoint_whose_logits_are_nan_is_a_one_line_error(checkpoint, tmp_path, capsys, temperature):
+    state = torch.load(checkpoint / "ckpt.pt", weights_only=True)
+    state["model"]["wte.weight"][0, 0] = float("nan")  # a diverged run's weights
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit) as info:
+        sample_mod.main(["--ckpt", str(tmp_path), "--max-new-tokens", "3", "--temperature", temperature])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "NaN or inf" in err, err
+
+
 # --------------------------------------------------------------------------- streaming, stops, batches
 
 from fastlm import sample as sample_mod  # noqa: E402

@@ -202,7 +202,7 @@ def test_resume_restores_the_training_config_and_max_steps_extends_it(tmp_path, 
     changes = [line for line in capsys.readouterr().out.splitlines() if "resuming with changes" in line]
     assert changes == ["fastlm: resuming with changes: max_steps 4 -> 7 (the cosine schedule now ends there)"]
     after = json.loads((out / "config.json").read_text())
-    assert after["train"] == {**before["train"], "max_steps": 7, "resume": True}
+    assert after["train"] == {**before["train"], "max_steps": 7}  # "resume" stays false: see below
     assert after["model"] == before["model"]
     assert [e[0] for e in evals(out)] == [0, 3, 4, 6, 7]  # eval_interval 3 came back (4: the first run's end)
 
@@ -296,6 +296,14 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypatch, ca
     assert (out / "ckpt.pt").read_bytes() == before
 
 
+def test_a_run_whose_every_step_was_skipped_ends_without_a_sample_not_a_traceback(tmp_path, capsys):
+    # The first update with lr 1e12 breaks the weights; every later step is NaN and skipped.
+    args = tiny_args(tmp_path / "run", "--lr", "1e12", "--grad_clip", "0", "--warmup_steps", "1",
+                     "--skip_nonfinite_steps", "10", "--sample_tokens", "5", steps=4)
+    assert train_mod.main(args) == 0
+    assert "no sample: the model's logits are NaN or inf" in capsys.readouterr().err
+
+
 def test_help_lists_every_field_with_default():
     result = run_cli("fastlm.train", "--help")
     assert result.returncode == 0
@@ -348,6 +356,22 @@ def test_a_runs_config_json_starts_a_new_run_with_its_settings(tmp_path):
     assert {**saved["train"], "out_dir": str(tmp_path / "again")} == run.as_dict()["train"]
     assert train_mod.main(["--config", str(out / "config.json"), "--out_dir", str(tmp_path / "again")]) == 0
     assert losses(tmp_path / "again") == losses(out)  # the same settings train the same run
+
+
+def test_config_json_of_a_resumed_or_overwriting_run_starts_a_new_run(tmp_path):
+    """--resume and --overwrite are the invocation's, not the run's: a run's config.json given as
+    --config neither resumes the new out_dir nor replaces the run it holds."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    assert train_mod.main(tiny_args(out, steps=2)) == 0
+    assert train_mod.main(tiny_args(out, "--overwrite", steps=2)) == 0
+    assert train_mod.main(["--resume", "--out_dir", str(out), "--max_steps", "3", "--override_resume_config"]) == 0
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert (saved["resume"], saved["overwrite"], saved["override_resume_config"]) == (False, False, False)
+    assert train_mod.main(["--config", str(out / "config.json"), "--out_dir", str(tmp_path / "again")]) == 0
+    assert train_mod.main(tiny_args(other, steps=2)) == 0
+    kept = (other / "ckpt.pt").read_bytes()
+    _one_line_error(run_cli("fastlm.train", "--config", out / "config.json", "--out_dir", other), "already holds a run")
+    assert (other / "ckpt.pt").read_bytes() == kept
 
 
 def _one_line_error(result, *needles):
@@ -415,6 +439,25 @@ def test_a_rank_stopped_while_it_waits_exits_with_the_error_s_code_in_silence():
     assert (result.returncode, result.stdout, result.stderr) == (2, "", "")  # ended by the signal, in silence
 
 
+def test_a_nanogpt_character_vocabulary_sizes_the_model(tmp_path):
+    """vocab_size left at its default is the data's vocabulary: smaller than 256 too, so the model has
+    no rows that the data never uses (and a sample never draws ids that decode to nothing)."""
+    import numpy as np
+
+    from tests.test_shards import nanogpt_write
+
+    chars = "\n !abcdefghij"
+    rng = np.random.default_rng(3)
+    (tmp_path / "data").mkdir()
+    nanogpt_write(tmp_path / "data", rng.integers(0, len(chars), 3000), rng.integers(0, len(chars), 500), chars)
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--data", tmp_path / "data", steps=2)) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == len(chars)
+    chosen = tmp_path / "chosen"
+    assert train_mod.main(tiny_args(chosen, "--data", tmp_path / "data", "--vocab_size", "100", steps=2)) == 0
+    assert json.loads((chosen / "config.json").read_text())["model"]["vocab_size"] == 100
+
+
 def test_bad_data_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -467,6 +510,12 @@ def test_existing_run_is_not_overwritten(tmp_path):
     # --init_from starts a new run; a resumed one keeps its own weights.
     _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--resume", "--init_from", out / "ckpt.pt", steps=4)),
                     "starts a new run")
+    # --overwrite replaces the run only once the new one passed its checks: a refused one touches nothing.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--overwrite", "--data", empty, steps=2)), "is empty")
+    _one_line_error(run_cli("fastlm.train", *tiny_args(out, "--overwrite", "--vocab_size", "100", steps=2)),
+                    "vocab_size is 100")
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     before.pop(".lock"), after.pop(".lock")  # each run writes its pid into the lock file
     assert before == after
