@@ -617,6 +617,23 @@ def _warn(message):
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
+def _out_of_memory(exc):
+    """Whether `exc` is an allocation that failed: CUDA's OutOfMemoryError or the CPU allocator's."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "DefaultCPUAllocator" in str(exc)
+
+
+def _out_of_memory_message(exc, trainer):
+    """One line for a run that ran out of memory: where, what torch said, and what to change."""
+    said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    said = said.split("DefaultCPUAllocator: ", 1)[-1].split(". GPU ", 1)[0]  # the allocation, not torch's details
+    if trainer is None:
+        return f"out of memory building the model: {said}; choose a smaller model (--d_model, --n_layer, --vocab_size)"
+    kept = "" if trainer._saved_step is None else f"; the checkpoint of step {trainer._saved_step} is kept"
+    return (f"out of memory at step {trainer.step} on {trainer.device}: {said}{kept}; lower --batch_size "
+            "(--grad_accum_steps keeps the tokens per step), use --activation_checkpointing full, or choose a "
+            "smaller model")
+
+
 def main(argv=None):
     code, run, trainer = 2, None, None
     try:
@@ -632,6 +649,10 @@ def main(argv=None):
     except OSError as exc:  # e.g. a full disk while writing metrics: one line, not a traceback
         where = f" {exc.filename}" if exc.filename else ""
         fail(PROG, f"cannot write{where}: {exc.strerror or exc}", code=1)
+    except RuntimeError as exc:
+        if not _out_of_memory(exc):
+            raise
+        fail(PROG, _out_of_memory_message(exc, trainer), code=1)
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         saved = f" (step {trainer._saved_step})" if trainer is not None and trainer._saved_step is not None else ""

@@ -176,6 +176,35 @@ def test_keep_checkpoints(tmp_path):
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 5
 
 
+# --------------------------------------------------------------------------- out of memory
+
+def _limit_address_space(max_bytes):
+    def limit():  # every allocation past it fails, whatever the machine's overcommit policy
+        resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
+
+    return limit
+
+
+def test_out_of_memory_is_one_line_and_keeps_the_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    assert train_mod.main(tiny_args(out, "--ckpt_interval", "1", steps=2)) == 0
+    before = snapshot(out)
+    limit = _limit_address_space(6 << 30)
+    # A model that does not fit (a 100 GB embedding), then a batch that does not (GBs of activations).
+    big_model = subprocess.run([sys.executable, "-m", "fastlm.train",
+                                *tiny_args(tmp_path / "new", "--d_model", "100000000", "--n_head", "1")],
+                               capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert big_model.returncode == 1, big_model.stderr
+    one_line_error(big_model.stderr, "out of memory building the model", "choose a smaller model")
+    big_batch = subprocess.run([sys.executable, "-m", "fastlm.train", "--resume", "--out_dir", str(out), "--max_steps",
+                                "4", "--batch_size", "2000000", "--override_resume_config"],
+                               capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert big_batch.returncode == 1, big_batch.stderr
+    one_line_error(big_batch.stderr, "out of memory at step 2 on cpu", "the checkpoint of step 2 is kept",
+                   "lower --batch_size")
+    assert snapshot(out) == before
+
+
 # --------------------------------------------------------------------------- full disk, unwritable
 
 def _limit_file_size(max_bytes):
