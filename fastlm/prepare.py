@@ -29,6 +29,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 
@@ -234,6 +235,19 @@ def _init_worker(spec):
     _worker_tokenizer = tokenizer_from_dict(spec)
 
 
+def _init_pool_worker(spec, parent_pid):
+    """A tokenizer process: it dies with prepare (on Linux), instead of living on to print a BrokenPipeError
+    traceback per task when prepare is killed (kill -9, the OOM killer)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # prepare died before the line above took effect
+            os._exit(1)
+    _init_worker(spec)
+
+
 def _tokenize(pieces):
     """Token ids (the shard dtype) of the pieces of one task, and the number of documents they start."""
     arrays = [document_tokens(_worker_tokenizer, text) if starts else _worker_tokenizer.encode_array(text)
@@ -253,7 +267,7 @@ def _tokenized(tasks, spec, workers):
     from collections import deque
 
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(spec, os.getpid())) as pool:
         pending = deque()
         for pieces, cursor, size in tasks:
             pending.append((pool.apply_async(_tokenize, (pieces,)), cursor, size))

@@ -3,6 +3,10 @@ and an interrupted run resuming from its last complete shard."""
 import gzip
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -364,3 +368,23 @@ def test_failed_prepare_leaves_no_directory_of_its_own(tmp_path, capsys, name, w
     assert out.is_dir() == out_existed and (tmp_path / "new").is_dir() == out_existed
     if out_existed:
         assert list(out.iterdir()) == []
+
+
+def test_killed_prepare_takes_its_tokenizer_processes_with_it(tmp_path):
+    """kill -9 of prepare (or the OOM killer) ends its workers at once and in silence: none lives on
+    to print a BrokenPipeError traceback for each task it finishes."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(make_docs(40_000, 3)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fastlm.prepare", "--data", str(corpus), "--out", str(out),
+                             "--workers", "2", "--tokenizer", "bpe", "--vocab-size", "400", "--bpe-train-mb", "0.2",
+                             "--val-tokens", "1000", "--shard-tokens", "20000", "--progress", "false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("train_*.bin")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the workers are busy
+    assert proc.poll() is None, "prepare finished before it could be killed: give it more text"
+    proc.kill()
+    stderr = proc.stderr.read()  # EOF once every process holding the pipe (the workers too) has ended
+    proc.wait()
+    assert stderr == "", stderr
