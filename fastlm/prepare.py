@@ -433,7 +433,9 @@ def _check_same_settings(out, which, recorded, recorded_val_tokens, settings, va
     if val_tokens is not None and val_tokens != recorded_val_tokens:
         differ.append("val_tokens")
     if differ:
-        raise ConfigError(f"{out} holds {which} prepare of other inputs or settings ({', '.join(differ)} differ); "
+        # named as the user gave them: the flags, and the input files for their sizes and fingerprints
+        names = ["the input files" if key == "sources" else "--" + key.replace("_kind", "") for key in differ]
+        raise ConfigError(f"{out} holds {which} prepare of other inputs or settings ({', '.join(names)} differ); "
                           "remove the directory to start afresh, or choose another --out")
 
 
