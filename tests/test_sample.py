@@ -36,6 +36,8 @@ def test_sample_accepts_the_checkpoint_file(checkpoint):
     (["--temperature", "-1"], "--temperature"),
     (["--top-p", "1.5"], "--top-p"),
     (["--top-k", "0"], "--top-k"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
 ])
 def test_bad_sampling_arguments(checkpoint, args, needle):
     result = run_cli("fastlm.sample", "--ckpt", checkpoint, *args)
@@ -159,6 +161,16 @@ def test_streamed_pieces_are_the_returned_text(checkpoint):
     ids = tok.encode(batch[0])
     ended = sample_mod.generate_texts(model, tok, ["To be"], 30, temperature=0, eos_id=ids[2])[0]
     assert ended == tok.decode(ids[:ids.index(ids[2])])
+
+
+def test_a_tiktoken_model_s_end_of_text_ends_the_sample():
+    tiktoken = pytest.importorskip("tiktoken")
+    from fastlm.tokenizers import TiktokenTokenizer
+
+    encoding = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={"<|endoftext|>": 256})
+    assert sample_mod.end_of_text_id(TiktokenTokenizer("gpt2", encoding=encoding)) == 256
+    assert sample_mod.end_of_text_id(ByteTokenizer()) is None
 
 
 def test_cli_batch_stop_and_benchmark(checkpoint, capsys):
