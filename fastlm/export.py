@@ -124,6 +124,10 @@ def export_hf(config, state, tokenizer, out_dir, dropout=0.1):
     has_tokenizer = tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe"
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir} is a file; give a directory (--format hf writes one)")
+    existing = os.path.join(out_dir, "config.json")
+    if os.path.isfile(existing) and not _is_hf_config(existing):
+        raise ConfigError(f"{existing} is not a Hugging Face config (a fastlm run's settings?) and the export would "
+                          "replace it; export into another directory")
     if not has_tokenizer and all(os.path.isfile(os.path.join(out_dir, f)) for f in ("vocab.json", "merges.txt")):
         raise ConfigError(f"{out_dir} holds vocab.json and merges.txt, which would be read as this model's "
                           "tokenizer; export into another directory")
@@ -143,6 +147,24 @@ def export_hf(config, state, tokenizer, out_dir, dropout=0.1):
             if os.path.isfile(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     return written
+
+
+def _is_hf_config(path):
+    try:
+        with open(path) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def missing_tokenizer_note(tokenizer):
+    """What to encode text with, for an hf export written without tokenizer files."""
+    kind = getattr(tokenizer, "kind", "byte")  # a checkpoint without a tokenizer is a byte model
+    if kind == "byte":
+        return ("note: the byte tokenizer has no Hugging Face form; encode text as UTF-8 bytes (ids 0-255) to use "
+                "the exported model")
+    return (f"note: the {kind} tokenizer is not written (no Hugging Face form here); encode text with the {kind} "
+            "tokenizer to use the exported model")
 
 
 def save_safetensors(tensors, path, metadata):
@@ -270,6 +292,9 @@ def export_safetensors(config, state, tokenizer, path):
     """fastlm's state dict in one .safetensors file; metadata holds the GPTConfig and the tokenizer."""
     if os.path.isdir(path):
         raise ConfigError(f"--out {path} is a directory; give a file name (--format safetensors writes one file)")
+    if not str(path).endswith(".safetensors"):  # also keeps the export off a run's ckpt.pt and config.json
+        raise ConfigError(f"--out {path}: give a file name ending in .safetensors (how fastlm.eval, fastlm.sample "
+                          "and --init_from recognise the file)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != "lm_head.weight"}  # tied
     metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(dataclasses.asdict(config))}
     if tokenizer is not None:
@@ -383,13 +408,14 @@ def main(argv=None):
             written = export_hf(config, ckpt["model"], tokenizer, args.out, dropout=dropout)
             print(f"wrote {', '.join(written)} in {args.out}")
             if tokenizer is None or tokenizer.kind != "bpe":
-                print(f"note: the {getattr(tokenizer, 'kind', 'missing')} tokenizer has no Hugging Face form; "
-                      "encode text as UTF-8 bytes (ids 0-255) to use the exported model")
+                print(missing_tokenizer_note(tokenizer))
         else:
             export_safetensors(config, ckpt["model"], tokenizer, args.out)
             print(f"wrote {args.out}")
     except ConfigError as exc:
         fail(PROG, str(exc))
+    except OSError as exc:  # an --out that cannot be made or written: one line, not a traceback
+        fail(PROG, f"cannot write {exc.filename or args.out}: {exc.strerror or exc}")
     return 0
 
 
