@@ -8,6 +8,7 @@ COLUMNS = [("name", "name", ""), ("case", "case", ""), ("backend", "backend", ""
            ("fused_peak_mb", "fused peak MB", ".1f"), ("max_err", "max err", ".1e")]
 HEADERS = [header for _, header, _ in COLUMNS] + ["notes"]
 LEFT = {0, 1, 2, len(COLUMNS)}  # text columns; the others are numbers
+SCHEMA = 2  # of summary.json; a summary of another schema is neither merged into nor rendered
 SUMMARY_PLOTS = ("summary_speedup", "summary_memory", "summary_times")
 REFERENCE_NOTE = (
     "Reference = each benchmark's PyTorch baseline (cross_entropy: F.cross_entropy, or lm_head + F.cross_entropy; "
@@ -69,6 +70,12 @@ def write_markdown(out_dir):
             with open(path) as f:
                 docs[name] = json.load(f)
     summary, parity = docs.get("summary"), docs.get("parity")
+    if summary is not None and summary.get("schema") != SCHEMA:  # an earlier runner's, of other fields
+        print(f"note: {os.path.join(out_dir, 'summary.json')} is from another runner version (schema "
+              f"{summary.get('schema')}); summary.md leaves it out until the benchmarks are rerun", flush=True)
+        summary = None
+        if parity is None:
+            return
     env = (summary or parity)["env"]
     lines = ["# fastlm benchmarks", "", f"Measured on **{env['device']}** with torch {env['torch']}, triton "
              f"{env['triton']}, Python {env['python']}, {env['threads']} threads.", ""]
