@@ -164,6 +164,8 @@ def main(argv=None):
     try:
         if args.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        if args.benchmark and args.max_new_tokens == 0:
+            raise ConfigError("--benchmark times --max-new-tokens tokens of decoding; give a positive number, got 0")
         if not 0 <= args.temperature < math.inf:  # nan fails this too
             raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
         if args.top_k is not None and args.top_k <= 0:

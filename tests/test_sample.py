@@ -38,6 +38,7 @@ def test_sample_accepts_the_checkpoint_file(checkpoint):
     (["--top-k", "0"], "--top-k"),
     (["--temperature", "nan"], "--temperature"),
     (["--temperature", "inf"], "--temperature"),
+    (["--benchmark", "--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_bad_sampling_arguments(checkpoint, args, needle):
     result = run_cli("fastlm.sample", "--ckpt", checkpoint, *args)
