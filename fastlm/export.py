@@ -305,11 +305,11 @@ def export_safetensors(config, state, tokenizer, path):
 
 def load_safetensors(path):
     """(GPTConfig, state_dict, tokenizer or None) of a file written by export_safetensors."""
-    from safetensors import safe_open
-
     from fastlm.data import tokenizer_from_dict
 
-    _safetensors()
+    _safetensors()  # a missing package is one line, before `from safetensors import` would fail
+    from safetensors import safe_open
+
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != SAFETENSORS_FORMAT:

@@ -271,6 +271,17 @@ def test_cli_exports_a_trained_checkpoint(tmp_path, capsys):
         torch.testing.assert_close(fastlm_from(config2, state2)(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_reading_a_safetensors_file_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"not read")
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # what `import` sees where the package is missing
+    with pytest.raises(ConfigError, match="needs the safetensors package"):
+        export.load_pretrained(str(path))
+
+
 def test_cli_error_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         export.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "x")])
