@@ -190,8 +190,12 @@ def load_hf_gpt2(hf_dir, pad_vocab_to=1):
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    with open(config_path) as f:
-        hf = json.load(f)
+
+    def read_config():
+        with open(config_path) as f:
+            return json.load(f)
+
+    hf = _read_or_fail(config_path, read_config)
     config = gpt2_to_fastlm_config(hf, pad_vocab_to, where=hf_dir)
     tensors = _read_hf_tensors(hf_dir)
     state = from_gpt2_state_dict(tensors, config, where=hf_dir)
@@ -223,16 +227,28 @@ def gpt2_to_fastlm_config(hf, pad_vocab_to=1, where="config.json"):
                      pos_emb="learned", norm="layernorm", mlp=FASTLM_MLP[activation], pad_vocab_to=pad_vocab_to)
 
 
+def _read_or_fail(path, read):
+    """read(), with the error of a damaged or foreign file as a ConfigError naming `path`."""
+    try:
+        return read()
+    except ConfigError:
+        raise
+    except Exception as exc:  # safetensors, json, tokenizers and torch.load each raise their own types
+        raise ConfigError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+
+
 def _mlp_choices():
     return next(f.metadata["choices"] for f in dataclasses.fields(GPTConfig) if f.name == "mlp")
 
 
 def _read_hf_tensors(hf_dir):
     path = os.path.join(hf_dir, HF_WEIGHTS)
+    bin_path = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.isfile(path):
-        tensors = _safetensors().load_file(path)
-    elif os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
-        tensors = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        load_file = _safetensors().load_file
+        tensors = _read_or_fail(path, lambda: load_file(path))
+    elif os.path.isfile(bin_path):
+        tensors = _read_or_fail(bin_path, lambda: torch.load(bin_path, map_location="cpu", weights_only=True))
     else:
         raise ConfigError(f"{hf_dir} has no {HF_WEIGHTS} or pytorch_model.bin")
     # save_pretrained writes transformer.h.0...; the original gpt2 upload has h.0... (no prefix).
@@ -275,7 +291,7 @@ def hf_tokenizer(hf_dir):
     if os.path.isfile(path):
         from tokenizers import Tokenizer
 
-        return BPETokenizer(Tokenizer.from_file(path))
+        return BPETokenizer(_read_or_fail(path, lambda: Tokenizer.from_file(path)))
     if os.path.isfile(vocab) and os.path.isfile(merges):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -310,11 +326,14 @@ def load_safetensors(path):
     _safetensors()  # a missing package is one line, before `from safetensors import` would fail
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != SAFETENSORS_FORMAT:
-            raise ConfigError(f"{path} is not a fastlm safetensors file (no {SAFETENSORS_FORMAT} metadata)")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    def read():
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != SAFETENSORS_FORMAT:
+                raise ConfigError(f"{path} is not a fastlm safetensors file (no {SAFETENSORS_FORMAT} metadata)")
+            return metadata, {k: f.get_tensor(k) for k in f.keys()}
+
+    metadata, state = _read_or_fail(path, read)
     config = GPTConfig(**json.loads(metadata["config"]))
     state["lm_head.weight"] = state["wte.weight"]
     tokenizer = tokenizer_from_dict(json.loads(metadata["tokenizer"])) if "tokenizer" in metadata else None

@@ -282,6 +282,23 @@ def test_reading_a_safetensors_file_without_the_package_says_what_to_install(tmp
         export.load_pretrained(str(path))
 
 
+@pytest.mark.parametrize("damage", ["junk file", "truncated file", "hf config.json", "hf weights"])
+def test_corrupt_weights_are_a_one_line_error(tmp_path, damage):
+    config = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, d_model=32)
+    state = GPT(config).state_dict()
+    if damage.startswith("hf"):
+        path = tmp_path / "hf"
+        export.export_hf(config, state, None, path)
+        name = "config.json" if damage == "hf config.json" else "model.safetensors"
+        (path / name).write_bytes((path / name).read_bytes()[:40])
+    else:
+        path = tmp_path / "m.safetensors"
+        export.export_safetensors(config, state, None, path)
+        path.write_bytes(b"not safetensors" if damage == "junk file" else path.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="is corrupt or unreadable"):
+        export.load_pretrained(str(path))
+
+
 def test_cli_error_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         export.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "x")])
