@@ -184,10 +184,10 @@ def main(argv=None):
                     raise ConfigError(f"{flag} {ascii(text)} is not valid UTF-8 text") from None
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.ckpt, device)
+        # Encoded here: a character vocabulary (nanoGPT's) refuses a character it lacks with a ConfigError.
+        prompts = [p if tokenizer.encode(p) else "\n" for p in args.prompt or ["\n"]]
     except ConfigError as exc:
         fail(PROG, str(exc))
-    prompts = args.prompt or ["\n"]
-    prompts = [p if tokenizer.encode(p) else "\n" for p in prompts]
     if args.benchmark:
         ids = tokenizer.encode(prompts[0])
         speed = benchmark_generation(model, ids, args.max_new_tokens)

@@ -63,6 +63,19 @@ def test_bad_prompt_stop_and_device_are_one_line_errors(checkpoint, capsys, args
     assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_prompt_the_tokenizer_cannot_encode_is_a_one_line_error(checkpoint, capsys, monkeypatch):
+    from fastlm.tokenizers import CharTokenizer
+
+    model, _ = load_model(str(checkpoint))
+    # A nanoGPT character vocabulary has no 'Z'.
+    monkeypatch.setattr(sample_mod, "load_model", lambda path, device: (model, CharTokenizer("ab \n")))
+    with pytest.raises(SystemExit) as info:
+        sample_mod.main(["--ckpt", str(checkpoint), "--prompt", "Zebra"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "'Z' is not in the character vocabulary" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_help_shows_no_default_beside_the_switches_that_turn_things_off(capsys):
     with pytest.raises(SystemExit):
         sample_mod.main(["--help"])
