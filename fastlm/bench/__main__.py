@@ -234,8 +234,8 @@ def run_parity_check(args, out_dir):
     print(parity.describe(report))
     _write_json(out_dir, "parity", report)
     save_plots(out_dir, lambda: {"parity": parity.plot(report)})
-    write_markdown(out_dir)
-    print(f"wrote parity.json, parity.png and summary.md in {out_dir}{args.out_dir_note}")
+    markdown = write_markdown(out_dir)
+    print(f"wrote parity.json, parity.png{' and summary.md' if markdown else ''} in {out_dir}{args.out_dir_note}")
     return 0 if report["passed"] else 1
 
 

@@ -62,7 +62,8 @@ def markdown_table(rows):
 
 
 def write_markdown(out_dir):
-    """summary.md from summary.json and parity.json, whichever out_dir holds."""
+    """summary.md from summary.json and parity.json, whichever out_dir holds; returns whether it was written.
+    Beside a summary.json of an earlier runner (another SCHEMA), summary.md, rendered from that, is kept."""
     docs = {}
     for name in ("summary", "parity"):
         path = os.path.join(out_dir, f"{name}.json")
@@ -72,10 +73,8 @@ def write_markdown(out_dir):
     summary, parity = docs.get("summary"), docs.get("parity")
     if summary is not None and summary.get("schema") != SCHEMA:  # an earlier runner's, of other fields
         print(f"note: {os.path.join(out_dir, 'summary.json')} is from another runner version (schema "
-              f"{summary.get('schema')}); summary.md leaves it out until the benchmarks are rerun", flush=True)
-        summary = None
-        if parity is None:
-            return
+              f"{summary.get('schema')}): summary.md is left as it is until the benchmarks are rerun", flush=True)
+        return False
     env = (summary or parity)["env"]
     lines = ["# fastlm benchmarks", "", f"Measured on **{env['device']}** with torch {env['torch']}, triton "
              f"{env['triton']}, Python {env['python']}, {env['threads']} threads.", ""]
@@ -99,6 +98,7 @@ def write_markdown(out_dir):
         lines += ["## Plots", "", *[f"![{png[:-4]}]({png})\n" for png in pngs]]
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines))
+    return True
 
 
 def save_plots(out_dir, draw):
