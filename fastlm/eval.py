@@ -123,6 +123,9 @@ def read_hellaswag(path, limit=None):
                 endings, label = list(item["endings"]), int(item["label"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{path}:{n}: not a HellaSwag record ({type(exc).__name__}: {exc})") from None
+            if not (isinstance(ctx, str) and ctx.strip() and all(isinstance(e, str) for e in endings)):
+                # An ending after no context would have a first token that nothing predicts.
+                raise ConfigError(f"{path}:{n}: a HellaSwag record needs a non-empty context and text endings")
             if not 0 <= label < len(endings):
                 raise ConfigError(f"{path}:{n}: label {label} is not the index of one of {len(endings)} endings")
             examples.append((ctx, endings, label))

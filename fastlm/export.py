@@ -124,6 +124,10 @@ def export_hf(config, state, tokenizer, out_dir, dropout=0.1):
     has_tokenizer = tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe"
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir} is a file; give a directory (--format hf writes one)")
+    existing = os.path.join(out_dir, "config.json")
+    if os.path.isfile(existing) and not _is_hf_config(existing):
+        raise ConfigError(f"{existing} is not a Hugging Face config (a fastlm run's settings?) and the export would "
+                          "replace it; export into another directory")
     if not has_tokenizer and all(os.path.isfile(os.path.join(out_dir, f)) for f in ("vocab.json", "merges.txt")):
         raise ConfigError(f"{out_dir} holds vocab.json and merges.txt, which would be read as this model's "
                           "tokenizer; export into another directory")
@@ -143,6 +147,24 @@ def export_hf(config, state, tokenizer, out_dir, dropout=0.1):
             if os.path.isfile(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     return written
+
+
+def _is_hf_config(path):
+    try:
+        with open(path) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def missing_tokenizer_note(tokenizer):
+    """What to encode text with, for an hf export written without tokenizer files."""
+    kind = getattr(tokenizer, "kind", "byte")  # a checkpoint without a tokenizer is a byte model
+    if kind == "byte":
+        return ("note: the byte tokenizer has no Hugging Face form; encode text as UTF-8 bytes (ids 0-255) to use "
+                "the exported model")
+    return (f"note: the {kind} tokenizer is not written (no Hugging Face form here); encode text with the {kind} "
+            "tokenizer to use the exported model")
 
 
 def save_safetensors(tensors, path, metadata):
@@ -168,8 +190,12 @@ def load_hf_gpt2(hf_dir, pad_vocab_to=1):
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    with open(config_path) as f:
-        hf = json.load(f)
+
+    def read_config():
+        with open(config_path) as f:
+            return json.load(f)
+
+    hf = _read_or_fail(config_path, read_config)
     config = gpt2_to_fastlm_config(hf, pad_vocab_to, where=hf_dir)
     tensors = _read_hf_tensors(hf_dir)
     state = from_gpt2_state_dict(tensors, config, where=hf_dir)
@@ -201,16 +227,28 @@ def gpt2_to_fastlm_config(hf, pad_vocab_to=1, where="config.json"):
                      pos_emb="learned", norm="layernorm", mlp=FASTLM_MLP[activation], pad_vocab_to=pad_vocab_to)
 
 
+def _read_or_fail(path, read):
+    """read(), with the error of a damaged or foreign file as a ConfigError naming `path`."""
+    try:
+        return read()
+    except ConfigError:
+        raise
+    except Exception as exc:  # safetensors, json, tokenizers and torch.load each raise their own types
+        raise ConfigError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+
+
 def _mlp_choices():
     return next(f.metadata["choices"] for f in dataclasses.fields(GPTConfig) if f.name == "mlp")
 
 
 def _read_hf_tensors(hf_dir):
     path = os.path.join(hf_dir, HF_WEIGHTS)
+    bin_path = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.isfile(path):
-        tensors = _safetensors().load_file(path)
-    elif os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
-        tensors = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        load_file = _safetensors().load_file
+        tensors = _read_or_fail(path, lambda: load_file(path))
+    elif os.path.isfile(bin_path):
+        tensors = _read_or_fail(bin_path, lambda: torch.load(bin_path, map_location="cpu", weights_only=True))
     else:
         raise ConfigError(f"{hf_dir} has no {HF_WEIGHTS} or pytorch_model.bin")
     # save_pretrained writes transformer.h.0...; the original gpt2 upload has h.0... (no prefix).
@@ -253,7 +291,7 @@ def hf_tokenizer(hf_dir):
     if os.path.isfile(path):
         from tokenizers import Tokenizer
 
-        return BPETokenizer(Tokenizer.from_file(path))
+        return BPETokenizer(_read_or_fail(path, lambda: Tokenizer.from_file(path)))
     if os.path.isfile(vocab) and os.path.isfile(merges):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -270,6 +308,9 @@ def export_safetensors(config, state, tokenizer, path):
     """fastlm's state dict in one .safetensors file; metadata holds the GPTConfig and the tokenizer."""
     if os.path.isdir(path):
         raise ConfigError(f"--out {path} is a directory; give a file name (--format safetensors writes one file)")
+    if not str(path).endswith(".safetensors"):  # also keeps the export off a run's ckpt.pt and config.json
+        raise ConfigError(f"--out {path}: give a file name ending in .safetensors (how fastlm.eval, fastlm.sample "
+                          "and --init_from recognise the file)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != "lm_head.weight"}  # tied
     metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(dataclasses.asdict(config))}
     if tokenizer is not None:
@@ -280,16 +321,19 @@ def export_safetensors(config, state, tokenizer, path):
 
 def load_safetensors(path):
     """(GPTConfig, state_dict, tokenizer or None) of a file written by export_safetensors."""
-    from safetensors import safe_open
-
     from fastlm.data import tokenizer_from_dict
 
-    _safetensors()
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != SAFETENSORS_FORMAT:
-            raise ConfigError(f"{path} is not a fastlm safetensors file (no {SAFETENSORS_FORMAT} metadata)")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    _safetensors()  # a missing package is one line, before `from safetensors import` would fail
+    from safetensors import safe_open
+
+    def read():
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != SAFETENSORS_FORMAT:
+                raise ConfigError(f"{path} is not a fastlm safetensors file (no {SAFETENSORS_FORMAT} metadata)")
+            return metadata, {k: f.get_tensor(k) for k in f.keys()}
+
+    metadata, state = _read_or_fail(path, read)
     config = GPTConfig(**json.loads(metadata["config"]))
     state["lm_head.weight"] = state["wte.weight"]
     tokenizer = tokenizer_from_dict(json.loads(metadata["tokenizer"])) if "tokenizer" in metadata else None
@@ -383,13 +427,14 @@ def main(argv=None):
             written = export_hf(config, ckpt["model"], tokenizer, args.out, dropout=dropout)
             print(f"wrote {', '.join(written)} in {args.out}")
             if tokenizer is None or tokenizer.kind != "bpe":
-                print(f"note: the {getattr(tokenizer, 'kind', 'missing')} tokenizer has no Hugging Face form; "
-                      "encode text as UTF-8 bytes (ids 0-255) to use the exported model")
+                print(missing_tokenizer_note(tokenizer))
         else:
             export_safetensors(config, ckpt["model"], tokenizer, args.out)
             print(f"wrote {args.out}")
     except ConfigError as exc:
         fail(PROG, str(exc))
+    except OSError as exc:  # an --out that cannot be made or written: one line, not a traceback
+        fail(PROG, f"cannot write {exc.filename or args.out}: {exc.strerror or exc}")
     return 0
 
 

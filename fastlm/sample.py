@@ -10,6 +10,7 @@ printed) or at the tokenizer's end-of-text token (<|endoftext|> where the vocabu
 --benchmark prints tokens/s of the KV-cached and the uncached decoding instead of text.
 """
 import argparse
+import math
 import sys
 import time
 
@@ -28,7 +29,7 @@ def end_of_text_id(tokenizer):
     inner = getattr(tokenizer, "_tok", None)
     if inner is not None and hasattr(inner, "token_to_id"):
         return inner.token_to_id(END_OF_TEXT)
-    return getattr(tokenizer, "eos_id", None)
+    return getattr(tokenizer, "eot_token", None)  # tiktoken's <|endoftext|>
 
 
 class TextStream:
@@ -163,8 +164,10 @@ def main(argv=None):
     try:
         if args.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.benchmark and args.max_new_tokens == 0:
+            raise ConfigError("--benchmark times --max-new-tokens tokens of decoding; give a positive number, got 0")
+        if not 0 <= args.temperature < math.inf:  # nan fails this too
+            raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
         if args.top_k is not None and args.top_k <= 0:
             raise ConfigError(f"--top-k must be positive, got {args.top_k}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -181,10 +184,10 @@ def main(argv=None):
                     raise ConfigError(f"{flag} {ascii(text)} is not valid UTF-8 text") from None
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.ckpt, device)
+        # Encoded here: a character vocabulary (nanoGPT's) refuses a character it lacks with a ConfigError.
+        prompts = [p if tokenizer.encode(p) else "\n" for p in args.prompt or ["\n"]]
     except ConfigError as exc:
         fail(PROG, str(exc))
-    prompts = args.prompt or ["\n"]
-    prompts = [p if tokenizer.encode(p) else "\n" for p in prompts]
     if args.benchmark:
         ids = tokenizer.encode(prompts[0])
         speed = benchmark_generation(model, ids, args.max_new_tokens)

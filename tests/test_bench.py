@@ -357,6 +357,22 @@ def test_a_benchmark_that_times_out_or_dies_keeps_the_rows_it_finished(slow_benc
     assert not [p for p in os.listdir(slow_benchmark) if p.startswith(".")]  # no leftover result files
 
 
+def test_parity_beside_an_earlier_runner_s_summary_writes_its_report(tmp_path, monkeypatch, capsys):
+    """The committed results hold a summary.json of the previous runner (no schema, entries without
+    command/date/dtype): --parity into that folder wrote parity.json, then failed with a KeyError
+    while writing summary.md. The old summary.json and the summary.md made from it stay as they are."""
+    old = {"env": {}, "device": "cpu", "benchmarks": {"adamw": {"rows": [], "quick": False, "seconds": 1.0}}}
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    (tmp_path / "summary.md").write_text("the earlier runner's tables")
+    code = bench_cli.main(["--parity", "--quick", "--steps", "2", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "another runner version" in out and "wrote parity.json, parity.png in" in out
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == old
+    assert (tmp_path / "summary.md").read_text() == "the earlier runner's tables"
+
+
 def test_an_interrupted_run_writes_what_finished_and_names_what_did_not_run(slow_benchmark, monkeypatch, capsys):
     """Ctrl-C (or the SIGTERM of a time limit) ends the running benchmark, keeps its finished rows
     in the results, names the benchmarks not run, and leaves their earlier results alone."""

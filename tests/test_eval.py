@@ -61,6 +61,13 @@ def test_read_hellaswag_formats_and_errors(tmp_path):
     bad = write_hellaswag(tmp_path / "bad.jsonl", [{"ctx": "x", "endings": ["a", "b"], "label": 5}])
     with pytest.raises(ConfigError, match="bad.jsonl:1: label 5"):
         eval_mod.read_hellaswag(bad)
+    # Nothing before the ending (its first token could not be scored), or endings that are not text.
+    for n, record in enumerate([{"ctx": "", "endings": ["a", "b"], "label": 0},
+                                {"ctx_a": "", "ctx_b": "", "endings": ["a", "b"], "label": 0},
+                                {"ctx": "x", "endings": ["a", 2], "label": 0}]):
+        bad = write_hellaswag(tmp_path / f"bad{n}.jsonl", [record])
+        with pytest.raises(ConfigError, match=f"bad{n}.jsonl:1: "):
+            eval_mod.read_hellaswag(bad)
 
 
 def test_score_endings_is_the_loss_of_the_ending_tokens():

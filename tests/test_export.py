@@ -135,6 +135,45 @@ def test_out_of_the_wrong_kind_is_a_one_line_error_and_left_alone(checkpoint, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_export_never_writes_over_a_run_s_files(checkpoint, tmp_path, capsys):
+    """--out pointing into the run (its out_dir, its ckpt.pt, its config.json) is a one-line error, and
+    the run's files are left as they were: the hf config.json would replace the run's settings."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for fmt, out, needle in (("hf", run, "not a Hugging Face config"),
+                             ("safetensors", run / "ckpt.pt", "ending in .safetensors"),
+                             ("safetensors", run / "config.json", "ending in .safetensors")):
+        with pytest.raises(SystemExit) as info:
+            export.main(["--ckpt", str(run), "--format", fmt, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_an_unwritable_out_is_a_one_line_error(checkpoint, tmp_path, capsys, fmt):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")  # a file where a directory would have to be made
+    out = blocker / ("hf" if fmt == "hf" else "w.safetensors")
+    with pytest.raises(SystemExit) as info:
+        export.main(["--ckpt", str(checkpoint), "--format", fmt, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1, err
+    assert blocker.read_text() == "keep"
+
+
+def test_the_note_on_a_missing_tokenizer_names_what_to_encode_with():
+    from fastlm.data import ByteTokenizer
+    from fastlm.tokenizers import TiktokenTokenizer
+
+    assert "UTF-8 bytes" in export.missing_tokenizer_note(ByteTokenizer())
+    note = export.missing_tokenizer_note(TiktokenTokenizer("gpt2"))  # never loads the encoding
+    assert "gpt2 tokenizer" in note and "UTF-8" not in note
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_exported_files_have_the_permissions_the_umask_gives(checkpoint, tmp_path, capsys, umask):
     import os
@@ -230,6 +269,34 @@ def test_cli_exports_a_trained_checkpoint(tmp_path, capsys):
     for source in (tmp_path / "hf", tmp_path / "w.safetensors"):
         config2, state2, _ = export.load_pretrained(str(source))
         torch.testing.assert_close(fastlm_from(config2, state2)(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_reading_a_safetensors_file_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"not read")
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # what `import` sees where the package is missing
+    with pytest.raises(ConfigError, match="needs the safetensors package"):
+        export.load_pretrained(str(path))
+
+
+@pytest.mark.parametrize("damage", ["junk file", "truncated file", "hf config.json", "hf weights"])
+def test_corrupt_weights_are_a_one_line_error(tmp_path, damage):
+    config = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, d_model=32)
+    state = GPT(config).state_dict()
+    if damage.startswith("hf"):
+        path = tmp_path / "hf"
+        export.export_hf(config, state, None, path)
+        name = "config.json" if damage == "hf config.json" else "model.safetensors"
+        (path / name).write_bytes((path / name).read_bytes()[:40])
+    else:
+        path = tmp_path / "m.safetensors"
+        export.export_safetensors(config, state, None, path)
+        path.write_bytes(b"not safetensors" if damage == "junk file" else path.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="is corrupt or unreadable"):
+        export.load_pretrained(str(path))
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):

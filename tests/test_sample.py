@@ -36,6 +36,9 @@ def test_sample_accepts_the_checkpoint_file(checkpoint):
     (["--temperature", "-1"], "--temperature"),
     (["--top-p", "1.5"], "--top-p"),
     (["--top-k", "0"], "--top-k"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--benchmark", "--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_bad_sampling_arguments(checkpoint, args, needle):
     result = run_cli("fastlm.sample", "--ckpt", checkpoint, *args)
@@ -58,6 +61,19 @@ def test_bad_prompt_stop_and_device_are_one_line_errors(checkpoint, capsys, args
         sample_mod.main(["--ckpt", str(checkpoint), *args])
     err = capsys.readouterr().err
     assert info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_a_one_line_error(checkpoint, capsys, monkeypatch):
+    from fastlm.tokenizers import CharTokenizer
+
+    model, _ = load_model(str(checkpoint))
+    # A nanoGPT character vocabulary has no 'Z'.
+    monkeypatch.setattr(sample_mod, "load_model", lambda path, device: (model, CharTokenizer("ab \n")))
+    with pytest.raises(SystemExit) as info:
+        sample_mod.main(["--ckpt", str(checkpoint), "--prompt", "Zebra"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "'Z' is not in the character vocabulary" in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_help_shows_no_default_beside_the_switches_that_turn_things_off(capsys):
@@ -170,6 +186,16 @@ def test_streamed_pieces_are_the_returned_text(checkpoint):
     ids = tok.encode(batch[0])
     ended = sample_mod.generate_texts(model, tok, ["To be"], 30, temperature=0, eos_id=ids[2])[0]
     assert ended == tok.decode(ids[:ids.index(ids[2])])
+
+
+def test_a_tiktoken_model_s_end_of_text_ends_the_sample():
+    tiktoken = pytest.importorskip("tiktoken")
+    from fastlm.tokenizers import TiktokenTokenizer
+
+    encoding = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={"<|endoftext|>": 256})
+    assert sample_mod.end_of_text_id(TiktokenTokenizer("gpt2", encoding=encoding)) == 256
+    assert sample_mod.end_of_text_id(ByteTokenizer()) is None
 
 
 def test_cli_batch_stop_and_benchmark(checkpoint, capsys):

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from fastlm.bench.report import SCHEMA
+
 PROG = "python -m fastlm.bench"
 BENCHMARKS = {
     "cross_entropy": "fastlm.bench.cross_entropy",  # and linear_cross_entropy
@@ -36,7 +38,6 @@ BENCHMARKS = {
 DTYPES = ("float32", "bfloat16", "float16")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "benchmarks", "results")
-SCHEMA = 2  # of summary.json; entries of another schema are not merged into
 
 
 class UsageError(ValueError):
@@ -233,8 +234,8 @@ def run_parity_check(args, out_dir):
     print(parity.describe(report))
     _write_json(out_dir, "parity", report)
     save_plots(out_dir, lambda: {"parity": parity.plot(report)})
-    write_markdown(out_dir)
-    print(f"wrote parity.json, parity.png and summary.md in {out_dir}{args.out_dir_note}")
+    markdown = write_markdown(out_dir)
+    print(f"wrote parity.json, parity.png{' and summary.md' if markdown else ''} in {out_dir}{args.out_dir_note}")
     return 0 if report["passed"] else 1
 
 

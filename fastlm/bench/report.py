@@ -8,6 +8,7 @@ COLUMNS = [("name", "name", ""), ("case", "case", ""), ("backend", "backend", ""
            ("fused_peak_mb", "fused peak MB", ".1f"), ("max_err", "max err", ".1e")]
 HEADERS = [header for _, header, _ in COLUMNS] + ["notes"]
 LEFT = {0, 1, 2, len(COLUMNS)}  # text columns; the others are numbers
+SCHEMA = 2  # of summary.json; a summary of another schema is neither merged into nor rendered
 SUMMARY_PLOTS = ("summary_speedup", "summary_memory", "summary_times")
 REFERENCE_NOTE = (
     "Reference = each benchmark's PyTorch baseline (cross_entropy: F.cross_entropy, or lm_head + F.cross_entropy; "
@@ -61,7 +62,8 @@ def markdown_table(rows):
 
 
 def write_markdown(out_dir):
-    """summary.md from summary.json and parity.json, whichever out_dir holds."""
+    """summary.md from summary.json and parity.json, whichever out_dir holds; returns whether it was written.
+    Beside a summary.json of an earlier runner (another SCHEMA), summary.md, rendered from that, is kept."""
     docs = {}
     for name in ("summary", "parity"):
         path = os.path.join(out_dir, f"{name}.json")
@@ -69,6 +71,10 @@ def write_markdown(out_dir):
             with open(path) as f:
                 docs[name] = json.load(f)
     summary, parity = docs.get("summary"), docs.get("parity")
+    if summary is not None and summary.get("schema") != SCHEMA:  # an earlier runner's, of other fields
+        print(f"note: {os.path.join(out_dir, 'summary.json')} is from another runner version (schema "
+              f"{summary.get('schema')}): summary.md is left as it is until the benchmarks are rerun", flush=True)
+        return False
     env = (summary or parity)["env"]
     lines = ["# fastlm benchmarks", "", f"Measured on **{env['device']}** with torch {env['torch']}, triton "
              f"{env['triton']}, Python {env['python']}, {env['threads']} threads.", ""]
@@ -92,6 +98,7 @@ def write_markdown(out_dir):
         lines += ["## Plots", "", *[f"![{png[:-4]}]({png})\n" for png in pngs]]
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines))
+    return True
 
 
 def save_plots(out_dir, draw):
