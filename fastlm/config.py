@@ -150,6 +150,8 @@ class TrainConfig:
         for name in ("warmup_steps", "ckpt_interval", "sample_tokens", "skip_nonfinite_steps", "hellaswag_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.hellaswag_limit and not self.hellaswag:
+            raise ConfigError("--hellaswag_limit limits the HellaSwag scoring of --hellaswag FILE, which is not given")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("weight_decay and grad_clip must be >= 0")
         if not 0.0 <= self.dropout < 1.0:

@@ -190,7 +190,10 @@ def main(argv=None):
         fail(PROG, str(exc))
     if args.benchmark:
         ids = tokenizer.encode(prompts[0])
-        speed = benchmark_generation(model, ids, args.max_new_tokens)
+        try:
+            speed = benchmark_generation(model, ids, args.max_new_tokens)
+        except ValueError as exc:  # NaN/inf logits: a checkpoint of a diverged run
+            fail(PROG, f"{args.ckpt}: {exc}")
         print(f"{args.max_new_tokens} new tokens after a {len(ids)}-token prompt on {device} "
               f"(block_size {model.config.block_size}): cached {speed['cached']:.1f} tok/s, "
               f"uncached {speed['uncached']:.1f} tok/s, {speed['cached'] / speed['uncached']:.1f}x")

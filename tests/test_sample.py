@@ -127,6 +127,10 @@ def test_a_checkpoint_whose_logits_are_nan_is_a_one_line_error(checkpoint, tmp_p
         sample_mod.main(["--ckpt", str(tmp_path), "--max-new-tokens", "3", "--temperature", temperature])
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "NaN or inf" in err, err
+    with pytest.raises(SystemExit) as info:
+        sample_mod.main(["--ckpt", str(tmp_path), "--max-new-tokens", "3", "--benchmark"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "NaN or inf" in err, err
 
 
 # --------------------------------------------------------------------------- streaming, stops, batches

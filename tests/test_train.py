@@ -399,6 +399,7 @@ BAD_INPUTS = [
     (["--beta2", "nan"], "beta2 must be a finite number"),
     (["--pos_emb", "rope", "--rope_theta", "0"], "rope_theta must be positive"),
     (["--resume", "--overwrite"], "pass one of them"),
+    (["--hellaswag_limit", "5"], "--hellaswag FILE, which is not given"),
 ]
 
 
