@@ -159,6 +159,14 @@ def build_parser():
     return p
 
 
+def _encodes(tokenizer, text):
+    """Whether `text` gives at least one token."""
+    try:
+        return bool(tokenizer.encode(text))
+    except ConfigError:
+        return False
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -185,7 +193,9 @@ def main(argv=None):
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.ckpt, device)
         # Encoded here: a character vocabulary (nanoGPT's) refuses a character it lacks with a ConfigError.
-        prompts = [p if tokenizer.encode(p) else "\n" for p in args.prompt or ["\n"]]
+        prompts = [p if tokenizer.encode(p) else "\n" for p in args.prompt or [""]]  # no prompt: a newline
+        if "\n" in prompts and not _encodes(tokenizer, "\n"):  # e.g. a character set without a newline
+            raise ConfigError("the model's vocabulary has no newline, the default prompt: pass --prompt TEXT")
     except ConfigError as exc:
         fail(PROG, str(exc))
     if args.benchmark:

@@ -74,6 +74,13 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_a_one_line_error(checkpoint, ca
     err = capsys.readouterr().err
     assert info.value.code == 2 and "'Z' is not in the character vocabulary" in err, err
     assert len(err.strip().splitlines()) == 1, err
+    # No prompt, or an empty one, means a newline, which this character set lacks.
+    monkeypatch.setattr(sample_mod, "load_model", lambda path, device: (model, CharTokenizer("ab ")))
+    for prompt in ([], ["--prompt", ""]):
+        with pytest.raises(SystemExit) as info:
+            sample_mod.main(["--ckpt", str(checkpoint), *prompt])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "has no newline" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_help_shows_no_default_beside_the_switches_that_turn_things_off(capsys):
