@@ -12,7 +12,8 @@ SCHEMA = 2  # of summary.json; a summary of another schema is neither merged int
 SUMMARY_PLOTS = ("summary_speedup", "summary_memory", "summary_times")
 REFERENCE_NOTE = (
     "Reference = each benchmark's PyTorch baseline (cross_entropy: F.cross_entropy, or lm_head + F.cross_entropy; "
-    "adamw: torch.optim.AdamW(fused=True); attention: sdpa; e2e: backend torch everywhere), and a row with only a "
+    "adamw: torch.optim.AdamW(fused=True); attention: sdpa; e2e: the best plain-PyTorch step, SDPA, lm_head + "
+    "F.cross_entropy and torch's AdamW (fused on CUDA, foreach on CPU) after clip_grad_norm_), and a row with only a "
     "reference time is that baseline itself; fused = the backend named in the row (e2e: every backend auto, as its "
     "notes list). Times are medians after warm-up; peak memory is what one call adds (CPU: RSS high-water mark in a "
     "fresh process; CUDA: max_memory_allocated); max err is against a float64 or reference result (e2e: relative "
