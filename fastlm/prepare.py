@@ -321,15 +321,40 @@ class ShardWriter:
             self._write(self.buffered)
 
 
-def _default_val_tokens(files, tokenizer):
-    """About a tenth of the corpus (estimated from file sizes), at most 10M tokens, at least 1."""
-    def text_bytes(path):
-        ratio = 3 if path.endswith(".gz") else (2 if path.endswith(".parquet") else 1)
-        return os.path.getsize(path) * ratio
-
+def _default_val_tokens(files, tokenizer, text_field):
+    """About a tenth of the corpus (estimated from its text bytes), at most 10M tokens, at least 1."""
     per_token = 1 if isinstance(tokenizer, ByteTokenizer) else 4
-    estimate = sum(text_bytes(p) for p in files) // per_token
+    estimate = sum(_text_bytes_estimate(p, text_field) for p in files) // per_token
     return int(max(1, min(10_000_000, estimate // 10)))
+
+
+def _text_bytes_estimate(path, text_field):
+    """Bytes of text in `path` without reading it: a .gz file's recorded uncompressed size, a parquet
+    file's uncompressed size of the text column; the file size for the rest."""
+    size = os.path.getsize(path)
+    if path.endswith(".gz"):
+        # gzip ends with the uncompressed size mod 2**32: trusted below 512 MiB compressed (at most 8x)
+        if 18 <= size < 512 * 2**20:
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                uncompressed = int.from_bytes(f.read(4), "little")
+            if uncompressed >= size:
+                return uncompressed
+        return 3 * size
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+            sizes = [g.column(j).total_uncompressed_size for g in groups for j in range(g.num_columns)
+                     if g.column(j).path_in_schema == text_field]
+            if sizes:
+                return sum(sizes)
+        except Exception:  # no pyarrow, or not a parquet file: reading it says so
+            pass
+        return 2 * size
+    return size
 
 
 def _bpe_training_texts(files, text_field, limit_bytes):
@@ -393,7 +418,7 @@ def prepare_shards(data, out, tokenizer_kind="byte", vocab_size=4096, tokenizer_
         else:
             tokenizer = make_tokenizer(tokenizer_kind, vocab_size, tokenizer_file=tokenizer_file)
         state = {"settings": settings, "tokenizer": tokenizer.to_dict(),
-                 "val_tokens": val_tokens or _default_val_tokens(files, tokenizer),
+                 "val_tokens": val_tokens or _default_val_tokens(files, tokenizer, text_field),
                  "shards": [], "cursor": [0, 0], "documents": 0, "text_bytes": 0}
         carry = None
     if getattr(tokenizer, "file", None) is None and hasattr(tokenizer, "encoding"):

@@ -388,3 +388,25 @@ def test_killed_prepare_takes_its_tokenizer_processes_with_it(tmp_path):
     stderr = proc.stderr.read()  # EOF once every process holding the pipe (the workers too) has ended
     proc.wait()
     assert stderr == "", stderr
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".parquet", ".txt"])
+def test_the_default_val_shard_is_about_a_tenth_of_compressed_inputs_too(tmp_path, suffix):
+    """The default --val_tokens comes from the inputs' text bytes: a .gz file's recorded uncompressed
+    size and a parquet file's text column, not their compressed file sizes."""
+    docs = make_docs(1200, 5)  # words of a small vocabulary: gzip and parquet compress them several times over
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), path, compression="gzip")
+    elif suffix == ".jsonl.gz":
+        with gzip.open(path, "wt") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    else:
+        path.write_text("".join(docs))
+    assert path.stat().st_size < len("".join(docs)) / 3 or suffix == ".txt"
+    manifest = prepare_shards(str(path), str(tmp_path / "out"), shard_tokens=10**6)
+    fraction = manifest["val_tokens"] / (manifest["val_tokens"] + manifest["train_tokens"])
+    assert 0.08 < fraction < 0.14, fraction  # JSON's quotes, keys and escapes count as text bytes
