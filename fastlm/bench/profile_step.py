@@ -33,11 +33,6 @@ def own_times_us(events, device_type):
             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
-def own_time_total_us(events, device_type):
-    """The step's own time in the profiled `events` (microseconds): see own_times_us."""
-    return sum(us for _, us in own_times_us(events, device_type))
-
-
 def profile(path, mode, device, steps, batch_size=None):
     """The table of `steps` profiled steps of one path and mode."""
     case = dict(e2e.CASES[device.type][0] if device.type == "cuda" else e2e.CASES["quick"][0])
