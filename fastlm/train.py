@@ -111,7 +111,7 @@ class Trainer:
         self.data = load_data(train_cfg.data, train_cfg.tokenizer, self.model_cfg.vocab_size,
                               self.model_cfg.block_size, tokenizer, tokenizer_file=train_cfg.tokenizer_file,
                               fit_vocab=fit_vocab)
-        if fit_vocab or self.data.vocab_size > self.model_cfg.vocab_size:
+        if fit_vocab:  # otherwise load_data has refused a tokenizer larger than vocab_size
             self.model_cfg.vocab_size = self.data.vocab_size
         self.tokenizer = self.data.tokenizer
         if ckpt is None and "tokenizer" in run.explicit and self.tokenizer.kind != train_cfg.tokenizer \
