@@ -480,3 +480,13 @@ def test_targets_of_a_folder_without_a_summary_is_a_one_line_error(tmp_path, cap
     assert targets.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read" in err and "summary.json" in err
+
+
+def test_e2e_resolves_backends_for_the_autocast_dtype():
+    # As the trainer does: under bf16 autocast the ops see bf16, so auto is resolved for bf16.
+    # (Resolved for the fp32 weights, CUDA's auto attention was sdpa, not what training runs: the
+    # first H200 run measured that.)
+    from fastlm.bench import e2e
+
+    _, model, _ = e2e.make_step(e2e.CASES["quick"][0], "fastlm", "cpu", "bfloat16", "eager")
+    assert model.compute_dtype == torch.bfloat16

@@ -86,7 +86,11 @@ def make_step(case, path, device, dtype, mode, seed=1337):
 
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{k: case[k] for k in MODEL_KEYS}), kernels=KernelConfig(**STEP_PATHS[path])).to(device)
+    # The backends are resolved for the dtype the ops see under autocast, as the trainer does: fp32
+    # weights under bf16 autocast run bf16 attention (resolved for fp32, auto would pick sdpa).
+    compute_dtype = getattr(torch, dtype)
+    model = GPT(GPTConfig(**{k: case[k] for k in MODEL_KEYS}), kernels=KernelConfig(**STEP_PATHS[path]),
+                compute_dtype=compute_dtype).to(device)
     if path == "pytorch":
         on_cuda = device.type == "cuda"
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=on_cuda or None,
