@@ -333,6 +333,24 @@ def test_profile_ops_writes_each_op_s_steps_and_kernels(tmp_path, capsys):
         assert float(lines[first + 1].split("%")[0]) > 0
 
 
+def test_profile_ops_stopped_at_its_time_limit_keeps_the_steps_it_measured(tmp_path, monkeypatch, capsys):
+    from fastlm.bench import profile_ops
+
+    measure, calls = profile_ops.measure, []
+
+    def measure_once(*args):  # SIGINT (gpu_check's time limit) during the second step measured
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args)
+
+    monkeypatch.setattr(profile_ops, "measure", measure_once)
+    assert profile_ops.main(["--device", "cpu", "--steps", "1", "--only", "adamw", "--out-dir", str(tmp_path)]) == 130
+    assert "interrupted during adamw" in capsys.readouterr().err
+    rows = (tmp_path / "profile_ops_adamw.txt").read_text().split("\n\n")[0].splitlines()[2:]
+    assert len(rows) == 1 and "torch fused" in rows[0]
+
+
 @pytest.mark.parametrize("name", ["profile_step", "profile_ops"])
 def test_profilers_bad_arguments_are_one_line_errors(name, capsys):
     import importlib
