@@ -7,13 +7,17 @@
 #   bash benchmarks/gpu_check.sh --budget 540 --archive /some/dir/gpu_results.tar.gz
 #
 # Phases: versions (GPU, driver, torch, triton, nvcc), build (the extension with CUDA for the GPU
-# present), tests (every `gpu` test, fail-fast, then the parity check and the Triton compile
-# report; the FSDP smoke test is one of the gpu tests), bench (kernel benchmarks), e2e (the
-# end-to-end training step, and the data loader against it). Results and a log go to
-# benchmarks/results/cuda-<gpu>/ (FASTLM_RESULTS overrides); each run merges its benchmarks into
-# summary.json. Each command has its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT, and
-# FASTLM_PARITY_TIMEOUT, FASTLM_LOADER_TIMEOUT for the second command of tests and e2e, and
-# FASTLM_BENCH_EACH_TIMEOUT for each kernel benchmark within the bench phase); at it the
+# present), tests (every `gpu` test, fail-fast, then the parity check; the FSDP smoke test is one
+# of the gpu tests), bench (kernel benchmarks), e2e (the end-to-end training step, and the data
+# loader against it), profile (where the time goes: the training step's kernels, python -m
+# fastlm.bench.profile_step; each kernel benchmark's host, wall and device time and its kernels,
+# python -m fastlm.bench.profile_ops; the Triton compile report, in parallel processes:
+# benchmarks/compile_report_parallel.py). Results and a log go to benchmarks/results/cuda-<gpu>/
+# (FASTLM_RESULTS overrides); each run merges its benchmarks into summary.json. Each command has
+# its own time limit (seconds: FASTLM_<PHASE>_TIMEOUT; FASTLM_PARITY_TIMEOUT and
+# FASTLM_LOADER_TIMEOUT for the second command of tests and e2e; FASTLM_PROFILE_OPS_TIMEOUT,
+# default 150, and FASTLM_COMPILE_REPORT_TIMEOUT, default 120, for the second and third of
+# profile; FASTLM_BENCH_EACH_TIMEOUT for each kernel benchmark within the bench phase); at it the
 # command gets SIGINT, as from Ctrl-C, so pytest still reports and the benchmark runner still
 # writes the rows that finished. --budget S (default 480) caps the whole run: a command gets at
 # most what is left of it, and one that would start with under 30 s left is skipped and reported,
@@ -134,7 +138,10 @@ for phase in "${phases[@]}"; do
       ;;
     profile)  # where a step's time goes: the evidence for the targets the numbers miss
       run profile "${FASTLM_PROFILE_TIMEOUT:-180}" $PYTHON -m fastlm.bench.profile_step --device cuda --out-dir "$RESULTS"
-      run profile 120 $PYTHON -m fastlm.triton_kernels.compile_report --arch "$arch"
+      run profile "${FASTLM_PROFILE_OPS_TIMEOUT:-150}" $PYTHON -m fastlm.bench.profile_ops --device cuda --out-dir "$RESULTS"
+      # One process per dtype and head size: in one process the ~115 compiles outlasted 111 s on an H200 machine.
+      run profile "${FASTLM_COMPILE_REPORT_TIMEOUT:-120}" $PYTHON benchmarks/compile_report_parallel.py --arch "$arch" \
+        --out "$RESULTS/compile_report.txt"
       ;;
   esac
   save_archive

@@ -272,7 +272,7 @@ def test_profile_step_counts_each_kernel_once_on_cuda():
 
     from torch.autograd import DeviceType
 
-    from fastlm.bench.profile_step import own_times_us
+    from fastlm.bench.common import own_times_us
 
     def own_time_total_us(events, device_type):
         return sum(us for _, us in own_times_us(events, device_type))
@@ -289,14 +289,78 @@ def test_profile_step_counts_each_kernel_once_on_cuda():
     assert own_time_total_us(events, "cpu") == 40.0
 
 
-def test_profile_step_bad_arguments_are_one_line_errors(capsys):
-    from fastlm.bench import profile_step
+def test_the_kernel_table_lists_the_largest_own_times_per_step_with_their_share():
+    from types import SimpleNamespace
 
-    assert profile_step.main(["--device", "cpu", "--steps", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "profile_step: error: --steps must be >= 1, got 0"
-    assert profile_step.main(["--device", "tpu"]) == 2
-    assert capsys.readouterr().err.strip() == "profile_step: error: device must be auto, cpu, cuda or cuda:N, got 'tpu'"
-    assert profile_step.main(["--device", "cpu", "--out-dir", __file__]) == 2
+    from fastlm.bench.common import PROFILE_HEADER, kernel_table
+
+    def event(name, count):
+        return SimpleNamespace(key=name, count=count)
+
+    own = [(event("small", 2), 100.0), (event("gemm " + "x" * 200, 4), 3000.0), (event("copy", 6), 900.0)]
+    lines = kernel_table(own, steps=2, top=2)
+    assert lines[0] == PROFILE_HEADER and len(lines) == 3  # the top 2 of 3
+    assert [line.split()[:3] for line in lines[1:]] == [["75.0%", "1.500", "2.0"], ["22.5%", "0.450", "3.0"]]
+    assert lines[1].endswith("  gemm " + "x" * 105) and lines[2].endswith("  copy")  # names cut at 110 characters
+    assert kernel_table([], steps=1) == [PROFILE_HEADER]
+
+
+def test_profile_ops_writes_each_op_s_steps_and_kernels(tmp_path, capsys):
+    from fastlm.bench import profile_ops
+    from fastlm.bench.common import PROFILE_HEADER
+
+    assert profile_ops.main(["--device", "cpu", "--steps", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    variants = {"cross_entropy": ["F.cross_entropy", "cpp"] * 2, "adamw": ["torch fused", "fastlm cpp",
+                "torch fused + clip_grad_norm_", "fastlm cpp, max_grad_norm"], "attention": ["sdpa", "torch"]}
+    for op in profile_ops.OPS:
+        text = (tmp_path / f"profile_ops_{op}.txt").read_text()
+        assert text.strip() in out
+        lines = text.splitlines()
+        assert lines[0].startswith(f"{op} on cpu") and lines[1] == profile_ops.SUMMARY_HEADER
+        assert lines[1].split() == ["case", "variant", "host", "ms", "wall", "ms", "event", "ms", "device", "ms",
+                                    "busy", "launches", "syncs"]
+        rows = lines[2:lines.index("")]
+        assert [row[41:72].strip() for row in rows] == variants[op]
+        for row in rows:  # host, wall and device ms measured; CUDA's event ms, launches and syncs not on CPU
+            host, wall, event, device, busy, launches, syncs = row[72:].split()
+            assert float(host) > 0 and float(wall) >= float(host) and float(device) > 0 and busy.endswith("%")
+            assert event == launches == syncs == "-"
+        # Then each step's kernels (operators on CPU), largest first.
+        assert text.count(PROFILE_HEADER) == len(rows)
+        first = lines.index(PROFILE_HEADER)
+        assert lines[first - 1] == f"--- {rows[0][:40].strip()}, {variants[op][0]}: kernels by own CPU time"
+        assert float(lines[first + 1].split("%")[0]) > 0
+
+
+def test_profile_ops_stopped_at_its_time_limit_keeps_the_steps_it_measured(tmp_path, monkeypatch, capsys):
+    from fastlm.bench import profile_ops
+
+    measure, calls = profile_ops.measure, []
+
+    def measure_once(*args):  # SIGINT (gpu_check's time limit) during the second step measured
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args)
+
+    monkeypatch.setattr(profile_ops, "measure", measure_once)
+    assert profile_ops.main(["--device", "cpu", "--steps", "1", "--only", "adamw", "--out-dir", str(tmp_path)]) == 130
+    assert "interrupted during adamw" in capsys.readouterr().err
+    rows = (tmp_path / "profile_ops_adamw.txt").read_text().split("\n\n")[0].splitlines()[2:]
+    assert len(rows) == 1 and "torch fused" in rows[0]
+
+
+@pytest.mark.parametrize("name", ["profile_step", "profile_ops"])
+def test_profilers_bad_arguments_are_one_line_errors(name, capsys):
+    import importlib
+
+    main = importlib.import_module(f"fastlm.bench.{name}").main
+    assert main(["--device", "cpu", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"{name}: error: --steps must be >= 1, got 0"
+    assert main(["--device", "tpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"{name}: error: device must be auto, cpu, cuda or cuda:N, got 'tpu'"
+    assert main(["--device", "cpu", "--out-dir", __file__]) == 2
     assert "is a file" in capsys.readouterr().err
 
 

@@ -1,8 +1,11 @@
-"""What every benchmark shares: the row it reports, timing, peak memory, errors, the device.
+"""What every benchmark shares: the row it reports, timing, peak memory, errors, the device,
+and the profiles behind them.
 
 Timing: warm-up, then the median of repeats; CUDA with events, CPU with perf_counter.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the RSS high-water mark of a
 fresh subprocess per case, so one case's allocations never hide another's.
+Profiles (profile_step, profile_ops): torch.profiler over steps, each kernel's own device time
+(CPU time on CPU), as one table.
 """
 import dataclasses
 import multiprocessing
@@ -187,6 +190,66 @@ def _reset_high_water_mark():
         return True
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles: where a step's device time goes
+# --------------------------------------------------------------------------------------------
+
+def own_times_us(events, device_type):
+    """[(event, own microseconds)] of the profiled `events` that make up a step's own time: device
+    time on CUDA, CPU time on CPU. On CUDA an operator's own device time is that of the kernels it
+    launched, which are events of their own too: as torch's own table does, only the device's
+    events (kernels, copies) count, or every kernel would count twice."""
+    if device_type != "cuda":
+        return [(e, e.self_cpu_time_total) for e in events]
+    from torch.autograd import DeviceType
+
+    return [(e, e.self_device_time_total) for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
+def profile_calls(calls, device):
+    """The profiler's events (key_averages) of `calls`, zero-argument callables run in order under
+    torch.profiler; on CUDA the device is synchronized before and after, so every kernel is in."""
+    device = torch.device(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for call in calls:
+            call()
+        synchronize(device)
+    return prof.key_averages()
+
+
+def profile_device(device, steps, out_dir):
+    """The torch.device of a profiler's command line, its --steps and --out-dir checked too;
+    ConfigError, one line for stderr, when one of them is bad."""
+    from fastlm.config import ConfigError
+    from fastlm.distributed import resolve_device
+
+    device = resolve_device(device)  # an unknown device, or cuda without one: ConfigError
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out-dir {out_dir} is a file; give a directory")
+    return device
+
+
+PROFILE_HEADER = f"{'share':>6} {'ms/step':>9} {'calls/step':>10}  name"
+
+
+def kernel_table(own, steps, top=25):
+    """The table of the `top` largest of `own` ([(event, own us)] over `steps` steps): the header,
+    then per event its share of the summed own time, ms and calls per step, and its name."""
+    total_us = sum(us for _, us in own) or 1.0
+    lines = [PROFILE_HEADER]
+    for event, us in sorted(own, key=lambda pair: -pair[1])[:top]:
+        lines.append(f"{100 * us / total_us:5.1f}% {us / steps / 1e3:9.3f} {event.count / steps:10.1f}  "
+                     f"{event.key[:110]}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

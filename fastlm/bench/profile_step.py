@@ -16,21 +16,8 @@ import sys
 import torch
 
 from fastlm.bench import e2e
+from fastlm.bench.common import kernel_table, own_times_us, profile_calls, profile_device
 from fastlm.config import ConfigError
-from fastlm.distributed import resolve_device
-
-
-def own_times_us(events, device_type):
-    """[(event, own microseconds)] of the profiled `events` that make up a step's own time: device
-    time on CUDA, CPU time on CPU. On CUDA an operator's own device time is that of the kernels it
-    launched, which are events of their own too: as torch's own table does, only the device's
-    events (kernels, copies) count, or every kernel would count twice."""
-    if device_type != "cuda":
-        return [(e, e.self_cpu_time_total) for e in events]
-    from torch.autograd import DeviceType
-
-    return [(e, e.self_device_time_total) for e in events
-            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
 def profile(path, mode, device, steps, batch_size=None):
@@ -41,25 +28,13 @@ def profile(path, mode, device, steps, batch_size=None):
     step, _, backends = e2e.make_step(case, path, device, e2e.DTYPE[device.type], mode)
     for _ in range(2):
         step()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     # The rows listed are those summed (on CUDA the kernels, not also the operators that launched them).
-    own = own_times_us(prof.key_averages(), device.type)
+    own = own_times_us(profile_calls([step] * steps, device), device.type)
     total_us = sum(us for _, us in own) or 1.0
     lines = [f"{path} {mode} on {device.type}: {case['name']}, batch {case['batch_size']} x {case['block_size']} "
              f"tokens; {backends}", f"{steps} steps, {total_us / steps / 1e3:.2f} ms of own "
-             f"{'device' if device.type == 'cuda' else 'CPU'} time per step",
-             f"{'share':>6} {'ms/step':>9} {'calls/step':>10}  name"]
-    for event, us in sorted(own, key=lambda pair: -pair[1])[:25]:
-        lines.append(f"{100 * us / total_us:5.1f}% {us / steps / 1e3:9.3f} {event.count / steps:10.1f}  {event.key[:110]}")
-    return "\n".join(lines)
+             f"{'device' if device.type == 'cuda' else 'CPU'} time per step"]
+    return "\n".join(lines + kernel_table(own, steps))
 
 
 def main(argv=None):
@@ -73,15 +48,9 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     try:
-        device = resolve_device(args.device)
-    except ConfigError as exc:  # an unknown device, or cuda without one
+        device = profile_device(args.device, args.steps, args.out_dir)
+    except ConfigError as exc:
         print(f"profile_step: error: {exc}", file=sys.stderr)
-        return 2
-    if args.steps < 1:
-        print(f"profile_step: error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
-        return 2
-    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        print(f"profile_step: error: --out-dir {args.out_dir} is a file; give a directory", file=sys.stderr)
         return 2
     modes = args.mode or ["eager"]
     for mode in modes:
