@@ -11,6 +11,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm.ops.attention as attention_module
 from fastlm.ops import BackendUnavailable, available_backends, causal_attention, resolve_backend
@@ -126,6 +127,51 @@ def test_triton_under_torch_compile():
     ref_grads = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) <= 1e-5
+
+
+class _LogOps(TorchDispatchMode):
+    """A dispatch mode that records the ops it sees (any dispatch mode, as fake tensors and export
+    use, sends the Triton path through its custom ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_eager_launches_directly_and_dispatch_modes_see_the_custom_ops():
+    """Plain eager calls launch the kernels without the custom ops' dispatch (host time); under a
+    dispatch mode the same call goes through fastlm::flash_attention_forward/backward, with the
+    same results, and no (B, H, T) zeros are made for the log-sum-exp's gradient."""
+    skip_unless_usable("causal_attention", "triton")
+    q, k, v = make_inputs(1, 4, 2, 24, 16, torch.float32)
+    grad_out = torch.randn(1, 4, 24, 16)
+    results = {}
+    for mode in (None, _LogOps()):
+        with mode or contextlib.nullcontext():
+            out = causal_attention(q, k, v, backend="triton")
+            results[mode is None] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+        if mode is None:
+            assert type(out.grad_fn).__name__ == "_FlashAttentionBackward"
+        else:
+            assert "fastlm.flash_attention_forward.default" in mode.ops
+            assert "fastlm.flash_attention_backward.default" in mode.ops
+            assert not [op for op in mode.ops if op.startswith(("aten.zeros", "aten.zero_", "aten.fill_"))]
+    for got, want in zip(results[True], results[False]):
+        assert torch.equal(got, want)
+
+
+def test_triton_double_backward_raises():
+    """The backward has no autograd formula of its own: differentiating the gradients raises (on the
+    eager path as through the custom ops) instead of treating them as constants."""
+    skip_unless_usable("causal_attention", "triton")
+    q, k, v = make_inputs(1, 2, 2, 8, 16, torch.float32)
+    (dq,) = torch.autograd.grad(causal_attention(q, k, v, backend="triton").sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        dq.sum().backward()
 
 
 # --- torch and sdpa backends ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ cancel to ~0); bf16/fp16 inputs 1e-2 (the gradient is stored in the input dtype)
 backend runs through the interpreter on CPU, so it gets a smaller sweep here and a large one
 on GPU.
 """
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -750,3 +751,134 @@ def test_triton_out_of_range_target_gives_nan_not_a_wild_read():
     assert torch.isnan(loss[1]) and torch.isnan(loss[2])
     assert loss[3] == 0.0
     assert_close(loss[0], cross_entropy_reference(logits[:1], targets[:1]), 1e-5, "valid row")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward's in-place scaling (Triton): skipped on the device when the scale is exactly 1
+# ---------------------------------------------------------------------------------------------
+
+def check_scale_rows(n, vocab, row_stride, dtype, scale, device):
+    """scale_rows_ against the fp32 product rounded once; entries outside the (n, vocab) view of a
+    wider buffer never change. Under the interpreter bf16 is rounded by truncation (see
+    test_attention), so a bf16 entry may be one unit in the last place below the rounded one."""
+    from fastlm.triton_kernels.cross_entropy import scale_rows_
+
+    buffer = (torch.randn(n, row_stride, device=device) * 3).to(dtype)
+    before = buffer.clone()
+    x = buffer[:, :vocab]
+    expected = (x.float() * torch.tensor(scale, dtype=torch.float32)).to(dtype)
+    assert scale_rows_(x, torch.tensor(scale, device=device)) is x
+    if dtype == torch.bfloat16 and device == "cpu":
+        torch.testing.assert_close(x, expected, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(x, expected)
+    assert torch.equal(buffer[:, vocab:], before[:, vocab:])
+
+
+SCALE_SHAPES = [(1, 1, 1), (3, 7, 7), (5, 37, 50), (2, 4099, 4099), (3, 4096, 4101), (1, 9000, 9000)]
+# 1/3 rounds differently in fp32 and in bf16; 1024 is a power of two like a GradScaler's scale.
+SCALES = [0.5, 2.0, 1 / 3, 1024.0, 0.0]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SCALE_SHAPES, ids=lambda c: "N{}-V{}-stride{}".format(*c))
+def test_triton_scale_rows(shape, dtype, scale):
+    skip_unless("triton")
+    check_scale_rows(*shape, dtype, scale, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SCALE_SHAPES + [(4099, 50257, 50257), (257, 50257, 50304), (3, 128256, 128263)],
+                         ids=lambda c: "N{}-V{}-stride{}".format(*c))
+def test_triton_gpu_scale_rows(shape, dtype, scale):
+    skip_unless("triton", "cuda")
+    check_scale_rows(*shape, dtype, scale, "cuda")
+
+
+def check_scale_of_one_writes_nothing(device):
+    """With a scale of exactly 1 the kernel must not store, not even the same values: the buffer
+    holds NaNs (a NaN times 1 is NaN, so a write of the product could not be told apart from no
+    write) and signalling patterns that a float32 round trip would change, and it is compared bit
+    for bit. Then the same kernel with 1 + 2**-23 rewrites every entry, so it does reach them."""
+    from fastlm.triton_kernels.cross_entropy import scale_rows_
+
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
+        width = 8 * dtype.itemsize  # every bit pattern: NaNs of every payload, infinities, subnormals
+        raw = torch.randint(-2**(width - 1), 2**(width - 1), (5, 4101), device=device).to(bits)
+        x = raw.view(dtype)[:, :4099]
+        before = raw.clone()
+        scale_rows_(x, torch.ones((), device=device))
+        assert torch.equal(raw, before), f"{dtype}: a scale of 1 wrote into the buffer"
+        finite = torch.ones(3, 4099, device=device, dtype=dtype)
+        scale_rows_(finite, torch.tensor(2.0, device=device))
+        assert torch.equal(finite, torch.full_like(finite, 2.0)), f"{dtype}: a scale of 2 did not reach every entry"
+
+
+def test_triton_scale_of_one_writes_nothing():
+    skip_unless("triton")
+    check_scale_of_one_writes_nothing("cpu")
+
+
+@pytest.mark.gpu
+def test_triton_gpu_scale_of_one_writes_nothing():
+    skip_unless("triton", "cuda")
+    check_scale_of_one_writes_nothing("cuda")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grad_out", [1.0, 0.5, 2.0, "grad_scale"])
+def test_triton_backward_scales_by_grad_out(grad_out, dtype, reduction, monkeypatch):
+    """The fused backward against float64 F.cross_entropy for an incoming gradient of 1, 0.5, 2
+    and the GradScaler pattern (grad_scale told to the forward, the loss multiplied by it); the
+    Triton scaling kernel runs where the scale is not 1 on the host (CPU tensors check it there)."""
+    skip_unless("triton")
+    from fastlm.triton_kernels import cross_entropy as triton_ce
+
+    n, vocab = 13, 4099  # an odd V: rows start at every alignment
+    logits = (torch.randn(n, vocab) * 3).to(dtype)
+    targets = make_targets(n, vocab, "some")
+    grad_scale = 1024.0 if grad_out == "grad_scale" else None
+    leaf = logits.clone().requires_grad_()
+    with count_calls(triton_ce, "scale_rows_") as scaled:
+        loss = cross_entropy(leaf * 1, targets, reduction=reduction, grad_scale=grad_scale, backend="triton")
+        factor = grad_scale or grad_out
+        (loss.sum() * factor).backward()
+    ref_in = logits.double().requires_grad_()
+    (cross_entropy_reference(ref_in, targets, reduction=reduction).sum() * factor).backward()
+    count = (targets != -100).sum().item()
+    row_weight = factor / (count if reduction == "mean" else 1)
+    assert_close(leaf.grad, ref_in.grad, TOL[dtype], "grad", floor=row_weight)
+    # reduction="none" scales each row by its own incoming gradient (no scalar); the host skips 1.
+    assert len(scaled) == (reduction != "none" and grad_out in (0.5, 2.0))
+
+
+def test_triton_backward_scale_goes_through_the_custom_op_under_a_dispatch_mode():
+    """Under a dispatch mode (here one that logs the ops) the Triton launches are reached through
+    their custom ops, as torch.compile, export and fake tensors need; in plain eager they are not."""
+    skip_unless("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    logits, targets = torch.randn(6, 37), make_targets(6, 37, "some")
+    results = {}
+    for mode in (None, Log()):
+        leaf = logits.clone().requires_grad_()
+        with mode or contextlib.nullcontext():
+            (cross_entropy(leaf * 1, targets, backend="triton") * 0.5).backward()
+        results[mode is None] = leaf.grad
+        if mode is not None:
+            assert "fastlm.cross_entropy_rows_triton.default" in mode.ops
+            assert "fastlm.scale_rows_triton.default" in mode.ops
+    assert torch.equal(results[True], results[False])

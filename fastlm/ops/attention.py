@@ -19,7 +19,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops.backends import register_op, resolve_backend, triton_unusable_reason
+from fastlm.ops.backends import launches_directly, register_op, resolve_backend, triton_unusable_reason
 from fastlm.ops.checks import check_same_device, check_tensor, dtype_name
 
 OP = "causal_attention"
@@ -145,13 +145,41 @@ def _sdpa(q, k, v, scale):
 
 
 def _triton(q, k, v, scale):
+    if launches_directly(q, k, v):
+        return _FlashAttention.apply(q, k, v, scale)
     out, _ = _flash_forward(q, k, v, scale)
     return out
 
 
 # The Triton path is two custom ops with a registered autograd formula, so torch.compile treats
-# each as one opaque call (no graph break, no tracing into the launcher) and eager autograd
-# saves only q, k, v, O and the (B, H, T) log-sum-exp. Kernels are imported on first call.
+# each as one opaque call (no graph break, no tracing into the launcher), and autograd saves
+# only q, k, v, O and the (B, H, T) log-sum-exp. Plain eager calls (launches_directly) take
+# _FlashAttention instead: the same launchers and formula without the custom ops' dispatch.
+# Kernels are imported on first call.
+
+class _FlashAttention(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: with the latter, every apply() binds
+    # its arguments through inspect.signature (tens of microseconds). Only O is an output.
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        from fastlm.triton_kernels.attention import attention_forward
+
+        out, lse = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from fastlm.triton_kernels.attention import attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the custom op, so that differentiating the gradients again raises
+            # there (it has no autograd formula) instead of treating them as constants.
+            return (*_flash_backward(grad_out, q, k, v, out, lse, ctx.scale), None)
+        return (*attention_backward(grad_out, q, k, v, out, lse, ctx.scale), None)
+
 
 @torch.library.custom_op("fastlm::flash_attention_forward", mutates_args=())
 def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -188,6 +216,8 @@ def _flash_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
+    # lse has no gradient: no (B, H, T) zeros for it (a memset launch per backward).
+    ctx.set_materialize_grads(False)
 
 
 def _flash_grad(ctx, grad_out, grad_lse):

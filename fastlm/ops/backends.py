@@ -4,7 +4,11 @@ Every op registers two functions here: `reasons(device, dtype, head_dim)` -> {ba
 usable, else why not} and `preference(device, dtype)` -> the backends `auto` tries, in order.
 `resolve_backend` is the one place a backend is chosen; the ops call it for every call (cheap:
 an explicit name is only checked), and the model calls it once when it is built or moved.
+
+`launches_directly` is the one place that decides whether a Triton launch goes through its custom
+op (torch.library) or is called directly.
 """
+import functools
 import os
 import re
 
@@ -74,6 +78,19 @@ def available_backends(device=None):
     return {op: backend_reasons(op, device) for op in _OPS}
 
 
+def launches_directly(*tensors):
+    """True in plain eager mode on plain tensors: there the ops call their Triton launchers
+    directly instead of through the torch.library custom ops that wrap them. An eager custom-op
+    call passes Python layers of the dispatcher (autograd, ADInplaceOrView, backend) that cost
+    tens of microseconds of host time, more than the launch itself. torch.compile (and export),
+    dispatch modes (fake tensors, FlopCounterMode, ...), functorch transforms and tensor
+    subclasses still see the custom ops: their fake implementations are what makes them traceable.
+    """
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active()) and all(
+        type(t) is torch.Tensor for t in tensors if t is not None)
+
+
 def triton_unusable_reason(device):
     """None when Triton kernels can run on tensors of `device`, else why not."""
     try:
@@ -95,6 +112,7 @@ def triton_unusable_reason(device):
 INTERPRETER_MIN_TRITON = (3, 7)
 
 
+@functools.lru_cache(maxsize=None)
 def _version_tuple(version):
     """(major, minor) of a version string such as '3.6.0' or '3.7.0+git1234'."""
     parts = re.findall(r"\d+", version)[:2]

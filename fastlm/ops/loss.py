@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops.backends import (extension_op_unusable_reason, register_op, resolve_backend,
+from fastlm.ops.backends import (extension_op_unusable_reason, launches_directly, register_op, resolve_backend,
                                  triton_unusable_reason)
 from fastlm.ops.checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
 
@@ -173,34 +173,47 @@ def _check_same_dtype(hidden, weight, bias):
                         f"got {listing}")
 
 
-def _reduce(loss_rows, valid, reduction):
-    """Reduce per-row losses (0 on ignored rows) the way F.cross_entropy does."""
+def _reduce(loss_rows, count, reduction):
+    """Reduce per-row losses (0 on ignored rows) the way F.cross_entropy does; count: the number
+    of non-ignored rows (a tensor, from _count; needed for "mean" only)."""
     if reduction == "none":
         return loss_rows
     if reduction == "sum":
         return loss_rows.sum()
     # 0/0 = nan when every row is ignored, as in F.cross_entropy.
-    return loss_rows.sum() / valid.sum()
+    return loss_rows.sum() / count
 
 
-def _row_weight(valid, reduction, dtype, grad_scale):
+def _count(targets, ignore_index, reduction):
+    """The number of non-ignored rows (an int64 tensor) when the reduction needs it ("mean"), else
+    None: every device op here is a kernel launch per call."""
+    return (targets != ignore_index).sum() if reduction == "mean" else None
+
+
+def _row_weight(count, reduction, dtype, grad_scale, device):
     """The factor of the unit gradient that the forward writes: 1/count for "mean", times the
-    caller's grad_scale (a scalar tensor on the targets' device)."""
+    caller's grad_scale, as a scalar tensor on `device`."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if reduction == "mean":
-        weight = 1.0 / valid.sum().clamp_min(1).to(acc)
-    else:
-        weight = torch.ones((), dtype=acc, device=valid.device)
-    if grad_scale is None:
-        return weight
-    return weight * torch.as_tensor(grad_scale, device=valid.device).to(acc).reshape(())
+        weight = count.clamp_min(1).to(acc).reciprocal()
+        return weight if grad_scale is None else weight * _scalar(grad_scale, acc, device)
+    return torch.ones((), dtype=acc, device=device) if grad_scale is None else _scalar(grad_scale, acc, device)
+
+
+def _scalar(value, dtype, device):
+    """A float or a one-element tensor as a 0-dim tensor of `dtype` on `device`. A float is filled
+    in on the device: torch.as_tensor(float, device="cuda") is a host-to-device copy, which
+    synchronizes with the device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(())
+    return torch.full((), value, device=device).to(dtype)  # the dtype torch.as_tensor(value) has
 
 
 def _unscale(grad_out, grad_scale):
     """The incoming gradient with the grad_scale that the forward already applied divided out."""
     if grad_scale is None:
         return grad_out
-    return grad_out / torch.as_tensor(grad_scale, device=grad_out.device).to(grad_out.dtype).reshape(())
+    return grad_out / _scalar(grad_scale, grad_out.dtype, grad_out.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +235,7 @@ def cross_entropy_reference(logits, targets, *, ignore_index=-100, reduction="me
     if z_loss:
         valid = targets != ignore_index
         z_rows = torch.where(valid, z_loss * torch.logsumexp(x, dim=-1).square(), 0.0)
-        loss = loss + _reduce(z_rows, valid, reduction)
+        loss = loss + _reduce(z_rows, valid.sum(), reduction)
     if reduction == "none":
         loss = loss.reshape(logits.shape[:-1])
     return loss
@@ -275,11 +288,17 @@ def _ce_rows_cpp(logits, targets, grad, ignore_index, label_smoothing, z_loss, g
 
 
 def _ce_rows_triton(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
+    if launches_directly(logits, targets, grad, grad_scale):
+        from fastlm.triton_kernels.cross_entropy import cross_entropy_rows
+
+        return cross_entropy_rows(logits, targets, grad, ignore_index, float(label_smoothing), float(z_loss),
+                                  grad_scale)
     return _triton_rows(logits, targets, grad, ignore_index, float(label_smoothing), float(z_loss), grad_scale)
 
 
-# The Triton launch as a custom op, so that torch.compile sees one call with a known effect
-# (it writes `grad`) instead of tracing into the launcher. The kernel is imported on first call.
+# The Triton launches as custom ops, so that torch.compile sees one call with a known effect
+# (it writes `grad`, `x`) instead of tracing into the launcher; plain eager calls skip them
+# (launches_directly). The kernels are imported on first call.
 @torch.library.custom_op("fastlm::cross_entropy_rows_triton", mutates_args=("grad",))
 def _triton_rows(logits: torch.Tensor, targets: torch.Tensor, grad: Optional[torch.Tensor], ignore_index: int,
                  label_smoothing: float, z_loss: float, grad_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +311,18 @@ def _triton_rows(logits: torch.Tensor, targets: torch.Tensor, grad: Optional[tor
 def _(logits, targets, grad, ignore_index, label_smoothing, z_loss, grad_scale):
     return logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape[:1],
                                                                                      dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::scale_rows_triton", mutates_args=("x",))
+def _triton_scale_rows(x: torch.Tensor, scale: torch.Tensor) -> None:
+    from fastlm.triton_kernels.cross_entropy import scale_rows_
+
+    scale_rows_(x, scale)
+
+
+@_triton_scale_rows.register_fake
+def _(x, scale):
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -320,9 +351,21 @@ def _is_one(grad_out):
     return grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
 
 
-def _scale_in_place(t, grad_out):
-    """t *= grad_out (a scalar tensor), skipped when it is exactly 1."""
+def _scale_in_place(t, grad_out, backend):
+    """t *= grad_out (a scalar tensor), with no pass over t when grad_out is exactly 1: the host
+    checks a CPU scalar; for the triton backend the kernel checks it on the device (reading it
+    on the host would be a sync), so that a 1 (the usual case: a plain loss.backward(), or a loss
+    scaled by the grad_scale the forward applied) costs one launch instead of a read and write
+    of all N x V entries. Under torch.compile the multiply is left to the compiler."""
     if _is_one(grad_out):
+        return t
+    if backend == "triton" and not torch.compiler.is_compiling():
+        scale = grad_out.to(torch.float32)
+        if launches_directly(t, scale):
+            from fastlm.triton_kernels.cross_entropy import scale_rows_
+
+            return scale_rows_(t, scale)
+        _triton_scale_rows(t, scale)
         return t
     return t.mul_(grad_out.to(torch.float32 if t.dtype != torch.float64 else t.dtype))
 
@@ -335,21 +378,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """Fused forward that leaves the (unit) gradient in a buffer; backward only scales it."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, kernel,
+    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, backend,
                 overwrite, needs_grad, grad_scale):
-        valid = targets != ignore_index
+        count = _count(targets, ignore_index, reduction)
         grad = None
         if needs_grad:
             grad = logits if overwrite else torch.empty_like(logits)
-        weight = _row_weight(valid, reduction, logits.dtype, grad_scale)
+        weight = _row_weight(count, reduction, logits.dtype, grad_scale, logits.device)
+        kernel = _ROW_KERNELS[backend]
         loss_rows, _ = kernel(logits, targets, grad, ignore_index, label_smoothing, z_loss, weight)
         if grad is not None:
             if overwrite:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(grad)
-        ctx.reduction, ctx.grad_scale, ctx.kernel = reduction, grad_scale, kernel
+        ctx.reduction, ctx.grad_scale, ctx.kernel, ctx.backend = reduction, grad_scale, kernel, backend
         ctx.used = False
-        return _reduce(loss_rows, valid, reduction)
+        return _reduce(loss_rows, count, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -363,7 +407,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none":
             grad.mul_(grad_loss[:, None].to(torch.float32 if grad.dtype != torch.float64 else grad.dtype))
         else:
-            _scale_in_place(grad, grad_loss)
+            _scale_in_place(grad, grad_loss, ctx.backend)
         return grad, None, None, None, None, None, None, None, None, None
 
 
@@ -409,7 +453,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label
     overwrite = needs_grad and not torch.compiler.is_compiling() and (copied or _is_intermediate(logits))
     loss = _FusedCrossEntropy.apply(rows, targets.reshape(-1), ignore_index, reduction,
                                     options["label_smoothing"], options["z_loss"],
-                                    _ROW_KERNELS[name], overwrite, needs_grad, grad_scale)
+                                    name, overwrite, needs_grad, grad_scale)
     return loss.reshape(lead_shape) if reduction == "none" else loss
 
 
@@ -461,8 +505,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
                 chunk_rows, kernel, needs_grad, grad_scale):
         grads_now = needs_grad and reduction != "none"
-        valid = targets != ignore_index
-        row_weight = _row_weight(valid, reduction, hidden.dtype, grad_scale)
+        count = _count(targets, ignore_index, reduction)
+        row_weight = _row_weight(count, reduction, hidden.dtype, grad_scale, hidden.device)
         loss_rows, grads = _chunked_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss,
                                          chunk_rows, kernel, row_weight, with_grads=grads_now)
         ctx.reduction, ctx.grad_scale, ctx.kernel = reduction, grad_scale, kernel
@@ -473,7 +517,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         elif needs_grad:
             ctx.save_for_backward(hidden, weight, bias, targets, row_weight)
             ctx.options = (ignore_index, label_smoothing, z_loss, chunk_rows, kernel)
-        return _reduce(loss_rows, valid, reduction)
+        return _reduce(loss_rows, count, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):

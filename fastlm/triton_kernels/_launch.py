@@ -12,3 +12,16 @@ def device_guard(t):
     """Make t's CUDA device current while a kernel is launched: Triton launches on the current
     device, which need not be the one holding the tensors (logits on cuda:1, current device 0)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions in
+# recent Triton, several microseconds per call on the host (they unwrap constexpr arguments).
+
+def cdiv(a, b):
+    """ceil(a / b) for ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of 2 >= n (0 for 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0

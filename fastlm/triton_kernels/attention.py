@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, device_guard
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -59,12 +59,12 @@ MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
 def _t_bucket(T):
-    return max(16, triton.next_power_of_2(T))
+    return max(16, next_power_of_2(T))
 
 
 def launch_grid(T, block, heads):
     """Grid of a kernel that runs one program per (block of `block` rows of T, head of `heads`)."""
-    programs = triton.cdiv(T, block) * heads
+    programs = cdiv(T, block) * heads
     if programs > MAX_GRID[0]:
         raise ValueError(f"attention: {programs} programs (T={T}, block {block}, {heads} batch x heads) "
                          f"exceed the CUDA grid limit {MAX_GRID[0]}")

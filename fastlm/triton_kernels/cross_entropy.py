@@ -19,6 +19,10 @@ launcher checks and specialises on.
 
 No autotuning: when `grad` aliases the logits, trial runs would destroy their own input. Tile
 sizes come from a heuristic on V instead.
+
+scale_rows_ is the backward's multiply of that gradient by the incoming scalar gradient, read
+on the device: when it is exactly 1 (a plain loss.backward()) the programs return without
+touching the N x V buffer, which saves a full read and write of it without a host sync.
 """
 import os
 
@@ -26,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, device_guard
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2
 
 
 @triton.jit
@@ -135,8 +139,13 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
                        row_mask[:, None] & (start + body_cols < n_body[:, None]), *coefs)
 
 
+# Whether triton.jit made the kernels above for the interpreter: it reads the variable once, when
+# it decorates them, and so does this module (not on every call).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _tile_sizes(n_cols, interpreted):
-    block_v = triton.next_power_of_2(n_cols)
+    block_v = next_power_of_2(n_cols)
     if interpreted:
         # The interpreter's cost is per tile operation: few, wide tiles of several rows.
         return 8, min(block_v, 2048), 1
@@ -160,9 +169,8 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
         return loss, lse
     targets = targets.contiguous()
     scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=logits.device).reshape(1)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    block_n, block_v, num_warps = _tile_sizes(n_cols, interpreted)
-    grid = (triton.cdiv(n_rows, block_n),)
+    block_n, block_v, num_warps = _tile_sizes(n_cols, INTERPRETED)
+    grid = (cdiv(n_rows, block_n),)
     stride = logits.stride(0)
     grad_stride = stride if grad is None else grad.stride(0)
     vec = 16 // logits.element_size()
@@ -174,3 +182,57 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
             ALIGNED_ROWS=stride % vec == 0 and n_cols % vec == 0, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
             num_warps=num_warps, **LAUNCH_OPTIONS)
     return loss, lse
+
+
+# --------------------------------------------------------------------------------------------
+# The backward's scaling of the saved gradient
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _scale_rows_kernel(x_ptr, row_stride, scale_ptr, n_cols, n_tiles, BLOCK: tl.constexpr):
+    """x[r, c] *= scale (in fp32) over n_tiles tiles of BLOCK columns, tiles_per_row = cdiv(n_cols,
+    BLOCK) of them per row; each program takes every num_programs-th tile."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    # Exactly 1 (the incoming gradient of a loss, or of a loss scaled by the grad_scale the forward
+    # already applied): every program returns having read only the scale.
+    if scale != 1.0:
+        tiles_per_row = tl.cdiv(n_cols, BLOCK)
+        cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            row = tile // tiles_per_row
+            start = (tile % tiles_per_row).to(tl.int64) * BLOCK
+            ptrs = x_ptr + row.to(tl.int64) * row_stride + start + cols
+            # Whole tiles unmasked (vector accesses); only a row's last tile is masked.
+            if start + BLOCK <= n_cols:
+                x = tl.load(ptrs)
+                tl.store(ptrs, (x.to(tl.float32) * scale).to(x.dtype))
+            else:
+                mask = start + cols < n_cols
+                x = tl.load(ptrs, mask=mask)
+                tl.store(ptrs, (x.to(tl.float32) * scale).to(x.dtype), mask=mask)
+
+
+# One wave of programs on a large GPU (8 of 8 warps fit an SM); each loops over its share of the
+# tiles, so when the scale is 1 only this many programs start and return.
+SCALE_PROGRAMS = 1024
+SCALE_BLOCK = 4096
+
+
+def scale_rows_(x, scale):
+    """x *= scale in place and return x: x (N, V) fp32/bf16/fp16 with unit stride along V (any row
+    stride), scale a one-element tensor on x's device. Each product is formed in fp32 and rounded
+    once to x's dtype. When scale is exactly 1 nothing of x is read or written, and the host
+    never reads the scale (no device sync)."""
+    n_rows, n_cols = x.shape
+    if x.numel() == 0:
+        return x
+    row_stride = x.stride(0)
+    if n_rows == 1 or row_stride == n_cols:
+        # Rows back to back: one flat row, so every tile but the last is whole and aligned.
+        n_rows, n_cols, row_stride = 1, n_rows * n_cols, 0
+    n_tiles = n_rows * cdiv(n_cols, SCALE_BLOCK)
+    grid = (min(n_tiles, SCALE_PROGRAMS),)
+    with device_guard(x):
+        _scale_rows_kernel[grid](x, row_stride, scale, n_cols, n_tiles, BLOCK=SCALE_BLOCK, num_warps=8,
+                                 **LAUNCH_OPTIONS)
+    return x
