@@ -70,3 +70,11 @@ def test_cross_entropy_unpadded_vocab_uses_vector_access(report):
         assert re.search(r"st\.global(\.\w+)*\.v4", ptx), f"{shape}: no vector stores"
     scalar_half_loads = re.findall(r"ld\.global(?:\.\w+)*\.b16\b", rows["V=50304"].asm["ptx"])
     assert len(scalar_half_loads) <= 1, f"V=50304: {len(scalar_half_loads)} scalar 2-byte loads"
+
+
+def test_cross_entropy_scale_kernel_uses_vector_access(report):
+    # The backward's in-place scaling streams the whole N x V gradient when the scale is not 1:
+    # 16-byte loads and stores, and nothing spilled (checked with every row above).
+    (row,) = [r for r in report if r.kernel == "cross_entropy_scale"]
+    assert re.search(r"ld\.global(\.\w+)*\.v4", row.asm["ptx"]), "no vector loads"
+    assert re.search(r"st\.global(\.\w+)*\.v4", row.asm["ptx"]), "no vector stores"

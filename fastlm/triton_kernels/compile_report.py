@@ -179,6 +179,12 @@ def _cross_entropy_cases(dtype, vocabs):
                           BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec)
         yield ("cross_entropy", f"{block_n}x{block_v} w{num_warps}", f"V={vocab}", cross_entropy._cross_entropy_kernel,
                args, constexprs, num_warps, 1)
+    if vocabs:
+        # The backward's in-place scaling of the saved gradient (one kernel for every V: rows back to
+        # back are one flat row).
+        args = dict(x_ptr=dtype, row_stride=0, scale_ptr=torch.float32, n_cols=8192 * 50257, n_tiles=100523)
+        yield ("cross_entropy_scale", f"1x{cross_entropy.SCALE_BLOCK} w8", "flat", cross_entropy._scale_rows_kernel,
+               args, dict(BLOCK=cross_entropy.SCALE_BLOCK), 8, 1)
 
 
 # V = 50257 (GPT-2, odd row stride), 50304 (the same padded to 64), 128256 (Llama 3), 4000 (one tile).
@@ -209,7 +215,7 @@ def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CR
     rows = []
     for kernel, config, shape, fn, args, constexprs, num_warps, num_stages in _cases(dtypes, head_dims, vocabs):
         compiled, regs, spill, smem = compile_kernel(fn, args, constexprs, num_warps, num_stages, arch)
-        dtype = _TRITON_DTYPE[args["Q" if "Q" in args else "logits_ptr"]]
+        dtype = _TRITON_DTYPE[next(args[name] for name in ("Q", "logits_ptr", "x_ptr") if name in args)]
         rows.append(CompileRow(kernel, config, dtype, shape, regs, spill, smem, {k: compiled.asm[k] for k in asm}))
     return rows
 
