@@ -233,11 +233,12 @@ _NORM_FNS = {"torch": grad_norm_torch, "cpp": grad_norm_fused, "cuda": grad_norm
 # --------------------------------------------------------------------------------------------
 
 class _GroupLists:
-    """One param group's per-parameter tensors for the update, but for the grads, built at a step
-    (state initialised for every parameter with a grad) and kept for the steps after it.
+    """The tensors one param group's update takes besides the grads: params, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, masters, steps. Built at a step (state initialised for every parameter with a
+    grad) and kept for the steps after it while matches() holds.
 
     with_grad: the parameters that had a grad, in group order; sharded: whether any is a DTensor,
-    then `lists` holds the DTensors and local() takes their local shards.
+    in which case `lists` holds the DTensors and local() takes their local shards.
     """
 
     def __init__(self, opt, group, with_grad, sharded):
