@@ -346,6 +346,157 @@ def test_refused_param_group_is_not_kept(bad_group, exc, match):
     opt.step()
 
 
+# --------------------------------------------------------------------------------------------
+# step() builds each group's state lists once and reuses them (AdamW._group_lists): every change
+# between steps that the lists depend on must still be seen
+# --------------------------------------------------------------------------------------------
+
+def assert_follows_torch(ours, theirs, params, ref, keys=("exp_avg", "exp_avg_sq")):
+    assert max_abs_diff(params, ref) <= ATOL
+    for p, r in zip(params, ref):
+        assert (p in ours.state) == (r in theirs.state)
+        if r in theirs.state:
+            assert ours.state[p]["step"].item() == theirs.state[r]["step"].item()
+            for key in keys:
+                assert max_abs_diff([ours.state[p][key]], [theirs.state[r][key]]) <= ATOL, key
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_grads_that_come_and_go_match_torch(backend, amsgrad):
+    params = make_params()
+    ref = clone_params(params)
+    kw = dict(lr=1e-2, amsgrad=amsgrad)
+    ours = AdamW(groups(params, 0.1), backend=backend, **kw)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), **kw)
+    # Per step, the parameters without a grad: 1 (group 0) and 6 (group 2) get theirs only at the
+    # second step, lose it again, and 3 (group 1) skips one step late in the run.
+    for missing in [{1, 6}, set(), {1}, {3, 6}, set(), set()]:
+        set_grads([params, ref])
+        for i in missing:
+            params[i].grad = ref[i].grad = None
+        ours.step()
+        theirs.step()
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    assert_follows_torch(ours, theirs, params, ref, keys)
+    assert ours.state[params[1]]["step"].item() == 4
+
+
+@pytest.mark.parametrize("source", ["torch", "ours"])
+def test_load_state_dict_mid_run_then_continue_matches_torch(backend, source):
+    """Our optimizer steps on alone after the save, then loads the state saved at step 3 into the
+    same instance: the steps after it must update the loaded tensors, not the ones it had."""
+    params = make_params()
+    ref = clone_params(params)
+    kw = dict(lr=1e-2, amsgrad=True)
+    ours = AdamW(groups(params, 0.1), backend=backend, **kw)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), **kw)
+    run_pair(ours, theirs, params, ref, 3)
+    saver, saved_params = (theirs, ref) if source == "torch" else (ours, params)
+    saved = copy.deepcopy(saver.state_dict())
+    saved_values = [p.detach().clone() for p in saved_params]
+    for _ in range(2):
+        set_grads([params])
+        ours.step()
+    with torch.no_grad():
+        for p, value in zip(params, saved_values):
+            p.copy_(value)
+    ours.load_state_dict(saved)
+    run_pair(ours, theirs, params, ref, 4)
+    assert_follows_torch(ours, theirs, params, ref, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    assert ours.state[params[0]]["step"].item() == 7
+
+
+def test_add_param_group_after_steps_matches_torch(backend):
+    params = make_params()
+    ref = clone_params(params)
+    ours = AdamW(groups(params, 0.1)[:2], lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(groups(ref, 0.1)[:2], lr=1e-2)
+    run_pair(ours, theirs, params, ref, 3)  # the last group's params get grads but are in no group yet
+    ours.add_param_group(groups(params, 0.1)[2])
+    theirs.add_param_group(groups(ref, 0.1)[2])
+    run_pair(ours, theirs, params, ref, 3)
+    assert_follows_torch(ours, theirs, params, ref)
+    assert ours.state[params[-1]]["step"].item() == 3
+
+
+def test_hyperparameters_changed_between_steps_take_effect(backend):
+    params = make_params()
+    ref = clone_params(params)
+    ours = AdamW(groups(params, 0.1), lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), lr=1e-2)
+    run_pair(ours, theirs, params, ref, 2)
+    for opt in (ours, theirs):
+        opt.param_groups[0].update(lr=3e-2, weight_decay=0.5)
+        opt.param_groups[1].update(betas=(0.8, 0.99), eps=1e-4)
+        opt.param_groups[2].update(maximize=True, weight_decay=0.0)
+    run_pair(ours, theirs, params, ref, 3)
+    assert_follows_torch(ours, theirs, params, ref)
+
+
+def test_amsgrad_and_master_weights_switched_on_between_steps(backend):
+    fp32, bf16 = make_param((7, 13)), make_param((33,), torch.bfloat16)
+    opt = AdamW([{"params": [fp32]}, {"params": [bf16]}], lr=1e-2, backend=backend)
+    for _ in range(2):
+        set_grads([[fp32, bf16]])
+        opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    opt.param_groups[1]["master_weights"] = True
+    set_grads([[fp32, bf16]])
+    opt.step()
+    state = opt.state[fp32]
+    assert torch.equal(state["max_exp_avg_sq"], state["exp_avg_sq"])  # max(0, v) after its first step
+    master = opt.state[bf16]["master_param"]
+    assert master.dtype == torch.float32 and torch.equal(master.to(torch.bfloat16), bf16.detach())
+
+
+@pytest.mark.parametrize("shape, dtype, match", [
+    ((5,), torch.float32, r"got grad \(5,\) float32 for parameter \(4,\) float32"),
+    ((4,), torch.bfloat16, r"got grad \(4,\) bfloat16 for parameter \(4,\) float32"),
+], ids=["shape", "dtype"])
+def test_bad_grad_after_cached_steps_raises_before_any_update(backend, shape, dtype, match):
+    q, p = torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)
+    opt = AdamW([q, p], backend=backend)  # q first: it would be updated if p's check came late
+    for _ in range(2):
+        q.grad, p.grad = torch.randn(3), torch.randn(4)
+        opt.step()
+    before = [q.detach().clone(), p.detach().clone()]
+    p.grad.data = torch.randn(shape).to(dtype)  # (assigning p.grad itself refuses a mismatch)
+    with pytest.raises(ValueError, match="grad must match its parameter, " + match):
+        opt.step()
+    assert torch.equal(q, before[0]) and torch.equal(p, before[1])
+    assert opt.state[q]["step"].item() == opt.state[p]["step"].item() == 2
+
+
+def test_sparse_grad_after_cached_steps_raises(backend):
+    p = torch.randn(4, requires_grad=True)
+    opt = AdamW([p], backend=backend)
+    for _ in range(2):
+        p.grad = torch.randn(4)
+        opt.step()
+    p.grad = torch.randn(4).to_sparse()
+    with pytest.raises(TypeError, match="sparse gradients are not supported"):
+        opt.step()
+
+
+def test_steady_steps_reuse_the_lists(backend):
+    """The tests above can only fail through the cache if it is used: count the list builds."""
+    params = make_params()
+    opt = AdamW(groups(params, 0.1), lr=1e-2, backend=backend)
+    with count_calls(adamw_module, "_GroupLists") as builds:
+        for _ in range(3):
+            set_grads([params])
+            opt.step()
+        assert len(builds) == 3  # one per group, at the first step
+        set_grads([params])
+        params[4].grad = None
+        opt.step()
+        assert len(builds) == 4  # group 1 only
+        opt.load_state_dict(opt.state_dict())
+        set_grads([params])
+        opt.step()
+        assert len(builds) == 7
+
+
 def test_backend_reasons_shape():
     reasons = adamw_module.backend_reasons("cpu")
     assert set(reasons) == {"torch", "cpp", "cuda", "triton"}

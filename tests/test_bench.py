@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -58,6 +59,8 @@ def test_quick_run_measures_or_skips_every_benchmark(tmp_path):
     assert sdpa and all(r["ref_ms"] > 0 and r["fused_ms"] is None and r["extra"]["fwd_tflops"] > 0 for r in sdpa)
     torch_fused = [r for r in summary["benchmarks"]["adamw"]["rows"] if r["backend"] == "torch-fused"]
     assert len(torch_fused) == 2 and all(r["ref_ms"] > 0 and r["fused_ms"] is None for r in torch_fused)
+    # On CPU a step's host time is its time: host_ms is a CUDA figure only.
+    assert not any("host_ms" in r["extra"] for r in summary["benchmarks"]["adamw"]["rows"])
     markdown = (tmp_path / "summary.md").read_text()
     assert "| name | case |" in markdown and "summary_speedup.png" in markdown and "attention.png" in markdown
     for png in (*report.SUMMARY_PLOTS, "attention"):
@@ -362,6 +365,30 @@ def test_profilers_bad_arguments_are_one_line_errors(name, capsys):
     assert capsys.readouterr().err.strip() == f"{name}: error: device must be auto, cpu, cuda or cuda:N, got 'tpu'"
     assert main(["--device", "cpu", "--out-dir", __file__]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_adamw_host_times_are_interleaved_medians_of_one_call_each():
+    from fastlm.bench import adamw as bench_adamw
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.002)
+
+    host = bench_adamw.host_times({"slow": slow, "fast": lambda: calls.append("fast")}, torch.device("cpu"),
+                                  warmup=1, repeats=3)
+    assert calls == ["slow", "fast"] * 4
+    assert host["slow"] >= 2.0 > host["fast"] >= 0.0
+
+
+@pytest.mark.gpu
+def test_adamw_rows_on_cuda_carry_host_ms():
+    from fastlm.bench import adamw as bench_adamw
+
+    rows = bench_adamw.run(quick=True, device="cuda", dtype="float32")
+    assert all(("host_ms" in r.extra) == (r.skipped is None) for r in rows)
+    assert all(r.extra["host_ms"] > 0 for r in rows if r.skipped is None)
 
 
 def test_copy_bandwidth_is_measured_once_per_device():

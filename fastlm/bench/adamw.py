@@ -7,17 +7,21 @@ row is torch.optim.AdamW(fused=True), whose own row holds only ref_ms; extra
 speedup_vs_foreach compares with the foreach path. Peak memory: one steady step (state exists).
 max_err: max relative error of the parameters after one clipped step against the torch for-loop
 (clip_grad_norm_ + step). fastlm sums squares in double, torch in fp32: on a 38M-element
-tensor torch's norm is ~0.3% low, which alone shows up as ~1e-6 here at 124M. On CUDA, fp32:
-extra gbs = BYTES_PER_PARAM x params / time, copy_fraction = gbs over the copy bandwidth
-measured in the same run.
+tensor torch's norm is ~0.3% low, which alone shows up as ~1e-6 here at 124M. On CUDA, every
+measured row: extra host_ms = the median host time of one step call (perf_counter around it, no
+synchronize, the device idle at its start: the time to launch the work), beside the CUDA-event
+times, so a step bound by its host shows as host_ms close to them. On CUDA, fp32: extra
+gbs = BYTES_PER_PARAM x params / time, copy_fraction = gbs over the copy bandwidth measured in
+the same run.
 """
 import gc
 import statistics
+import time
 
 import torch
 
-from fastlm.bench.common import (Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, report_rows, time_ms,
-                                 timed_backends)
+from fastlm.bench.common import (Row, copy_bandwidth_gbs, max_rel_error, peak_memory_mb, report_rows, synchronize,
+                                 time_ms, timed_backends)
 from fastlm.optim import AdamW
 
 DTYPE = {"cpu": "float32", "cuda": "float32"}
@@ -93,6 +97,23 @@ def interleaved_times(steps, device, warmup, repeats):
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def host_times(steps, device, warmup, repeats):
+    """Median host ms of one call of each step, in interleaved rounds: perf_counter around the call
+    without waiting for the device, which is synchronized before each call so that no launch waits
+    for room in a full queue. On CUDA: the time step() takes to launch its work."""
+    samples = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if round_ >= warmup:
+                samples[name].append(elapsed)
+    synchronize(device)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def run(quick, device, dtype):
     device, torch_dtype = torch.device(device), getattr(torch, dtype)
     backends = {**dict.fromkeys(TORCH_VARIANTS), **timed_backends("adamw", device, ("cpp", "cuda"))}
@@ -110,8 +131,11 @@ def run(quick, device, dtype):
         # Every backend steps the same parameters and grads, each with its own optimizer state.
         params = make_params(shapes, device, torch_dtype)
         for clip in (False, True):
-            times = interleaved_times({name: make_step(name, params, clip) for name in runnable}, device,
-                                      warmup, repeats)
+            steps = {name: make_step(name, params, clip) for name in runnable}
+            times = interleaved_times(steps, device, warmup, repeats)
+            # On CPU the host time is the step time; on CUDA it shows how much of it is launching.
+            host = host_times(steps, device, warmup, repeats) if device.type == "cuda" else {}
+            del steps
             gc.collect()
             peaks = {name: peak_memory_mb(setup_step, device=device, backend=name, config=config, dtype=dtype,
                                           clip=clip, on=str(device)) for name in runnable}
@@ -123,6 +147,8 @@ def run(quick, device, dtype):
                     if name != REFERENCE:
                         row.fused_ms, row.fused_peak_mb = times[name], peaks[name]
                     row.extra["speedup_vs_foreach"] = times["torch-foreach"] / times[name]
+                    if name in host:
+                        row.extra["host_ms"] = host[name]
                     if device.type == "cuda" and torch_dtype == torch.float32:
                         # Each fp32 param: param, exp_avg, exp_avg_sq read and written, grad read.
                         gbs = BYTES_PER_PARAM * n_params / (times[name] * 1e-3) / 1e9

@@ -25,6 +25,7 @@ The math lives in one function per implementation, side by side:
 """
 import functools
 import math
+import operator
 
 import torch
 
@@ -97,13 +98,18 @@ def grad_norm_fused(grads, grad_scale=None):
     return torch.ops.fastlm.adamw_grad_norm(grads, grad_scale)
 
 
+_DTENSOR = []  # [DTensor or None] once resolved: an import statement costs ~1 us, and it ran per tensor
+
+
 def _dtensor_type():
     """torch.distributed.tensor.DTensor, or None where torch has no distributed support."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def is_sharded(t):
@@ -226,6 +232,39 @@ _NORM_FNS = {"torch": grad_norm_torch, "cpp": grad_norm_fused, "cuda": grad_norm
 # The optimizer
 # --------------------------------------------------------------------------------------------
 
+class _GroupLists:
+    """The tensors one param group's update takes besides the grads: params, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, masters, steps. Built at a step (state initialised for every parameter with a
+    grad) and kept for the steps after it while matches() holds.
+
+    with_grad: the parameters that had a grad, in group order; sharded: whether any is a DTensor,
+    in which case `lists` holds the DTensors and local() takes their local shards.
+    """
+
+    def __init__(self, opt, group, with_grad, sharded):
+        self.group, self.with_grad, self.sharded = group, with_grad, sharded
+        self.amsgrad, self.master_weights = group["amsgrad"], group["master_weights"]
+        states = [opt._init_state(p, group) for p in with_grad]
+        masters = [state[MASTER_KEY] for state in states if MASTER_KEY in state]
+        if masters and len(masters) != len(with_grad):
+            # Mixed fp32 / low-precision params in one group: give fp32 params a master view of themselves.
+            masters = [state.get(MASTER_KEY, p) for p, state in zip(with_grad, states)]
+        self.lists = (list(with_grad), [state["exp_avg"] for state in states],
+                      [state["exp_avg_sq"] for state in states],
+                      [state["max_exp_avg_sq"] for state in states] if self.amsgrad else [],
+                      masters, [state["step"] for state in states])
+
+    def matches(self, group, with_grad):
+        """Whether these lists still serve `group` whose parameters `with_grad` have a grad now."""
+        return (group is self.group and group["amsgrad"] == self.amsgrad
+                and group["master_weights"] == self.master_weights and len(with_grad) == len(self.with_grad)
+                and all(map(operator.is_, with_grad, self.with_grad)))
+
+    def local(self):
+        # The steps are plain tensors, as the state initialises them.
+        return tuple([local_tensor(t) for t in ts] for ts in self.lists[:-1]) + (self.lists[-1],)
+
+
 def _check_hyperparameters(lr, betas, eps, weight_decay, amsgrad, maximize, master_weights, where):
     if isinstance(lr, torch.Tensor):
         raise TypeError(f"{OP}: lr{where} must be a Python float, got a tensor")
@@ -280,6 +319,7 @@ class AdamW(torch.optim.Optimizer):
         self._backend_for(self._device())  # an unknown or unusable backend fails here, not at step()
 
     def add_param_group(self, param_group):
+        self._invalidate_lists()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f" (param group {len(self.param_groups) - 1})"
@@ -294,6 +334,7 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._invalidate_lists()
         # A state dict saved by torch.optim.AdamW has groups without our options.
         for group in self.param_groups:
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
@@ -304,8 +345,10 @@ class AdamW(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _device(self):
-        params = self._params()
-        return params[0].device if params else torch.device("cpu")
+        for group in self.param_groups:  # the first parameter's, without listing them all every step
+            if group["params"]:
+                return group["params"][0].device
+        return torch.device("cpu")
 
     def _check_params(self):
         params = self._params()
@@ -335,36 +378,55 @@ class AdamW(torch.optim.Optimizer):
             state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
         return state
 
-    def _group_lists(self, group):
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps = ([] for _ in range(7))
+    def _invalidate_lists(self):
+        """Forget the cached per-group lists: the next step rebuilds them (see _group_lists)."""
+        self._lists = {}  # param group index -> _GroupLists
+        self._lists_state = (None, -1)  # (self.state, its length) when the lists were built
+
+    def _group_lists(self, index, group, use_cache):
+        """What the update of one param group takes: (grads as the parameters hold them, whether
+        they are all plain tensors (no DTensor), the kernels' lists params, grads, exp_avgs,
+        exp_avg_sqs, max_exp_avg_sqs, masters, steps).
+
+        Every step reads and checks the grads. The rest is built once (state initialised, sharding
+        decided) and reused while the same parameters, in the same order, have grads, the group's
+        amsgrad and master_weights are unchanged and the state is not replaced (load_state_dict,
+        add_param_group, __setstate__, a change in its number of entries). State tensors put into
+        self.state[p] by other means are not seen: call _invalidate_lists after doing so. Without
+        use_cache (while torch.compile traces the step) the lists are built and not kept.
+        """
+        with_grad, grads, plain_grads, tensor = [], [], True, torch.Tensor
         for p in group["params"]:
-            if p.grad is None:
-                continue
             g = p.grad
+            if g is None:
+                continue
             if g.is_sparse:
                 raise TypeError(f"{OP}: sparse gradients are not supported (parameter of shape "
                                 f"{tuple(p.shape)} has a {g.layout} grad)")
             if g.dtype != p.dtype or g.shape != p.shape:
                 raise ValueError(f"{OP}: grad must match its parameter, got grad {tuple(g.shape)} "
                                  f"{dtype_name(g.dtype)} for parameter {tuple(p.shape)} {dtype_name(p.dtype)}")
-            if is_sharded(p) and not (is_sharded(g) and g.placements == p.placements):
-                raise ValueError(f"{OP}: the grad of a sharded parameter {tuple(p.shape)} {p.placements} must be "
-                                 f"a DTensor of the same placements, got {getattr(g, 'placements', type(g).__name__)}")
-            state = self._init_state(p, group)
-            # The kernels see each rank's local shards (plain tensors sharing the DTensors' storage).
-            params.append(local_tensor(p))
-            grads.append(local_tensor(g))
-            exp_avgs.append(local_tensor(state["exp_avg"]))
-            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
-            if group["amsgrad"]:
-                max_exp_avg_sqs.append(local_tensor(state["max_exp_avg_sq"]))
-            if MASTER_KEY in state:
-                masters.append(local_tensor(state[MASTER_KEY]))
-            steps.append(state["step"])
-        if masters and len(masters) != len(params):
-            # Mixed fp32 / low-precision params in one group: give fp32 params a master view of themselves.
-            masters = [local_tensor(self.state[p].get(MASTER_KEY, p)) for p in group["params"] if p.grad is not None]
-        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps
+            plain_grads = plain_grads and type(g) is tensor
+            with_grad.append(p)
+            grads.append(g)
+        cached = self._lists.get(index) if use_cache else None
+        if cached is not None and not cached.matches(group, with_grad):
+            cached = None
+        sharded = cached.sharded if cached is not None else any(is_sharded(p) for p in with_grad)
+        if sharded:
+            for p, g in zip(with_grad, grads):
+                if is_sharded(p) and not (is_sharded(g) and g.placements == p.placements):
+                    raise ValueError(f"{OP}: the grad of a sharded parameter {tuple(p.shape)} {p.placements} "
+                                     f"must be a DTensor of the same placements, got "
+                                     f"{getattr(g, 'placements', type(g).__name__)}")
+        if cached is None:
+            cached = _GroupLists(self, group, with_grad, sharded)
+            if use_cache:
+                self._lists[index] = cached
+        # The kernels see each rank's local shards (plain tensors sharing the DTensors' storage),
+        # taken every step: FSDP may swap a sharded parameter's local tensor between steps.
+        lists = cached.local() if sharded else cached.lists
+        return grads, plain_grads, (lists[0], grads if plain_grads else [local_tensor(g) for g in grads], *lists[1:])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -381,22 +443,32 @@ class AdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         device = self._device()
         backend = self._backend_for(device)
+        # A compiled step reads no cache: its graph holds the lists, and guards on a cache would recompile.
+        use_cache = not torch.compiler.is_compiling()
+        if use_cache and (self.state is not self._lists_state[0] or len(self.state) != self._lists_state[1]):
+            self._invalidate_lists()
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
         if found_inf is not None:
             found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
 
-        lists = [self._group_lists(group) for group in self.param_groups]
+        per_group = [self._group_lists(i, group, use_cache) for i, group in enumerate(self.param_groups)]
+        if use_cache:
+            self._lists_state = (self.state, len(self.state))
         grad_norm = None
         if self.max_grad_norm is not None:
             # The norm of the whole model: DTensor grads' shards are reduced over their mesh.
-            all_grads = [p.grad for p in self._params() if p.grad is not None]
-            grad_norm = global_grad_norm(all_grads, _NORM_FNS[backend], grad_scale, device)
+            all_grads = [g for grads, _, _ in per_group for g in grads]
+            if all(plain_grads for _, plain_grads, _ in per_group):
+                # global_grad_norm's first case, without testing every grad for a DTensor again
+                grad_norm = _NORM_FNS[backend](all_grads, grad_scale)
+            else:
+                grad_norm = global_grad_norm(all_grads, _NORM_FNS[backend], grad_scale, device)
             if grad_norm.device != device:
                 grad_norm = grad_norm.to(device)
         step_fn = _STEP_FNS[backend]
-        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps) in zip(
-                self.param_groups, lists):
+        for group, (_, _, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps)) in zip(
+                self.param_groups, per_group):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -427,3 +499,4 @@ class AdamW(torch.optim.Optimizer):
                         device=p.device, dtype=torch.float32).clone()
                 elif isinstance(value, torch.Tensor) and value.is_floating_point():
                     state[key] = value.detach().to(device=p.device, dtype=torch.float32).clone()
+        self._invalidate_lists()  # the state tensors were just replaced
