@@ -2,7 +2,8 @@
 
 cross_entropy: fwd+bwd of F.cross_entropy (the reference) vs each fused backend, on logits that
 are an autograd intermediate as in training (so a fused backend writes the gradient in place),
-over V in {256, 32000, 50257, 128256} and N in {4096, 16384}.
+over V in {256, 32000, 50257, 128256} and N in {4096, 16384}; on CUDA also N=16384 at V=50304
+(50257 padded to 64 as the model pads it: aligned rows).
 linear_cross_entropy: lm_head matmul + F.cross_entropy (unfused) vs the chunked fused op, at
 N=8192, D=768, V=50257 (CPU) and N=16384, D=768, V=50257 and N=8192, D=4096, V=128256 (CUDA).
 On CUDA, extra also holds: compiled_ref_ms, the same reference step under torch.compile (at
@@ -26,6 +27,9 @@ from fastlm.ops import cross_entropy, linear_cross_entropy
 DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 CE_SHAPES = [(n, v) for v in (256, 32000, 50257, 128256) for n in (4096, 16384)]
 CE_SHAPES_QUICK = [(512, 256), (512, 32000)]
+# On CUDA also GPT-2's vocabulary padded to a multiple of 64, as the model pads it: rows that start
+# aligned, so the kernel takes no unaligned head and foot, against V=50257's odd row stride.
+CE_SHAPES_CUDA_EXTRA = [(16384, 50304)]
 # The target sizes, where the compiled reference is timed too (each compile costs seconds of a GPU window).
 COMPILED_REFERENCE_SHAPES = [(16384, 50257), (16384, 128256)]
 LINEAR_SHAPES = {"cpu": [(8192, 768, 50257)], "cuda": [(16384, 768, 50257), (8192, 4096, 128256)]}
@@ -146,7 +150,7 @@ def run(quick, device, dtype):
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     timing = dict(warmup=1, repeats=3) if cpu else dict(warmup=3, repeats=20)
     rows = []
-    for n, vocab in CE_SHAPES_QUICK if quick else CE_SHAPES:
+    for n, vocab in CE_SHAPES_QUICK if quick else CE_SHAPES + (CE_SHAPES_CUDA_EXTRA if not cpu else []):
         case, extra = f"N={n} V={vocab}", {"logits_mb": n * vocab * elem / 2**20}
         needed = n * vocab * (2 * elem + 8)  # logits + fp32 log-softmax + gradient (+ one more of each while comparing)
         if not fits(device, needed):
