@@ -86,6 +86,16 @@ def run_pair(ours, theirs, params_a, params_b, steps, change_lr_at=None, clip=No
     return norms
 
 
+def pair_with_torch(backend, amsgrad):
+    """(params, ref, ours, theirs): our AdamW on `backend` and torch.optim.AdamW, each over its own
+    copy of the same parameters in the same groups, lr 1e-2."""
+    params = make_params()
+    ref = clone_params(params)
+    ours = AdamW(groups(params, 0.1), backend=backend, lr=1e-2, amsgrad=amsgrad)
+    theirs = torch.optim.AdamW(groups(ref, 0.1), lr=1e-2, amsgrad=amsgrad)
+    return params, ref, ours, theirs
+
+
 def max_abs_diff(xs, ys):
     return max(((x.detach().double() - y.detach().double()).abs().max().item() if x.numel() else 0.0)
                for x, y in zip(xs, ys))
@@ -165,11 +175,8 @@ def test_low_precision_without_master_matches_reference(dtype):
 
 @pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
 def test_state_dict_round_trips_with_torch(backend, direction):
-    params = make_params()
-    ref = clone_params(params)
+    params, ref, ours, theirs = pair_with_torch(backend, amsgrad=True)
     kw = dict(lr=1e-2, amsgrad=True)
-    ours = AdamW(groups(params, 0.1), backend=backend, **kw)
-    theirs = torch.optim.AdamW(groups(ref, 0.1), **kw)
     run_pair(ours, theirs, params, ref, 5)
     # Hand one optimizer's state to a fresh instance of the other, then continue both.
     if direction == "ours_to_torch":
@@ -363,11 +370,7 @@ def assert_follows_torch(ours, theirs, params, ref, keys=("exp_avg", "exp_avg_sq
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_grads_that_come_and_go_match_torch(backend, amsgrad):
-    params = make_params()
-    ref = clone_params(params)
-    kw = dict(lr=1e-2, amsgrad=amsgrad)
-    ours = AdamW(groups(params, 0.1), backend=backend, **kw)
-    theirs = torch.optim.AdamW(groups(ref, 0.1), **kw)
+    params, ref, ours, theirs = pair_with_torch(backend, amsgrad=amsgrad)
     # Per step, the parameters without a grad: 1 (group 0) and 6 (group 2) get theirs only at the
     # second step, lose it again, and 3 (group 1) skips one step late in the run.
     for missing in [{1, 6}, set(), {1}, {3, 6}, set(), set()]:
@@ -385,11 +388,7 @@ def test_grads_that_come_and_go_match_torch(backend, amsgrad):
 def test_load_state_dict_mid_run_then_continue_matches_torch(backend, source):
     """Our optimizer steps on alone after the save, then loads the state saved at step 3 into the
     same instance: the steps after it must update the loaded tensors, not the ones it had."""
-    params = make_params()
-    ref = clone_params(params)
-    kw = dict(lr=1e-2, amsgrad=True)
-    ours = AdamW(groups(params, 0.1), backend=backend, **kw)
-    theirs = torch.optim.AdamW(groups(ref, 0.1), **kw)
+    params, ref, ours, theirs = pair_with_torch(backend, amsgrad=True)
     run_pair(ours, theirs, params, ref, 3)
     saver, saved_params = (theirs, ref) if source == "torch" else (ours, params)
     saved = copy.deepcopy(saver.state_dict())
