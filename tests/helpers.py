@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlm.ops.backends import backend_reasons
 
@@ -73,3 +74,16 @@ def stop_at(step):
         return trainer._stop_signal is not None
 
     return should_stop
+
+
+class LogOps(TorchDispatchMode):
+    """A dispatch mode that records the ops it sees, by name. Under any dispatch mode (as fake
+    tensors and export use) the Triton paths go through their custom ops; in plain eager they don't."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

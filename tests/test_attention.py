@@ -11,12 +11,11 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm.ops.attention as attention_module
 from fastlm.ops import BackendUnavailable, available_backends, causal_attention, resolve_backend
 from fastlm.ops.attention import attention_reference
-from tests.helpers import count_calls, skip_unless_usable
+from tests.helpers import LogOps, count_calls, skip_unless_usable
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 GQA = [(4, 4), (4, 2), (4, 1)]
@@ -129,19 +128,6 @@ def test_triton_under_torch_compile():
         assert rel_err(got, want) <= 1e-5
 
 
-class _LogOps(TorchDispatchMode):
-    """A dispatch mode that records the ops it sees (any dispatch mode, as fake tensors and export
-    use, sends the Triton path through its custom ops)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_triton_eager_launches_directly_and_dispatch_modes_see_the_custom_ops():
     """Plain eager calls launch the kernels without the custom ops' dispatch (host time); under a
     dispatch mode the same call goes through fastlm::flash_attention_forward/backward, with the
@@ -150,7 +136,7 @@ def test_triton_eager_launches_directly_and_dispatch_modes_see_the_custom_ops():
     q, k, v = make_inputs(1, 4, 2, 24, 16, torch.float32)
     grad_out = torch.randn(1, 4, 24, 16)
     results = {}
-    for mode in (None, _LogOps()):
+    for mode in (None, LogOps()):
         with mode or contextlib.nullcontext():
             out = causal_attention(q, k, v, backend="triton")
             results[mode is None] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))

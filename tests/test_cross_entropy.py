@@ -17,7 +17,7 @@ from fastlm.ops import BackendUnavailable
 from fastlm.ops import loss as ce_module
 from fastlm.ops.loss import (backend_reasons, cross_entropy, cross_entropy_reference, linear_cross_entropy,
                              linear_cross_entropy_reference)
-from tests.helpers import count_calls, skip_unless_usable
+from tests.helpers import LogOps, count_calls, skip_unless_usable
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -860,20 +860,9 @@ def test_triton_backward_scale_goes_through_the_custom_op_under_a_dispatch_mode(
     """Under a dispatch mode (here one that logs the ops) the Triton launches are reached through
     their custom ops, as torch.compile, export and fake tensors need; in plain eager they are not."""
     skip_unless("triton")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     logits, targets = torch.randn(6, 37), make_targets(6, 37, "some")
     results = {}
-    for mode in (None, Log()):
+    for mode in (None, LogOps()):
         leaf = logits.clone().requires_grad_()
         with mode or contextlib.nullcontext():
             (cross_entropy(leaf * 1, targets, backend="triton") * 0.5).backward()
