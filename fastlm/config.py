@@ -83,6 +83,7 @@ class KernelConfig:
 
     attn_backend: str = field(default="auto", metadata={"help": "causal_attention backend", "choices": ("auto", "torch", "sdpa", "triton")})
     ce_backend: str = field(default="auto", metadata={"help": "cross-entropy backend", "choices": ("auto", "torch", "triton", "cpp")})
+    norm_backend: str = field(default="auto", metadata={"help": "LayerNorm/RMSNorm backend", "choices": ("auto", "torch", "triton")})
     optim_backend: str = field(default="auto", metadata={"help": "AdamW backend", "choices": ("auto", "torch", "cpp", "cuda")})
     fused_linear_ce: bool = field(default=True, metadata={"help": "fuse lm_head and the loss (no full logits) when training"})
 

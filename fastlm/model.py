@@ -2,8 +2,8 @@
 
 token embedding (+ learned positions, or RoPE inside attention) -> n_layer x [norm -> causal
 self-attention (grouped-query heads) -> residual, norm -> MLP -> residual] -> final norm ->
-lm_head tied to the token embedding. Attention and the loss go through fastlm.ops; their
-backends (KernelConfig) are resolved once, when the model is built and whenever it is moved
+lm_head tied to the token embedding. Attention, the norms and the loss go through fastlm.ops;
+their backends (KernelConfig) are resolved once, when the model is built and whenever it is moved
 (`model.to(...)`), and are listed in `model.backends`.
 """
 import math
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlm.config import ConfigError, GPTConfig, KernelConfig
-from fastlm.ops import causal_attention, cross_entropy, linear_cross_entropy, resolve_backend
+from fastlm.ops import causal_attention, cross_entropy, layer_norm, linear_cross_entropy, resolve_backend, rms_norm
 from fastlm.ops.checks import dtype_name
 
 IGNORE_INDEX = -100
@@ -40,10 +40,39 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def _autocast_dtype(x):
+    """The dtype autocast gives matmuls on x's device, or None outside autocast."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, state dict and init) computed by fastlm.ops.layer_norm. Under
+    autocast its output is already in the autocast dtype, which every consumer here (a matmul)
+    would cast it to: the same values without the cast's extra pass (see fastlm/ops/norm.py)."""
+
+    backend = "auto"  # set by GPT.resolve_backends
+
+    def forward(self, x):
+        return layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=_autocast_dtype(x), backend=self.backend)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed by fastlm.ops.rms_norm, as LayerNorm above."""
+
+    backend = "auto"  # set by GPT.resolve_backends
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, eps=self.eps, out_dtype=_autocast_dtype(x), backend=self.backend)
+
+
+NORM_OPS = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
+
+
 def make_norm(config):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=1e-5)
-    return nn.LayerNorm(config.d_model, bias=config.bias)
+        return RMSNorm(config.d_model, eps=1e-5)
+    return LayerNorm(config.d_model, bias=config.bias)
 
 
 def rope_tables(head_dim, length, theta, device):
@@ -156,19 +185,25 @@ class GPT(nn.Module):
         self.resolve_backends()
 
     def resolve_backends(self):
-        """Pick the concrete backend of attention and the loss for the current device and compute
-        dtype (one choice per model, not per call); an unusable explicit choice raises here."""
+        """Pick the concrete backend of attention, the norms and the loss for the current device and
+        compute dtype (one choice per model, not per call); an unusable explicit choice raises here."""
         device, dtype = self.wte.weight.device, self.compute_dtype or self.wte.weight.dtype
         loss_op = "linear_cross_entropy" if self.kernels.fused_linear_ce else "cross_entropy"
+        norm_op = NORM_OPS[self.config.norm]
         self.backends = {
             "causal_attention": resolve_backend("causal_attention", device, self.kernels.attn_backend,
                                                 dtype=dtype, head_dim=self.config.head_dim),
+            # The norms read the residual stream, which is in the parameters' dtype (fp32 under autocast).
+            norm_op: resolve_backend(norm_op, device, self.kernels.norm_backend, dtype=self.wte.weight.dtype),
             loss_op: resolve_backend(loss_op, device, self.kernels.ce_backend, dtype=dtype),
         }
         # The unfused loss (forward with return_logits) runs on the same backend as the fused one.
         self.loss_backend = self.backends[loss_op]
         for block in self.blocks:
             block.attn.backend = self.backends["causal_attention"]
+        for module in self.modules():
+            if isinstance(module, (LayerNorm, RMSNorm)):
+                module.backend = self.backends[norm_op]
         return self.backends
 
     def _apply(self, fn, *args, **kwargs):
