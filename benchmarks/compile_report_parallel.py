@@ -4,7 +4,7 @@
                                                  [--vocabs 50257,...] [--out FILE]
 
 runs one report per dtype and head size (the attention kernels) and one per dtype for the
-cross-entropy kernel, side by side, and prints their rows as one table: the same rows, in the same
+cross-entropy and norm kernels, side by side, and prints their rows as one table: the same rows, in the same
 order, as the one-process report with the same arguments (its defaults where one is not given).
 In one process the report's ~115 compiles (CPU-bound, 1-2 s each, Triton's cache cold on a fresh
 machine) ran past the GPU check's 111 s on an H200 machine; the largest part here is ~30 of them.
@@ -21,10 +21,10 @@ MODULE = "fastlm.triton_kernels.compile_report"
 
 def parts(dtypes, head_dims, vocabs):
     """The argument lists of the parts, in the report's order: per dtype, each head size's
-    attention kernels, then the cross-entropy kernel (vocabs None: the report's default)."""
+    attention kernels, then the cross-entropy and norm kernels (vocabs None: the report's default)."""
     for dtype in dtypes:
         for head_dim in head_dims:
-            yield ["--dtypes", dtype, "--head-dims", str(head_dim), "--vocabs", ","]
+            yield ["--dtypes", dtype, "--head-dims", str(head_dim), "--vocabs", ",", "--norm-dims", ","]
         if vocabs != ():
             yield ["--dtypes", dtype, "--head-dims", ","] + (["--vocabs", ",".join(vocabs)] if vocabs else [])
 

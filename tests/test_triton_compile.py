@@ -1,8 +1,8 @@
 """Every config of every Triton kernel, compiled ahead of time for sm_90 (H100) without a GPU.
 
 fastlm.triton_kernels.compile_report compiles each autotune config of the attention kernels (forward,
-delta, dK/dV, dQ) at D = 64 and 128 (dK/dV also with 4 query heads per kv head), and the
-cross-entropy kernel at the vocabularies it lists, in bf16 (fp16 builds the same tiles;
+delta, dK/dV, dQ) at D = 64 and 128 (dK/dV also with 4 query heads per kv head), the
+cross-entropy kernel at the vocabularies it lists and the norm kernels at the widths it lists, in bf16 (fp16 builds the same tiles;
 `python -m fastlm.triton_kernels.compile_report` prints both); about 90 s of CPU in all.
 
 A config that spills registers runs far slower than its tuning neighbours, and one over the
@@ -40,6 +40,8 @@ def test_every_config_compiles_without_spills_within_shared_memory(report):
             rows = [r for r in report if r.kernel == f"attention_{name}" and r.shape.startswith(f"D={head_dim}")]
             assert len(rows) == len(configs) * len(groups) > 0, (name, head_dim)
     assert len([r for r in report if r.kernel == "cross_entropy"]) == len(cr.CROSS_ENTROPY_VOCABS)
+    for kind in ("fwd", "bwd"):
+        assert [r.shape for r in report if r.kernel == f"norm_{kind}"] == [f"D={d}" for d in cr.NORM_DIMS]
 
     limit = cr.SMEM_LIMIT[ARCH]
     bad = [r for r in report if r.spill > 0 or r.smem > limit]
@@ -78,3 +80,12 @@ def test_cross_entropy_scale_kernel_uses_vector_access(report):
     (row,) = [r for r in report if r.kernel == "cross_entropy_scale"]
     assert re.search(r"ld\.global(\.\w+)*\.v4", row.asm["ptx"]), "no vector loads"
     assert re.search(r"st\.global(\.\w+)*\.v4", row.asm["ptx"]), "no vector stores"
+
+
+def test_norm_kernels_use_vector_access(report):
+    # Both norm kernels stream whole rows: x, dy read and y, dx written 16 bytes at a time at every
+    # width (the row stride and D are multiples of 16 in the GPT), the statistics one float a row.
+    for row in report:
+        if row.kernel.startswith("norm_"):
+            assert re.search(r"ld\.global(\.\w+)*\.v4", row.asm["ptx"]), f"{row.kernel} {row.shape}: no vector loads"
+            assert re.search(r"st\.global(\.\w+)*\.v4", row.asm["ptx"]), f"{row.kernel} {row.shape}: no vector stores"

@@ -39,7 +39,7 @@ RMS_NORM = "rms_norm"
 # float64 is accepted by the torch backend so that tests can build a float64 oracle.
 DTYPES = FLOAT_DTYPES + (torch.float64,)
 # Widest row the Triton kernels take (fastlm.triton_kernels.norm.MAX_DIM, without importing triton).
-MAX_TRITON_DIM = 16384
+MAX_TRITON_DIM = 8192
 
 
 def backend_reasons(device, dtype=None, head_dim=None):

@@ -1,7 +1,8 @@
 """Ahead-of-time compile of every tuned config of every Triton kernel for a CUDA target (sm_90, the
 H100, by default), without a GPU: registers, spill bytes and shared memory per config.
 
-    python -m fastlm.triton_kernels.compile_report [--dtypes bf16,fp16] [--head-dims 64,128] [--arch 90]
+    python -m fastlm.triton_kernels.compile_report [--dtypes bf16,fp16] [--head-dims 64,128] [--vocabs ...]
+                                                   [--norm-dims ...] [--arch 90]
 
 prints one row per (kernel, config, dtype, D). tests/test_triton_compile.py asserts that every
 row compiles with no spills and within the shared-memory limit; a GPU session can print the same
@@ -41,10 +42,10 @@ _POINTEE = {**_TRITON_DTYPE, torch.int64: "i64"}
 
 @dataclasses.dataclass
 class CompileRow:
-    kernel: str     # e.g. "attention_fwd", "cross_entropy"
+    kernel: str     # e.g. "attention_fwd", "cross_entropy", "norm_bwd"
     config: str     # tile sizes, warps, stages
-    dtype: str      # element type of the tensors
-    shape: str      # what the specialisation depends on: D (attention) or V (cross-entropy)
+    dtype: str      # element type of the tensors (norms: of y and dy; x is fp32, the residual stream)
+    shape: str      # what the specialisation depends on: D (attention, norms) or V (cross-entropy)
     regs: int       # registers per thread
     spill: int      # bytes of local memory per thread (spilled registers)
     smem: int       # bytes of shared memory per block
@@ -191,15 +192,39 @@ def _cross_entropy_cases(dtype, vocabs):
 CROSS_ENTROPY_VOCABS = (50257, 50304, 128256, 4000)
 
 
-def _cases(dtypes, head_dims, vocabs):
+def _norm_cases(dtype, dims):
+    """LayerNorm forward and backward (the variant with the most live values: weight, bias and the
+    mean) as the GPT runs them under autocast: x fp32 (the residual stream), y and dy in `dtype`."""
+    from fastlm.triton_kernels import norm
+
+    stats = dict(MEAN=torch.float32, RSTD=torch.float32)
+    for dim in dims:
+        args = {"fwd": dict(X=torch.float32, W=torch.float32, B=torch.float32, Y=dtype, **stats, x_stride=dim,
+                            y_stride=dim, n_rows=32768, n_cols=dim, eps=1e-5),
+                "bwd": dict(DY=dtype, X=torch.float32, W=torch.float32, **stats, DX=torch.float32,
+                            DW_PART=torch.float32, DB_PART=torch.float32, dy_stride=dim, x_stride=dim, dx_stride=dim,
+                            n_rows=32768, n_cols=dim)}
+        for kind, fn in (("fwd", norm._norm_fwd_kernel), ("bwd", norm._norm_bwd_kernel)):
+            block_rows, block_d, num_warps = norm.tile_sizes(dim, kind, interpreted=False)
+            constexprs = dict(IS_RMS=False, HAS_W=True, HAS_B=True, BLOCK_ROWS=block_rows, BLOCK_D=block_d)
+            yield f"norm_{kind}", f"{block_rows}x{block_d} w{num_warps}", f"D={dim}", fn, args[kind], constexprs, \
+                num_warps, 1
+
+
+# GPT-2 small (768), a power of two, Llama 2/3 7-8B (4096), 13B (5120), 70B (8192: the widest).
+NORM_DIMS = (768, 1024, 4096, 5120, 8192)
+
+
+def _cases(dtypes, head_dims, vocabs, norm_dims=()):
     for dtype in dtypes:
         for head_dim in head_dims:
             yield from _attention_cases(dtype, head_dim)
         yield from _cross_entropy_cases(dtype, vocabs)
+        yield from _norm_cases(dtype, norm_dims)
 
 
 def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CROSS_ENTROPY_VOCABS, arch=90,
-                   asm=()):
+                   asm=(), norm_dims=NORM_DIMS):
     """Compile every tuned config of every Triton kernel for sm_`arch`: a list of CompileRow.
 
     asm: IR kinds to keep in each row's `asm` ("ttir", "ttgir", "llir", "ptx").
@@ -211,16 +236,17 @@ def compile_report(dtypes=DEFAULT_DTYPES, head_dims=DEFAULT_HEAD_DIMS, vocabs=CR
     if reason is not None:
         raise RuntimeError(reason)
     if _interpreted():
-        return _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm)
+        return _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm, norm_dims)
     rows = []
-    for kernel, config, shape, fn, args, constexprs, num_warps, num_stages in _cases(dtypes, head_dims, vocabs):
+    for kernel, config, shape, fn, args, constexprs, num_warps, num_stages in _cases(dtypes, head_dims, vocabs,
+                                                                                     norm_dims):
         compiled, regs, spill, smem = compile_kernel(fn, args, constexprs, num_warps, num_stages, arch)
-        dtype = _TRITON_DTYPE[next(args[name] for name in ("Q", "logits_ptr", "x_ptr") if name in args)]
+        dtype = _TRITON_DTYPE[next(args[name] for name in ("Q", "logits_ptr", "x_ptr", "Y", "DY") if name in args)]
         rows.append(CompileRow(kernel, config, dtype, shape, regs, spill, smem, {k: compiled.asm[k] for k in asm}))
     return rows
 
 
-def _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm):
+def _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm, norm_dims):
     """compile_report in subprocesses without TRITON_INTERPRET, one per head size, run side by
     side (the compiles are independent and each takes a second or two)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -228,7 +254,8 @@ def _report_in_subprocess(dtypes, head_dims, vocabs, arch, asm):
     for i, head_dim in enumerate(head_dims):
         command = [sys.executable, "-m", "fastlm.triton_kernels.compile_report", "--json", "--arch", str(arch),
                    "--dtypes", ",".join(_TRITON_DTYPE[d] for d in dtypes), "--head-dims", str(head_dim),
-                   "--vocabs", ",".join(map(str, vocabs if i == 0 else ())), "--asm", ",".join(asm)]
+                   "--vocabs", ",".join(map(str, vocabs if i == 0 else ())),
+                   "--norm-dims", ",".join(map(str, norm_dims if i == 0 else ())), "--asm", ",".join(asm)]
         running.append((command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                   text=True, env=env)))
     rows = []
@@ -249,6 +276,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: fp32, bf16, fp16")
     parser.add_argument("--head-dims", default="64,128", type=_ints)
     parser.add_argument("--vocabs", default=",".join(map(str, CROSS_ENTROPY_VOCABS)), type=_ints)
+    parser.add_argument("--norm-dims", default=",".join(map(str, NORM_DIMS)), type=_ints)
     parser.add_argument("--arch", default=90, type=int, help="compute capability, e.g. 90 for sm_90")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON line")
     parser.add_argument("--asm", default="", help="with --json: IR kinds to include, e.g. ttir,ptx")
@@ -256,7 +284,7 @@ def main(argv=None):
     by_name = {v: k for k, v in _TRITON_DTYPE.items()}
     dtypes = tuple(by_name[d] for d in args.dtypes.split(","))
     rows = compile_report(dtypes, args.head_dims, args.vocabs, args.arch,
-                          tuple(a for a in args.asm.split(",") if a) if args.json else ())
+                          tuple(a for a in args.asm.split(",") if a) if args.json else (), args.norm_dims)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
         return

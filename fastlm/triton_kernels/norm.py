@@ -25,9 +25,9 @@ import triton.language as tl
 
 from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2
 
-# Widest row the kernels hold in registers (16 fp32 values per thread per tensor at 32 warps);
-# wider rows go to the torch backend.
-MAX_DIM = 16384
+# Widest row the kernels hold in registers (the backward's 8192-wide tile takes 16 warps without
+# spilling on sm_90; a 16384-wide one spilled at 32); wider rows go to the torch backend.
+MAX_DIM = 8192
 
 
 @triton.jit
@@ -108,28 +108,37 @@ def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, dy_stride, x_st
 
 # Whether triton.jit made the kernels above for the interpreter (read once, as triton.jit does).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# Backward programs per SM on CUDA: enough resident warps to hide memory latency, few enough that
-# the (programs, D) partial sums stay small.
-BWD_PROGRAMS_PER_SM = 4
+# Warps per SM the backward's persistent grid launches: what fits at once beside its register use
+# (about 72 per thread at 8 values per thread: 28 warps of an sm_90 SM's 64K registers), so that
+# every program starts in the first wave.
+BWD_WARPS_PER_SM = 24
 INTERPRETED_BWD_PROGRAMS = 4
 
 
-def tile_sizes(n_cols, interpreted=INTERPRETED):
-    """(BLOCK_ROWS, BLOCK_D, num_warps) for rows of n_cols: tiles of about 4096 values (16 per
-    thread), several short rows per program, one long row with more warps."""
+def tile_sizes(n_cols, kind="fwd", interpreted=INTERPRETED):
+    """(BLOCK_ROWS, BLOCK_D, num_warps) of the forward or backward for rows of n_cols. Forward:
+    tiles of about 4096 values, 16 per thread (several short rows per program, one long row with
+    more warps). Backward: tiles of at least 1024 values, 8 per thread: it holds about twice the
+    forward's live values per element (x, dy, xhat, and the dw, db partial sums); up to 16 warps
+    (the widest rows then take 16 per thread)."""
     block_d = next_power_of_2(n_cols)
-    block_rows = max(1, min(16, 4096 // block_d))
     if interpreted:
         # The interpreter's cost is per tile operation: wide tiles of many rows.
         return max(1, min(64, 16384 // block_d)), block_d, 1
-    return block_rows, block_d, min(32, max(4, block_rows * block_d // 512))
+    if kind == "fwd":
+        block_rows = max(1, min(16, 4096 // block_d))
+        return block_rows, block_d, min(32, max(4, block_rows * block_d // 512))
+    block_rows = max(1, min(16, 1024 // block_d))
+    return block_rows, block_d, min(16, max(1, block_rows * block_d // 256))
 
 
-def bwd_programs(n_rows, block_rows, device):
+def bwd_programs(n_rows, block_rows, num_warps, device):
+    """The backward's grid: one program per row block, at most BWD_WARPS_PER_SM warps' worth per SM."""
     n_blocks = cdiv(n_rows, block_rows)
     if device.type != "cuda":
         return min(n_blocks, INTERPRETED_BWD_PROGRAMS)
-    return min(n_blocks, BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
+    per_sm = max(1, BWD_WARPS_PER_SM // num_warps)
+    return min(n_blocks, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _or(t, placeholder):
@@ -147,7 +156,7 @@ def norm_forward(x, weight, bias, eps, is_rms, out_dtype):
     mean = None if is_rms else torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, mean, rstd
-    block_rows, block_d, num_warps = tile_sizes(n_cols)
+    block_rows, block_d, num_warps = tile_sizes(n_cols, "fwd")
     with device_guard(x):
         _norm_fwd_kernel[(cdiv(n_rows, block_rows),)](
             x, _or(weight, x), _or(bias, x), y, _or(mean, rstd), rstd, x.stride(0), y.stride(0), n_rows, n_cols,
@@ -161,8 +170,8 @@ def norm_backward(dy, x, weight, has_bias, mean, rstd, is_rms):
     over rows dw = sum(dy * xhat) and db = sum(dy) (None without weight / bias)."""
     n_rows, n_cols = x.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    block_rows, block_d, num_warps = tile_sizes(n_cols)
-    programs = bwd_programs(n_rows, block_rows, x.device)
+    block_rows, block_d, num_warps = tile_sizes(n_cols, "bwd")
+    programs = bwd_programs(n_rows, block_rows, num_warps, x.device)
     has_w = weight is not None
     parts = [torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if wanted else None
              for wanted in (has_w, has_bias)]
