@@ -1,7 +1,7 @@
 """The Triton compile report (python -m fastlm.triton_kernels.compile_report) in parallel processes.
 
     python benchmarks/compile_report_parallel.py [--arch 90] [--dtypes bf16,fp16] [--head-dims 64,128]
-                                                 [--vocabs 50257,...] [--out FILE]
+                                                 [--vocabs 50257,...] [--norm-dims 768,...] [--out FILE]
 
 runs one report per dtype and head size (the attention kernels) and one per dtype for the
 cross-entropy and norm kernels, side by side, and prints their rows as one table: the same rows, in the same
@@ -19,14 +19,19 @@ import sys
 MODULE = "fastlm.triton_kernels.compile_report"
 
 
-def parts(dtypes, head_dims, vocabs):
+def parts(dtypes, head_dims, vocabs, norm_dims=None):
     """The argument lists of the parts, in the report's order: per dtype, each head size's
-    attention kernels, then the cross-entropy and norm kernels (vocabs None: the report's default)."""
+    attention kernels, then the cross-entropy and norm kernels (vocabs, norm_dims None: the
+    report's defaults)."""
     for dtype in dtypes:
         for head_dim in head_dims:
             yield ["--dtypes", dtype, "--head-dims", str(head_dim), "--vocabs", ",", "--norm-dims", ","]
-        if vocabs != ():
-            yield ["--dtypes", dtype, "--head-dims", ","] + (["--vocabs", ",".join(vocabs)] if vocabs else [])
+        if vocabs != () or norm_dims != ():
+            part = ["--dtypes", dtype, "--head-dims", ","]
+            for flag, values in (("--vocabs", vocabs), ("--norm-dims", norm_dims)):
+                if values is not None:
+                    part += [flag, ",".join(values) or ","]
+            yield part
 
 
 def _names(text):
@@ -40,11 +45,12 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bf16,fp16", type=_names)
     parser.add_argument("--head-dims", default="64,128", type=_names)
     parser.add_argument("--vocabs", default=None, type=_names, help="default: the report's")
+    parser.add_argument("--norm-dims", default=None, type=_names, help="default: the report's")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     running = [(part, subprocess.Popen([sys.executable, "-m", MODULE, "--arch", args.arch, *part],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-               for part in parts(args.dtypes, args.head_dims, args.vocabs)]
+               for part in parts(args.dtypes, args.head_dims, args.vocabs, args.norm_dims)]
     outputs = {}  # part index: (stdout, stderr) of a part that ended
     try:
         for i, (_, process) in enumerate(running):

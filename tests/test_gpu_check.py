@@ -112,14 +112,14 @@ def test_the_profile_phase_runs_the_profilers_and_the_parallel_compile_report_fo
 
 
 def test_the_parallel_compile_report_is_the_one_process_report(tmp_path):
-    """benchmarks/compile_report_parallel.py: the rows of its parts (here the cross-entropy kernels
-    per dtype) in the order and form of one report with the same arguments, also written to --out."""
+    """benchmarks/compile_report_parallel.py: the rows of its parts (here the cross-entropy and norm
+    kernels per dtype) in the order and form of one report with the same arguments, also written to --out."""
     from fastlm.triton_kernels.compile_report import unavailable_reason
 
     if unavailable_reason(90):
         pytest.skip(unavailable_reason(90))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = ["--arch", "90", "--dtypes", "bf16,fp16", "--vocabs", "4000,50257"]
+    args = ["--arch", "90", "--dtypes", "bf16,fp16", "--vocabs", "4000,50257", "--norm-dims", "768"]
     parallel = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "compile_report_parallel.py"), *args,
                                "--head-dims", "", "--out", str(tmp_path / "report.txt")], capture_output=True,
                               text=True, timeout=300, env=env, cwd=REPO)
@@ -128,10 +128,11 @@ def test_the_parallel_compile_report_is_the_one_process_report(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert one.returncode == 0, one.stderr[-2000:]
     lines = parallel.stdout.splitlines()
-    # Per dtype: the cross-entropy kernel at each V, then its backward's scale kernel.
-    assert parallel.stdout == one.stdout and len(lines) == 7 and lines[0].split()[0] == "kernel"
-    assert [line.split()[3] for line in lines[1:]] == ["bf16"] * 3 + ["fp16"] * 3
-    assert [line.split()[0] for line in lines[1:]] == ["cross_entropy", "cross_entropy", "cross_entropy_scale"] * 2
+    # Per dtype: the cross-entropy kernel at each V, its backward's scale kernel, the norm kernels.
+    assert parallel.stdout == one.stdout and len(lines) == 11 and lines[0].split()[0] == "kernel"
+    assert [line.split()[3] for line in lines[1:]] == ["bf16"] * 5 + ["fp16"] * 5
+    assert [line.split()[0] for line in lines[1:]] == ["cross_entropy", "cross_entropy", "cross_entropy_scale",
+                                                       "norm_fwd", "norm_bwd"] * 2
     assert (tmp_path / "report.txt").read_text() == one.stdout
 
 
