@@ -129,7 +129,7 @@ for phase in "${phases[@]}"; do
     bench)
       # Each benchmark has its own limit inside the phase's (rows that finished are kept), so a slow
       # one cannot starve the others; attention, the one that tunes most, goes first.
-      run bench "${FASTLM_BENCH_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only attention cross_entropy adamw \
+      run bench "${FASTLM_BENCH_TIMEOUT:-300}" $PYTHON -m fastlm.bench --device cuda --only attention cross_entropy adamw norm \
         --timeout "${FASTLM_BENCH_EACH_TIMEOUT:-130}" --out-dir "$RESULTS"
       ;;
     e2e)

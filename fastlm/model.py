@@ -49,21 +49,27 @@ def _autocast_dtype(x):
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters, state dict and init) computed by fastlm.ops.layer_norm. Under
     autocast its output is already in the autocast dtype, which every consumer here (a matmul)
-    would cast it to: the same values without the cast's extra pass (see fastlm/ops/norm.py)."""
+    would cast it to: the same values without the cast's extra pass (see fastlm/ops/norm.py).
 
-    backend = "auto"  # set by GPT.resolve_backends
+    backend: what runs in eager mode; compiled_backend: what runs under torch.compile, where an
+    "auto" choice is PyTorch's norm, which inductor fuses with the residual add and the casts
+    around it (an opaque fused kernel would split that fusion). Both set by GPT.resolve_backends."""
+
+    backend = compiled_backend = "auto"
 
     def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=_autocast_dtype(x), backend=self.backend)
+        backend = self.compiled_backend if torch.compiler.is_compiling() else self.backend
+        return layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=_autocast_dtype(x), backend=backend)
 
 
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm computed by fastlm.ops.rms_norm, as LayerNorm above."""
 
-    backend = "auto"  # set by GPT.resolve_backends
+    backend = compiled_backend = "auto"
 
     def forward(self, x):
-        return rms_norm(x, self.weight, eps=self.eps, out_dtype=_autocast_dtype(x), backend=self.backend)
+        backend = self.compiled_backend if torch.compiler.is_compiling() else self.backend
+        return rms_norm(x, self.weight, eps=self.eps, out_dtype=_autocast_dtype(x), backend=backend)
 
 
 NORM_OPS = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
@@ -201,9 +207,10 @@ class GPT(nn.Module):
         self.loss_backend = self.backends[loss_op]
         for block in self.blocks:
             block.attn.backend = self.backends["causal_attention"]
+        compiled_norm = "torch" if self.kernels.norm_backend == "auto" else self.backends[norm_op]
         for module in self.modules():
             if isinstance(module, (LayerNorm, RMSNorm)):
-                module.backend = self.backends[norm_op]
+                module.backend, module.compiled_backend = self.backends[norm_op], compiled_norm
         return self.backends
 
     def _apply(self, fn, *args, **kwargs):

@@ -35,7 +35,7 @@ def test_dry_run_lists_every_phase_in_order_and_runs_nothing():
     assert any("FASTLM_BUILD_CUDA=1" in c and "--no-build-isolation" in c for c in commands)
     assert any("fastlm.bench --parity --device cuda" in c for c in commands)
     bench = next(c for c in commands if c.startswith("+ [bench"))
-    assert "--only attention cross_entropy adamw --timeout 130" in bench  # no benchmark starves the others
+    assert "--only attention cross_entropy adamw norm --timeout 130" in bench  # no benchmark starves the others
     profile = [c for c in commands if c.startswith("+ [profile")]
     assert len(profile) == 3
     assert profile[0].startswith("+ [profile, limit 180s]") and "fastlm.bench.profile_step --device cuda" in profile[0]

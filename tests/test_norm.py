@@ -317,6 +317,23 @@ def test_gpt_norms_keep_nn_parameters_and_follow_the_kernel_config():
         assert "blocks.0.norm1.weight" in model.state_dict()
 
 
+def test_gpt_norms_under_torch_compile_leave_auto_to_inductor():
+    """An "auto" norm backend runs PyTorch's norm under torch.compile (inductor fuses it with its
+    neighbours); an explicit one is kept there too."""
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, d_model=16)
+    assert GPT(config, kernels=KernelConfig(norm_backend="auto")).norm_f.compiled_backend == "torch"
+    assert GPT(config, kernels=KernelConfig(norm_backend="torch")).norm_f.compiled_backend == "torch"
+    skip_unless_usable("layer_norm", "triton")
+    assert GPT(config, kernels=KernelConfig(norm_backend="triton")).norm_f.compiled_backend == "triton"
+    norm = LayerNorm(16)
+    norm.backend, norm.compiled_backend = "triton", "torch"
+    x = torch.randn(3, 16)
+    with count_calls(norm_module, "norm_reference") as calls:
+        compiled = torch.compile(norm, backend="aot_eager", fullgraph=True)(x)
+    assert calls and torch.allclose(compiled, norm(x), atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_gpt_norm_under_autocast_returns_the_autocast_dtype_with_pytorchs_values():
     norm = LayerNorm(24)
     with torch.no_grad():

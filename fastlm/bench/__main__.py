@@ -33,6 +33,7 @@ BENCHMARKS = {
     "cross_entropy": "fastlm.bench.cross_entropy",  # and linear_cross_entropy
     "adamw": "fastlm.bench.adamw",
     "attention": "fastlm.bench.attention",
+    "norm": "fastlm.bench.norm",  # layer_norm and rms_norm
     "e2e": "fastlm.bench.e2e",
 }
 DTYPES = ("float32", "bfloat16", "float16")

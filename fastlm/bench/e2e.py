@@ -27,13 +27,15 @@ DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 # The trainer paths of the parity check (fastlm/bench/parity.py): the reference is the explicit
 # math of every op, so any difference comes from the kernels.
 PATHS = {
-    "reference": {"attn_backend": "torch", "ce_backend": "torch", "fused_linear_ce": False, "optim_backend": "torch"},
-    "fused": {"attn_backend": "auto", "ce_backend": "auto", "fused_linear_ce": True, "optim_backend": "auto"},
+    "reference": {"attn_backend": "torch", "norm_backend": "torch", "ce_backend": "torch", "fused_linear_ce": False,
+                  "optim_backend": "torch"},
+    "fused": {"attn_backend": "auto", "norm_backend": "auto", "ce_backend": "auto", "fused_linear_ce": True,
+              "optim_backend": "auto"},
 }
 # The benchmark's paths (the optimizer is chosen in make_step).
 STEP_PATHS = {
-    "pytorch": {"attn_backend": "sdpa", "ce_backend": "torch", "fused_linear_ce": False},
-    "fastlm": {"attn_backend": "auto", "ce_backend": "auto", "fused_linear_ce": True},
+    "pytorch": {"attn_backend": "sdpa", "norm_backend": "torch", "ce_backend": "torch", "fused_linear_ce": False},
+    "fastlm": {"attn_backend": "auto", "norm_backend": "auto", "ce_backend": "auto", "fused_linear_ce": True},
 }
 MODEL_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model")
 # The default training config, and one with GPT-2's width and vocabulary (depth and batch cut
