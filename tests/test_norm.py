@@ -208,6 +208,15 @@ def test_triton_eager_launches_directly_and_dispatch_modes_see_the_custom_ops():
         assert torch.equal(got, want)
 
 
+def test_triton_module_parameters_launch_directly():
+    """The GPT's norms pass nn.Parameters: still the direct eager path (not the custom ops)."""
+    skip_unless_usable("layer_norm", "triton")
+    norm = LayerNorm(24)
+    norm.backend = "triton"
+    out = norm(torch.randn(5, 24))
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_FusedNormBackward"
+
+
 def test_triton_double_backward_raises():
     skip_unless_usable("layer_norm", "triton")
     x, weight, bias = make_inputs("layer_norm", (3,), 16, torch.float32)

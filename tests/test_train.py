@@ -541,7 +541,7 @@ CUDA = ["--device", "cuda", "--block_size", "64", "--d_model", "128", "--n_head"
 
 def expected_backends(dtype):
     return {"causal_attention": "sdpa" if dtype == "float32" else "triton",  # auto: SDPA for fp32 on CUDA
-            "linear_cross_entropy": "triton", "adamw": "cuda"}
+            "layer_norm": "triton", "linear_cross_entropy": "triton", "adamw": "cuda"}
 
 
 @pytest.mark.gpu

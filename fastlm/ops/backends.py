@@ -85,10 +85,14 @@ def launches_directly(*tensors):
     tens of microseconds of host time, more than the launch itself. torch.compile (and export),
     dispatch modes (fake tensors, FlopCounterMode, ...), functorch transforms and tensor
     subclasses still see the custom ops: their fake implementations are what makes them traceable.
+    An nn.Parameter (a norm's weight) is a plain tensor here.
     """
     return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                 or torch._C._are_functorch_transforms_active()) and all(
-        type(t) is torch.Tensor for t in tensors if t is not None)
+        type(t) in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def triton_unusable_reason(device):
