@@ -438,6 +438,42 @@ def test_linear_3d_half_precision(backend):
     assert_close(weight.grad, ref_w.grad, 2e-2, "grad weight")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 1000, 4099])
+def test_round_in_place_is_the_cast_over_the_accumulators_own_bytes(n, dtype):
+    acc = torch.randn(n) * torch.logspace(-30, 30, n)  # tiny to huge, some past fp16's range
+    want = acc.to(dtype)
+    ptr = acc.data_ptr()
+    got = ce_module.round_in_place(acc, dtype)
+    assert got.dtype == dtype and got.shape == (n,) and got.data_ptr() == ptr
+    assert torch.equal(got, want) or (dtype == torch.float16 and torch.equal(got.isinf(), want.isinf())
+                                      and torch.equal(got[~want.isinf()], want[~want.isinf()]))
+    matrix = torch.randn(37, 29)
+    assert torch.equal(ce_module.round_in_place(matrix.clone(), dtype), matrix.to(dtype))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_half_weight_gradient_lives_in_the_accumulator(reduction, monkeypatch):
+    """A bf16 weight's gradient is the fp32 accumulator rounded over its own storage (no second
+    V x D buffer), its chunk products formed in slices of V: the same values as with one slice."""
+    skip_unless("cpp")
+    hidden = torch.randn(40, 32).bfloat16().requires_grad_()
+    weight = (torch.randn(300, 32) / 32**0.5).bfloat16().requires_grad_()
+    targets = make_targets(40, 300, "some")
+    grads = {}
+    for slices in (1, 3):
+        monkeypatch.setattr(ce_module, "WEIGHT_GRAD_SLICES", slices)
+        out = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=16, backend="cpp")
+        (grad,) = torch.autograd.grad(out.sum(), (weight,))
+        assert grad.dtype == torch.bfloat16 and grad.untyped_storage().nbytes() == 300 * 32 * 4
+        grads[slices] = grad
+    assert_close(grads[3], grads[1], 1e-2, "grad weight, 3 slices against 1")
+    ref_h, ref_w = hidden.detach().double(), weight.detach().double().requires_grad_()
+    ref = linear_cross_entropy_reference(ref_h, ref_w, targets, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), (ref_w,))
+    assert_close(grads[3], ref_grad, 2e-2, "grad weight")
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_linear_under_autocast(backend):
     skip_unless(backend)
