@@ -267,6 +267,30 @@ def test_triton_gpu_linear_bf16_within_twice_torch_error(n, dim, vocab, chunk_si
     check_linear_within_twice_torch_error("triton", n, dim, vocab, chunk_size, "cuda")
 
 
+@pytest.mark.gpu
+def test_triton_gpu_linear_bf16_memory_is_the_accumulator_and_one_chunk():
+    """At Llama 3's lm_head (V=128256, D=4096, bf16) a fwd+bwd adds the weight gradient's fp32
+    accumulator (which the bf16 gradient then lives in), one chunk of logits and the hidden
+    gradient, plus the V/8 slice of a product where torch's matmul cannot accumulate into fp32."""
+    skip_unless("triton", "cuda")
+    n, dim, vocab = 8192, 4096, 128256
+    hidden = torch.randn(n, dim, device="cuda").bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, dim, device="cuda") / dim**0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    chunk_rows = ce_module.default_chunk_rows(n, vocab, "cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linear_cross_entropy(hidden, weight, targets, backend="triton").backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bound = vocab * dim * 4 + chunk_rows * vocab * 2 + n * dim * 2 + 64 * 2**20
+    if ce_module.weight_grad_accumulation() == "slices":
+        bound += (vocab // ce_module.WEIGHT_GRAD_SLICES + 64) * dim * 2
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+    assert weight.grad.dtype == torch.bfloat16 and weight.grad.untyped_storage().nbytes() == vocab * dim * 4
+
+
 def test_linear_bf16_within_twice_torch_error_on_cpu():
     # The GPU criterion on CPU (cpp: the interpreter rounds bf16 by truncation, see test_attention).
     skip_unless("cpp")
@@ -472,6 +496,44 @@ def test_linear_half_weight_gradient_lives_in_the_accumulator(reduction, monkeyp
     ref = linear_cross_entropy_reference(ref_h, ref_w, targets, reduction=reduction)
     (ref_grad,) = torch.autograd.grad(ref.sum(), (ref_w,))
     assert_close(grads[3], ref_grad, 2e-2, "grad weight")
+
+
+def test_half_products_accumulate_in_the_matmul_where_torch_can_else_in_slices(monkeypatch):
+    """Where torch's addmm accumulates 16-bit operands into fp32 (CUDA, newer torch) the product
+    goes straight into the accumulator; where it refuses (it checks before doing anything) the
+    process falls back to slices, once; a failure after it has worked is a real error."""
+    acc, a, b = torch.randn(300, 8), torch.randn(300, 5).bfloat16(), torch.randn(5, 8).bfloat16()
+    want = acc + (a.double() @ b.double()).float()
+    state = {"usable": None}
+    monkeypatch.setattr(ce_module, "_FP32_ACCUMULATING_ADDMM", state)
+    monkeypatch.setattr(ce_module, "_fp32_accumulating_addmm_possible", lambda acc: state["usable"] is not False)
+    calls = []
+
+    def refusing_addmm(*args, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    monkeypatch.setattr(torch, "addmm", refusing_addmm)
+    got = acc.clone()
+    ce_module._add_half_product(got, a, b)
+    ce_module._add_half_product(got, a, b)
+    assert len(calls) == 1 and calls[0]["out_dtype"] == torch.float32 and state["usable"] is False
+    assert ce_module.weight_grad_accumulation() == "slices"
+    assert_close(got - acc, 2 * (want - acc), 1e-2, "sliced products")
+
+    def accumulating_addmm(c, a, b, out_dtype, out):
+        assert out is c and out_dtype == torch.float32
+        return out.add_((a.float() @ b.float()))
+
+    state["usable"] = None
+    monkeypatch.setattr(torch, "addmm", accumulating_addmm)
+    got = acc.clone()
+    ce_module._add_half_product(got, a, b)
+    assert state["usable"] is True and ce_module.weight_grad_accumulation() == "addmm"
+    assert_close(got, want, 1e-5, "accumulated in the matmul")
+    monkeypatch.setattr(torch, "addmm", refusing_addmm)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ce_module._add_half_product(got, a, b)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

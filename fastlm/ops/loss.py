@@ -578,10 +578,15 @@ def _chunked_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, 
     return loss_rows, grads
 
 
-# A half-precision chunk's weight-gradient product is formed in this many slices of the vocabulary
-# before each is added to the fp32 accumulator: a V/8 x D temporary instead of V x D (1 GB in bf16
-# at Llama 3's 128256 x 4096). Each slice is still a large matmul.
+# Without a matmul that accumulates 16-bit products into fp32 (below), a half-precision chunk's
+# weight-gradient product is formed in this many slices of the vocabulary before each is added to
+# the fp32 accumulator: a V/8 x D temporary instead of V x D (1 GB in bf16 at Llama 3's
+# 128256 x 4096). Each slice is still a large matmul.
 WEIGHT_GRAD_SLICES = 8
+# Whether torch's CUDA addmm accumulates 16-bit operands into an fp32 `out` that is also its input
+# (out_dtype=torch.float32; some torch versions require the input in the operands' dtype and
+# refuse, before doing anything): None until first tried, then True or False for the process.
+_FP32_ACCUMULATING_ADDMM = {"usable": None}
 
 
 def _accumulate(grads, dlogits, hidden, weight, start, stop):
@@ -589,13 +594,38 @@ def _accumulate(grads, dlogits, hidden, weight, start, stop):
     torch.matmul(dlogits, weight, out=grad_hidden[start:stop])
     if grad_weight.dtype == dlogits.dtype:
         grad_weight.addmm_(dlogits.t(), hidden[start:stop])
-    else:  # half-precision chunk: accumulate over chunks in fp32, slice by slice of V
-        vocab = grad_weight.shape[0]
-        step = -(-vocab // WEIGHT_GRAD_SLICES // 64) * 64  # a multiple of 64 rows: aligned matmul operands
-        for v in range(0, vocab, step):
-            grad_weight[v:v + step].add_(dlogits[:, v:v + step].t() @ hidden[start:stop])
+    else:  # half-precision chunk: accumulate over chunks in fp32
+        _add_half_product(grad_weight, dlogits.t(), hidden[start:stop])
     if grad_bias is not None:
         grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))
+
+
+def _fp32_accumulating_addmm_possible(acc):
+    return acc.is_cuda and _FP32_ACCUMULATING_ADDMM["usable"] is not False and not torch.compiler.is_compiling()
+
+
+def weight_grad_accumulation():
+    """How 16-bit weight-gradient products reach their fp32 accumulator in this process: "addmm"
+    (the matmul accumulates), "slices" (formed in slices of V, then added), or "untried"."""
+    return {None: "untried", True: "addmm", False: "slices"}[_FP32_ACCUMULATING_ADDMM["usable"]]
+
+
+def _add_half_product(acc, a, b):
+    """acc (fp32, V x D) += a @ b for 16-bit a (V x rows) and b (rows x D)."""
+    if _fp32_accumulating_addmm_possible(acc):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError):
+            if _FP32_ACCUMULATING_ADDMM["usable"]:
+                raise  # it worked before: a real error
+            _FP32_ACCUMULATING_ADDMM["usable"] = False
+        else:
+            _FP32_ACCUMULATING_ADDMM["usable"] = True
+            return
+    vocab = acc.shape[0]
+    step = -(-vocab // WEIGHT_GRAD_SLICES // 64) * 64  # a multiple of 64 rows: aligned matmul operands
+    for v in range(0, vocab, step):
+        acc[v:v + step].add_(a[v:v + step] @ b)
 
 
 def _round_accumulator(acc, dtype):
