@@ -333,14 +333,19 @@ class Trainer:
         self.advance()
         return self._read_pending()
 
-    def _loss_scale(self):
-        """The GradScaler's scale as it stands (a device tensor: no host sync), so that the fused
-        loss stores its fp16 gradient already scaled; None without a scaler."""
-        if self.scaler is None:
-            return None
-        # GradScaler keeps the scale on the device in _scale; before its first scale() call,
-        # get_scale() returns the initial scale without touching the device.
-        return self.scaler._scale if self.scaler._scale is not None else self.scaler.get_scale()
+    def _loss_scale(self, accum):
+        """The factor each micro-batch's loss is multiplied by before backward: 1/accum (the mean
+        over micro-batches) times the GradScaler's scale as it stands (a device tensor: no host
+        sync); None when it is 1. The fused losses store their gradient already scaled by it, so it
+        is rounded once, in the forward, and the backward's incoming gradient divided by it is 1."""
+        scale = None
+        if self.scaler is not None:
+            # GradScaler keeps the scale on the device in _scale; before its first scale() call,
+            # get_scale() returns the initial scale without touching the device.
+            scale = self.scaler._scale if self.scaler._scale is not None else self.scaler.get_scale()
+        if accum == 1:
+            return scale
+        return 1.0 / accum if scale is None else scale / accum
 
     def advance(self):
         """One optimizer step over grad_accum_steps micro-batches.
@@ -363,7 +368,7 @@ class Trainer:
                 self.raw_model.set_requires_gradient_sync(not skip_sync)
                 skip_sync = False
             with self.model.no_sync() if skip_sync else contextlib.nullcontext(), self.autocast:
-                _, loss = self.model(x, y, grad_scale=self._loss_scale())
+                _, loss = self.model(x, y, grad_scale=self._loss_scale(accum))
                 loss = loss / accum
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

@@ -267,6 +267,30 @@ def test_triton_gpu_linear_bf16_within_twice_torch_error(n, dim, vocab, chunk_si
     check_linear_within_twice_torch_error("triton", n, dim, vocab, chunk_size, "cuda")
 
 
+@pytest.mark.gpu
+def test_triton_gpu_linear_bf16_memory_is_the_accumulator_and_one_chunk():
+    """At Llama 3's lm_head (V=128256, D=4096, bf16) a fwd+bwd adds the weight gradient's fp32
+    accumulator (which the bf16 gradient then lives in), one chunk of logits and the hidden
+    gradient, plus the V/8 slice of a product where torch's matmul cannot accumulate into fp32."""
+    skip_unless("triton", "cuda")
+    n, dim, vocab = 8192, 4096, 128256
+    hidden = torch.randn(n, dim, device="cuda").bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, dim, device="cuda") / dim**0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    chunk_rows = ce_module.default_chunk_rows(n, vocab, "cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linear_cross_entropy(hidden, weight, targets, backend="triton").backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bound = vocab * dim * 4 + chunk_rows * vocab * 2 + n * dim * 2 + 64 * 2**20
+    if ce_module.weight_grad_accumulation() == "slices":
+        bound += (vocab // ce_module.WEIGHT_GRAD_SLICES + 64) * dim * 2
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+    assert weight.grad.dtype == torch.bfloat16 and weight.grad.untyped_storage().nbytes() == vocab * dim * 4
+
+
 def test_linear_bf16_within_twice_torch_error_on_cpu():
     # The GPU criterion on CPU (cpp: the interpreter rounds bf16 by truncation, see test_attention).
     skip_unless("cpp")
@@ -436,6 +460,80 @@ def test_linear_3d_half_precision(backend):
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     assert_close(hidden.grad, ref_h.grad, 2e-2, "grad hidden")
     assert_close(weight.grad, ref_w.grad, 2e-2, "grad weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 1000, 4099])
+def test_round_in_place_is_the_cast_over_the_accumulators_own_bytes(n, dtype):
+    acc = torch.randn(n) * torch.logspace(-30, 30, n)  # tiny to huge, some past fp16's range
+    want = acc.to(dtype)
+    ptr = acc.data_ptr()
+    got = ce_module.round_in_place(acc, dtype)
+    assert got.dtype == dtype and got.shape == (n,) and got.data_ptr() == ptr
+    assert torch.equal(got, want) or (dtype == torch.float16 and torch.equal(got.isinf(), want.isinf())
+                                      and torch.equal(got[~want.isinf()], want[~want.isinf()]))
+    matrix = torch.randn(37, 29)
+    assert torch.equal(ce_module.round_in_place(matrix.clone(), dtype), matrix.to(dtype))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_half_weight_gradient_lives_in_the_accumulator(reduction, monkeypatch):
+    """A bf16 weight's gradient is the fp32 accumulator rounded over its own storage (no second
+    V x D buffer), its chunk products formed in slices of V: the same values as with one slice."""
+    skip_unless("cpp")
+    hidden = torch.randn(40, 32).bfloat16().requires_grad_()
+    weight = (torch.randn(300, 32) / 32**0.5).bfloat16().requires_grad_()
+    targets = make_targets(40, 300, "some")
+    grads = {}
+    for slices in (1, 3):
+        monkeypatch.setattr(ce_module, "WEIGHT_GRAD_SLICES", slices)
+        out = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=16, backend="cpp")
+        (grad,) = torch.autograd.grad(out.sum(), (weight,))
+        assert grad.dtype == torch.bfloat16 and grad.untyped_storage().nbytes() == 300 * 32 * 4
+        grads[slices] = grad
+    assert_close(grads[3], grads[1], 1e-2, "grad weight, 3 slices against 1")
+    ref_h, ref_w = hidden.detach().double(), weight.detach().double().requires_grad_()
+    ref = linear_cross_entropy_reference(ref_h, ref_w, targets, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), (ref_w,))
+    assert_close(grads[3], ref_grad, 2e-2, "grad weight")
+
+
+def test_half_products_accumulate_in_the_matmul_where_torch_can_else_in_slices(monkeypatch):
+    """Where torch's addmm accumulates 16-bit operands into fp32 (CUDA, newer torch) the product
+    goes straight into the accumulator; where it refuses (it checks before doing anything) the
+    process falls back to slices, once; a failure after it has worked is a real error."""
+    acc, a, b = torch.randn(300, 8), torch.randn(300, 5).bfloat16(), torch.randn(5, 8).bfloat16()
+    want = acc + (a.double() @ b.double()).float()
+    state = {"usable": None}
+    monkeypatch.setattr(ce_module, "_FP32_ACCUMULATING_ADDMM", state)
+    monkeypatch.setattr(ce_module, "_fp32_accumulating_addmm_possible", lambda acc: state["usable"] is not False)
+    calls = []
+
+    def refusing_addmm(*args, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    monkeypatch.setattr(torch, "addmm", refusing_addmm)
+    got = acc.clone()
+    ce_module._add_half_product(got, a, b)
+    ce_module._add_half_product(got, a, b)
+    assert len(calls) == 1 and calls[0]["out_dtype"] == torch.float32 and state["usable"] is False
+    assert ce_module.weight_grad_accumulation() == "slices"
+    assert_close(got - acc, 2 * (want - acc), 1e-2, "sliced products")
+
+    def accumulating_addmm(c, a, b, out_dtype, out):
+        assert out is c and out_dtype == torch.float32
+        return out.add_((a.float() @ b.float()))
+
+    state["usable"] = None
+    monkeypatch.setattr(torch, "addmm", accumulating_addmm)
+    got = acc.clone()
+    ce_module._add_half_product(got, a, b)
+    assert state["usable"] is True and ce_module.weight_grad_accumulation() == "addmm"
+    assert_close(got, want, 1e-5, "accumulated in the matmul")
+    monkeypatch.setattr(torch, "addmm", refusing_addmm)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ce_module._add_half_product(got, a, b)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

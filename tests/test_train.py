@@ -595,3 +595,21 @@ def test_cuda_resume_is_bit_exact(tmp_path, monkeypatch, dtype):
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
     wa, wb = weights(full), weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_loss_scale_holds_the_micro_batch_mean_so_fused_backwards_see_exactly_one(tmp_path, monkeypatch):
+    """With gradient accumulation the fused loss is told the 1/accum the loss is multiplied by
+    (grad_scale): its stored gradient is scaled once, in the forward, and the incoming gradient it
+    divides that out of is exactly 1 in every micro-batch's backward."""
+    from fastlm.ops import loss as ce_module
+
+    seen = []
+    real_is_one = ce_module._is_one
+    monkeypatch.setattr(ce_module, "_is_one", lambda grad: seen.append(real_is_one(grad)) or seen[-1])
+    trainer = train_mod.Trainer(parse_args(tiny_args(tmp_path / "run", "--grad_accum_steps", "3", steps=2)))
+    try:
+        assert trainer._loss_scale(1) is None and trainer._loss_scale(3) == 1 / 3
+        trainer.advance()
+    finally:
+        trainer.close()
+    assert seen == [True] * 3

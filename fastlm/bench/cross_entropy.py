@@ -130,6 +130,10 @@ def measure(op, case, shape, backends, dtype, device, timing, extra):
             del loss, grads
             rows[-1].fused_ms, rows[-1].fused_peak_mb = timed(backend)
             rows[-1].ref_ms, rows[-1].ref_peak_mb = ref_ms, ref_peak
+            if device.type == "cuda" and op == "linear_cross_entropy":
+                from fastlm.ops.loss import weight_grad_accumulation
+
+                rows[-1].extra["weight_grad_accumulation"] = weight_grad_accumulation()
             if device.type == "cuda" and op == "cross_entropy":
                 n, vocab = shape
                 gbs = 2 * n * vocab * leaves[0].element_size() / (rows[-1].fused_ms * 1e-3) / 1e9

@@ -28,6 +28,11 @@ retain_graph); linear_cross_entropy's backward is repeatable. Rows that share me
 tensor) are copied first. Neither op has a double backward on these paths: the gradients come
 from the forward, so create_graph=True raises (F.cross_entropy, the torch cross_entropy, has one).
 
+linear_cross_entropy's memory: one chunk of logits (default_chunk_rows), the hidden gradient, and
+the weight gradient's accumulator (fp32 for 16-bit weights: a bf16 sum over chunks would round
+once per chunk). Each chunk's weight-gradient product is added in slices of V, and the gradient
+handed back is the accumulator rounded over its own bytes, so no V x D buffer exists beside it.
+
 Loss scaling: a fused backend forms d loss / d logits in the forward and may store it in 16 bits
 (the logits' dtype). Scaled only later by a GradScaler's factor, most of its entries would have
 rounded to zero in fp16. `grad_scale=` (the factor the caller multiplies the loss by before
@@ -472,9 +477,11 @@ CPU_CHUNK_BYTES = 256 * 2**20
 @torch.compiler.assume_constant_result
 def default_chunk_rows(n_rows, vocab, device, logits_dtype=torch.float32):
     """Rows per chunk so that one chunk of logits stays within a memory budget: 256 MiB on CPU;
-    on CUDA 1/64 of the GPU's total memory, clamped to [64 MiB, 1 GiB]. A function of the shape
-    and the device alone (not of free memory), so the chunking, and with it the summation order
-    of the weight gradient, is the same in every run and after every resume."""
+    on CUDA 1/128 of the GPU's total memory, clamped to [64 MiB, 512 MiB] (a chunk of thousands
+    of rows keeps the matmuls efficient; at Llama 3's vocabulary a larger one would hold more
+    memory than the weight gradient's accumulator). A function of the shape and the device alone
+    (not of free memory), so the chunking, and with it the summation order of the weight
+    gradient, is the same in every run and after every resume."""
     return _chunk_rows(n_rows, vocab, torch.device(device), logits_dtype)
 
 
@@ -483,7 +490,7 @@ def _chunk_rows(n_rows, vocab, device, logits_dtype):
     budget = CPU_CHUNK_BYTES
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        budget = min(max(total // 64, 64 * 2**20), 2**30)
+        budget = min(max(total // 128, 64 * 2**20), 512 * 2**20)
     elem = torch.empty((), dtype=logits_dtype).element_size()
     return max(1, min(n_rows, budget // (vocab * elem)))
 
@@ -513,6 +520,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if grads_now:
+            grads = (grads[0], _round_accumulator(grads[1], weight.dtype), grads[2])
             ctx.save_for_backward(*[g for g in grads if g is not None])
         elif needs_grad:
             ctx.save_for_backward(hidden, weight, bias, targets, row_weight)
@@ -537,6 +545,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             _, (grad_hidden, grad_weight, grad_bias) = _chunked_pass(
                 hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, chunk_rows, kernel,
                 row_weight, with_grads=True, row_grad_out=grad_loss)
+            grad_weight = _round_accumulator(grad_weight, weight.dtype)
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (grad_hidden, grad_weight.to(weight_dtype),
                 None if grad_bias is None else grad_bias.to(bias_dtype),
@@ -569,15 +578,85 @@ def _chunked_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, 
     return loss_rows, grads
 
 
+# Without a matmul that accumulates 16-bit products into fp32 (below), a half-precision chunk's
+# weight-gradient product is formed in this many slices of the vocabulary before each is added to
+# the fp32 accumulator: a V/8 x D temporary instead of V x D (1 GB in bf16 at Llama 3's
+# 128256 x 4096). Each slice is still a large matmul.
+WEIGHT_GRAD_SLICES = 8
+# Whether torch's CUDA addmm accumulates 16-bit operands into an fp32 `out` that is also its input
+# (out_dtype=torch.float32; some torch versions require the input in the operands' dtype and
+# refuse, before doing anything): None until first tried, then True or False for the process.
+_FP32_ACCUMULATING_ADDMM = {"usable": None}
+
+
 def _accumulate(grads, dlogits, hidden, weight, start, stop):
     grad_hidden, grad_weight, grad_bias = grads
     torch.matmul(dlogits, weight, out=grad_hidden[start:stop])
     if grad_weight.dtype == dlogits.dtype:
         grad_weight.addmm_(dlogits.t(), hidden[start:stop])
     else:  # half-precision chunk: accumulate over chunks in fp32
-        grad_weight.add_(dlogits.t() @ hidden[start:stop])
+        _add_half_product(grad_weight, dlogits.t(), hidden[start:stop])
     if grad_bias is not None:
         grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))
+
+
+def _fp32_accumulating_addmm_possible(acc):
+    return acc.is_cuda and _FP32_ACCUMULATING_ADDMM["usable"] is not False and not torch.compiler.is_compiling()
+
+
+def weight_grad_accumulation():
+    """How 16-bit weight-gradient products reach their fp32 accumulator in this process: "addmm"
+    (the matmul accumulates), "slices" (formed in slices of V, then added), or "untried"."""
+    return {None: "untried", True: "addmm", False: "slices"}[_FP32_ACCUMULATING_ADDMM["usable"]]
+
+
+def _add_half_product(acc, a, b):
+    """acc (fp32, V x D) += a @ b for 16-bit a (V x rows) and b (rows x D)."""
+    if _fp32_accumulating_addmm_possible(acc):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError):
+            if _FP32_ACCUMULATING_ADDMM["usable"]:
+                raise  # it worked before: a real error
+            _FP32_ACCUMULATING_ADDMM["usable"] = False
+        else:
+            _FP32_ACCUMULATING_ADDMM["usable"] = True
+            return
+    vocab = acc.shape[0]
+    step = -(-vocab // WEIGHT_GRAD_SLICES // 64) * 64  # a multiple of 64 rows: aligned matmul operands
+    for v in range(0, vocab, step):
+        acc[v:v + step].add_(a[v:v + step] @ b)
+
+
+def _round_accumulator(acc, dtype):
+    """The weight gradient's fp32 accumulator as `dtype` (the weight's). For a 16-bit weight it is
+    rounded into the first half of the accumulator's own storage (round_in_place), so that the
+    gradient handed back costs no second V x D buffer beside the accumulator; the storage stays
+    the accumulator's size while the gradient lives. Under torch.compile a plain cast."""
+    if acc.dtype == dtype:
+        return acc
+    if acc.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return acc.to(dtype)
+    return round_in_place(acc, dtype)
+
+
+def round_in_place(acc, dtype):
+    """acc (a contiguous fp32 tensor) rounded to the 16-bit `dtype`, written over the first half of
+    acc's own bytes; returns that view, shaped like acc, with the values of acc.to(dtype). acc is
+    consumed. Elements [a, 2a) go in one copy: they land on bytes [2a, 4a), which hold elements
+    already converted, never ones still to be read ([4a, ...)). The first slice, which lands on
+    its own bytes, goes through a small temporary."""
+    flat = acc.view(-1)
+    n = flat.numel()
+    out = flat.view(dtype)[:n]
+    first = min(n, max(1, n // 64))
+    out[:first].copy_(flat[:first].to(dtype))
+    done = first
+    while done < n:
+        end = min(n, 2 * done)
+        out[done:end].copy_(flat[done:end])
+        done = end
+    return out.view(acc.shape)
 
 
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
