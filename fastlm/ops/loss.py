@@ -30,8 +30,10 @@ from the forward, so create_graph=True raises (F.cross_entropy, the torch cross_
 
 linear_cross_entropy's memory: one chunk of logits (default_chunk_rows), the hidden gradient, and
 the weight gradient's accumulator (fp32 for 16-bit weights: a bf16 sum over chunks would round
-once per chunk). Each chunk's weight-gradient product is added in slices of V, and the gradient
-handed back is the accumulator rounded over its own bytes, so no V x D buffer exists beside it.
+once per chunk). Each chunk's weight-gradient product goes into it through the matmul itself
+where torch's CUDA addmm can accumulate 16-bit operands into fp32, else in slices of V; the
+gradient handed back is the accumulator rounded over its own bytes. So no V x D buffer exists
+beside the accumulator.
 
 Loss scaling: a fused backend forms d loss / d logits in the forward and may store it in 16 bits
 (the logits' dtype). Scaled only later by a GradScaler's factor, most of its entries would have
