@@ -10,7 +10,8 @@ On CUDA, extra also holds: compiled_ref_ms, the same reference step under torch.
 N=16384, V=50257 and 128256, the target sizes);
 gbs, the fused step's bandwidth counting the logits read once and the gradient written once
 (2 x N x V x element size bytes); copy_fraction, gbs over the device's copy bandwidth measured in
-the same run (common.copy_bandwidth_gbs).
+the same run (common.copy_bandwidth_gbs); variants_ms (the target sizes and V=50304), the triton
+step under each grid and gradient-walk setting of the kernel (time_kernel_variants).
 max_err: max relative error of the loss and of the gradients against the reference in the same
 dtype (cross_entropy: the gradient's first 1024 rows). Peak memory is what one step adds over its
 inputs (a fresh subprocess per case on CPU). extra logits_mb: the logits the reference holds.
@@ -32,6 +33,12 @@ CE_SHAPES_QUICK = [(512, 256), (512, 32000)]
 CE_SHAPES_CUDA_EXTRA = [(16384, 50304)]
 # The target sizes, where the compiled reference is timed too (each compile costs seconds of a GPU window).
 COMPILED_REFERENCE_SHAPES = [(16384, 50257), (16384, 128256)]
+# Where the triton row also times the kernel's grid and gradient-walk settings (see
+# fastlm/triton_kernels/cross_entropy.py, PROGRAMS_PER_SM and BACKWARD_GRAD_WALK): the target sizes
+# and the padded GPT-2 vocabulary. (programs per SM, backward walk); (0, False) is the kernel as the
+# first GPU run timed it.
+VARIANT_SHAPES = COMPILED_REFERENCE_SHAPES + [(16384, 50304)]
+KERNEL_VARIANTS = [(0, False), (0, True), (1, True), (2, False), (2, True), (4, True)]
 LINEAR_SHAPES = {"cpu": [(8192, 768, 50257)], "cuda": [(16384, 768, 50257), (8192, 4096, 128256)]}
 LINEAR_SHAPES_QUICK = [(512, 128, 8192)]
 CE_BACKENDS = ("cpp", "triton")
@@ -134,12 +141,32 @@ def measure(op, case, shape, backends, dtype, device, timing, extra):
                 from fastlm.ops.loss import weight_grad_accumulation
 
                 rows[-1].extra["weight_grad_accumulation"] = weight_grad_accumulation()
+            if device.type == "cuda" and op == "cross_entropy" and backend == "triton" and shape in VARIANT_SHAPES:
+                rows[-1].extra["variants_ms"] = time_kernel_variants(LossStep(op, leaves, targets, backend), device,
+                                                                     timing)
             if device.type == "cuda" and op == "cross_entropy":
                 n, vocab = shape
                 gbs = 2 * n * vocab * leaves[0].element_size() / (rows[-1].fused_ms * 1e-3) / 1e9
                 copy_gbs = copy_bandwidth_gbs(device)
                 rows[-1].extra.update(gbs=gbs, copy_gbs=copy_gbs, copy_fraction=gbs / copy_gbs)
     return rows
+
+
+def time_kernel_variants(step, device, timing):
+    """{"<programs per SM>/<walk>": ms} of the triton cross-entropy step under each KERNEL_VARIANTS
+    setting (programs 0: one per block of rows), the module's settings restored after."""
+    from fastlm.triton_kernels import cross_entropy as kernel
+
+    saved = kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK
+    times = {}
+    try:
+        for programs, backward in KERNEL_VARIANTS:
+            kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK = programs, backward
+            times[f"{programs or 'all'}/{'backward' if backward else 'forward'}"] = time_ms(
+                step, device=device, setup=step.prepare, **timing)
+    finally:
+        kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK = saved
+    return times
 
 
 def fits(device, nbytes):

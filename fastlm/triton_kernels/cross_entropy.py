@@ -1,6 +1,7 @@
 """Triton kernel for fused cross-entropy (see fastlm/ops/cross_entropy.py for the math).
 
-Each program owns BLOCK_N rows and walks the vocabulary in BLOCK_V tiles twice: the first walk
+Each program takes blocks of BLOCK_N rows (every num_programs-th block: on CUDA the grid is
+bounded, PROGRAMS_PER_SM) and walks each row's vocabulary in BLOCK_V tiles twice: the first walk
 keeps a running max and a running sum of exponentials (online softmax) and gives the loss and
 the log-sum-exp; the second, only when a gradient is wanted, writes d loss / d logits into
 `grad`, which may be the logits buffer itself (each tile is read before it is overwritten, by
@@ -24,6 +25,7 @@ scale_rows_ is the backward's multiply of that gradient by the incoming scalar g
 on the device: when it is exactly 1 (a plain loss.backward()) the programs return without
 touching the N x V buffer, which saves a full read and write of it without a host sync.
 """
+import functools
 import os
 
 import torch
@@ -61,8 +63,31 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
                           lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
                           HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                           GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                          PERSISTENT: tl.constexpr, BACKWARD_GRAD_WALK: tl.constexpr):
+    if PERSISTENT:
+        # A bounded grid (PROGRAMS_PER_SM): each program takes every num_programs-th block of rows.
+        for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
+            _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride, loss_ptr,
+                                lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD,
+                                HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
+                                BACKWARD_GRAD_WALK)
+    else:
+        _cross_entropy_rows(tl.program_id(0), logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride,
+                            loss_ptr, lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
+                            HAS_GRAD, HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
+                            BACKWARD_GRAD_WALK)
+
+
+@triton.jit
+def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride, loss_ptr,
+                        lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
+                        HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                        GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                        BACKWARD_GRAD_WALK: tl.constexpr):
+    """Loss, log-sum-exp and (HAS_GRAD) gradient of the BLOCK_N rows of block `block`."""
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
     targets = tl.load(targets_ptr + rows64, mask=row_mask, other=ignore_index)
@@ -133,7 +158,11 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
                            foot_col, row_mask[:, None] & (foot_col < n_cols), *coefs)
         # With the logits' row stride the gradient shares their aligned body offsets.
         grad_body_starts = body_starts if GRAD_SAME_STRIDE else grad_starts + head
-        for start in range(0, n_cols, BLOCK_V):
+        # Backward (BACKWARD_GRAD_WALK), the gradient walk meets first the tiles the first walk read
+        # last, the likeliest to be still in the L2 cache.
+        n_tiles = tl.cdiv(n_cols, BLOCK_V)
+        for i in range(0, n_tiles):
+            start = (n_tiles - 1 - i if BACKWARD_GRAD_WALK else i) * BLOCK_V
             _grad_tile(logits_ptr + body_starts[:, None] + start + body_cols,
                        grad_ptr + grad_body_starts[:, None] + start + body_cols, head[:, None] + start + body_cols,
                        row_mask[:, None] & (start + body_cols < n_body[:, None]), *coefs)
@@ -142,6 +171,30 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
 # Whether triton.jit made the kernels above for the interpreter: it reads the variable once, when
 # it decorates them, and so does this module (not on every call).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# The gradient walk re-reads each row right after the log-sum-exp walk read it. The last GPU run
+# measured the kernel moving about 3 x V bytes a row at DRAM speed: the re-read missed the L2 cache.
+# Two ways to make it hit, both left as switches until a GPU run has timed them (the cross-entropy
+# benchmark times each setting at the target sizes, extra["variants_ms"]):
+# PROGRAMS_PER_SM: on CUDA, a grid of this many programs per SM, each looping over blocks of rows
+# (0: one program per block, as many resident as fit). 2 programs of 16 warps bound the rows in
+# flight to 264 of 100 KB at V=50257 bf16 on an H100, 26 MB, half its 50 MB L2; unbounded, about
+# twice as many.
+PROGRAMS_PER_SM = 2
+# BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first.
+BACKWARD_GRAD_WALK = True
+
+
+def _grid(n_blocks, device):
+    if device.type != "cuda" or PROGRAMS_PER_SM == 0:
+        return (n_blocks,)
+    return (min(n_blocks, PROGRAMS_PER_SM * _sm_count(device)),)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tile_sizes(n_cols, interpreted):
@@ -170,7 +223,8 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
     targets = targets.contiguous()
     scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=logits.device).reshape(1)
     block_n, block_v, num_warps = _tile_sizes(n_cols, INTERPRETED)
-    grid = (cdiv(n_rows, block_n),)
+    n_blocks = cdiv(n_rows, block_n)
+    grid = _grid(n_blocks, logits.device)
     stride = logits.stride(0)
     grad_stride = stride if grad is None else grad.stride(0)
     vec = 16 // logits.element_size()
@@ -180,7 +234,8 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
             n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD=grad is not None,
             HAS_SMOOTHING=label_smoothing != 0.0, GRAD_SAME_STRIDE=grad_stride == stride,
             ALIGNED_ROWS=stride % vec == 0 and n_cols % vec == 0, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
-            num_warps=num_warps, **LAUNCH_OPTIONS)
+            PERSISTENT=grid[0] < n_blocks, BACKWARD_GRAD_WALK=BACKWARD_GRAD_WALK, num_warps=num_warps,
+            **LAUNCH_OPTIONS)
     return loss, lse
 
 
