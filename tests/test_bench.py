@@ -315,7 +315,8 @@ def test_profile_ops_writes_each_op_s_steps_and_kernels(tmp_path, capsys):
     assert profile_ops.main(["--device", "cpu", "--steps", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     variants = {"cross_entropy": ["F.cross_entropy", "cpp"] * 2, "adamw": ["torch fused", "fastlm cpp",
-                "torch fused + clip_grad_norm_", "fastlm cpp, max_grad_norm"], "attention": ["sdpa", "torch"]}
+                "torch fused + clip_grad_norm_", "fastlm cpp, max_grad_norm"], "attention": ["sdpa", "torch"],
+                "norm": ["PyTorch + cast", "torch"]}
     for op in profile_ops.OPS:
         text = (tmp_path / f"profile_ops_{op}.txt").read_text()
         assert text.strip() in out

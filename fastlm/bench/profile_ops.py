@@ -1,6 +1,6 @@
 """Where a kernel benchmark's time goes: host time, wall time and device time of each step, and its kernels.
 
-    python -m fastlm.bench.profile_ops [--device cuda] [--only cross_entropy adamw attention]
+    python -m fastlm.bench.profile_ops [--device cuda] [--only cross_entropy adamw attention norm]
                                        [--steps 5] [--out-dir DIR]
 
 The end-to-end profile (profile_step) shows a kernel inside the training step; this one takes the
@@ -11,7 +11,9 @@ steps the kernel benchmarks time, built by their own modules, at the issue's tar
   adamw          one step at GPT-2 small's 124M shapes (adamw.make_step): torch.optim.AdamW
                  (fused=True) and fastlm's cuda backend, without and with clipping at 1.0;
   attention      causal fwd+bwd (attention.setup_fwd_bwd): sdpa (flash) and triton at B1 H32 T2048
-                 D64 (the slowest case against sdpa) and B4 H16 T8192 D128, bf16.
+                 D64 (the slowest case against sdpa) and B4 H16 T8192 D128, bf16;
+  norm           LayerNorm fwd+bwd as the GPT runs it under autocast (norm.setup_fwd_bwd): PyTorch's
+                 norm + the cast to bf16, and triton, at N=32768 D=768 (x fp32, y bf16).
 On CPU (for tests): quick sizes, fp32, the CPU backends (cpp for cross_entropy and adamw, the
 explicit torch path for attention), and no torch.compile.
 
@@ -50,13 +52,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastlm.bench import adamw, attention, cross_entropy
+from fastlm.bench import adamw, attention, cross_entropy, norm
 from fastlm.bench.common import (device_name, kernel_table, own_times_us, profile_calls, profile_device, synchronize,
                                  timed_backends)
 from fastlm.config import ConfigError
 
 PROG = "python -m fastlm.bench.profile_ops"
-OPS = ("cross_entropy", "adamw", "attention")
+OPS = ("cross_entropy", "adamw", "attention", "norm")
 # (warm-up calls, timed calls) per device type; warm-up compiles and tunes on CUDA.
 TIMING = {"cuda": (3, 20), "cpu": (1, 3)}
 TOP_KERNELS = 15
@@ -125,7 +127,22 @@ def attention_cases(device):
                {"sdpa": step_of("sdpa"), fused: _unless(reason, lambda: step_of(fused))})
 
 
-CASES = {"cross_entropy": cross_entropy_cases, "adamw": adamw_cases, "attention": attention_cases}
+def norm_cases(device):
+    # The benchmark's first case: GPT-2 small's LayerNorm under autocast (x fp32, y bf16). On CPU
+    # Triton is its interpreter, no performance path: the op's torch backend stands in.
+    fused = "triton" if device.type == "cuda" else "torch"
+    reason = timed_backends("layer_norm", device, (fused,))[fused]
+    op, n, dim, x_dtype = norm.CASES[device.type][0] if device.type == "cuda" else norm.QUICK_CASES[0]
+
+    def step_of(backend):
+        return _same_call(norm.setup_fwd_bwd(op, backend, n, dim, x_dtype, norm.DTYPE[device.type], str(device)))
+
+    yield (f"{op} N={n} D={dim} x {x_dtype}",
+           {"PyTorch + cast": step_of("reference"), fused: _unless(reason, lambda: step_of(fused))})
+
+
+CASES = {"cross_entropy": cross_entropy_cases, "adamw": adamw_cases, "attention": attention_cases,
+         "norm": norm_cases}
 
 
 def _same_call(step):
