@@ -119,7 +119,7 @@ for phase in "${phases[@]}"; do
     build)
       run build "${FASTLM_BUILD_TIMEOUT:-300}" env FASTLM_BUILD_CUDA=1 FASTLM_CUDA_ARCHS="$arch" MAX_JOBS="$(nproc 2>/dev/null || echo 8)" \
         $PYTHON -m pip install --no-build-isolation --no-deps -q -e .
-      run build 120 $PYTHON -c "import torch, fastlm.ops as ops; from fastlm import _ext; m = _ext.extension(warn=False); assert m is not None and m.with_cuda(), _ext.extension_status(); r = ops.available_backends('cuda'); print(r); bad = {op: r[op][b] for op, b in (('cross_entropy', 'triton'), ('causal_attention', 'triton'), ('adamw', 'cuda')) if r[op][b]}; assert not bad, bad"
+      run build 120 $PYTHON -c "import torch, fastlm.ops as ops; from fastlm import _ext; m = _ext.extension(warn=False); assert m is not None and m.with_cuda(), _ext.extension_status(); r = ops.available_backends('cuda'); print(r); bad = {op: r[op][b] for op, b in (('cross_entropy', 'triton'), ('causal_attention', 'triton'), ('layer_norm', 'triton'), ('adamw', 'cuda')) if r[op][b]}; assert not bad, bad"
       ;;
     tests)
       run tests "${FASTLM_TESTS_TIMEOUT:-300}" $PYTHON -m pytest "${pytest_args[@]}" tests
