@@ -99,6 +99,32 @@ def test_triton_strided_inputs():
     check_against_reference("triton", 2, 4, 2, 33, 16, torch.float32, transposed=True)
 
 
+def test_triton_output_and_gradients_keep_the_gpt_layout():
+    """q, k, v seen as (B, H, T, D) over (B, T, H, D) memory (the GPT's heads of its projection): the
+    output and dq, dk, dv come back in that memory order, so the GPT's transpose back to (B, T, H*D)
+    is a view (no copy), as with SDPA's flash kernel; contiguous inputs keep contiguous outputs.
+    Under torch.compile the custom ops' fake outputs have the same strides."""
+    skip_unless_usable("causal_attention", "triton")
+    for transposed in (True, False):
+        q, k, v = make_inputs(2, 4, 2, 19, 16, torch.float32, transposed=transposed)
+        out = causal_attention(q, k, v, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape))
+        for t in (out, *grads):
+            assert t.transpose(1, 2).is_contiguous() if transposed else t.is_contiguous()
+        ref = attention_reference(q.double(), k.double(), v.double(), 16 ** -0.5)
+        assert rel_err(out, ref) <= TOL[torch.float32]
+    q, k, v = make_inputs(2, 4, 2, 19, 16, torch.float32, transposed=True)
+
+    def loss_fn(q, k, v):
+        out = causal_attention(q, k, v, backend="triton")
+        return (out.transpose(1, 2).reshape(2, 19, 64) ** 2).sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    for got, want in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)),
+                         torch.autograd.grad(loss_fn(q, k, v), (q, k, v))):
+        assert rel_err(got, want) <= 1e-5
+
+
 def test_triton_large_logits_stay_finite():
     # Scores around +-1e3 would overflow a naive exp; the online softmax subtracts the running max.
     check_against_reference("triton", 1, 2, 1, 40, 16, torch.float32, scale=100.0)

@@ -192,7 +192,9 @@ def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_flash_forward.register_fake
 def _(q, k, v, scale):
     B, H, T, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
+    from fastlm.triton_kernels._launch import attention_output_like
+
+    return attention_output_like(q), q.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
@@ -206,9 +208,9 @@ def _flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 @_flash_backward.register_fake
 def _(grad_out, q, k, v, out, lse, scale):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+    from fastlm.triton_kernels._launch import attention_output_like
+
+    return attention_output_like(q), attention_output_like(k), attention_output_like(k)
 
 
 def _flash_setup_context(ctx, inputs, output):

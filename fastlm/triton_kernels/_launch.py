@@ -25,3 +25,15 @@ def cdiv(a, b):
 def next_power_of_2(n):
     """The smallest power of 2 >= n (0 for 0), as triton.next_power_of_2."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def attention_output_like(q):
+    """An empty (B, H, T, D) tensor for attention's output, in q's memory order: when q is a
+    (B, T, H, D) tensor seen as (B, H, T, D) (the GPT's heads of its qkv projection), so is the
+    output, and the caller's transpose back to (B, T, H * D) is a view rather than a copy, as with
+    SDPA's flash kernel; contiguous otherwise. Shared by the launcher and the custom op's fake
+    implementation, so that torch.compile sees the strides the kernel writes."""
+    B, H, T, D = q.shape
+    if H > 1 and T > 1 and q.stride(2) > q.stride(1):
+        return torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, attention_output_like, cdiv, device_guard, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -479,7 +479,7 @@ def attention_forward(q, k, v, scale):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, T, D = q.shape
     group = H // k.shape[1]
-    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    o = attention_output_like(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, T, _t_bucket(T), scale * LOG2E)
@@ -501,9 +501,9 @@ def attention_backward(do, q, k, v, o, lse, scale):
     H_kv = k.shape[1]
     group = H // H_kv
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H_kv, T, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H_kv, T, D), dtype=v.dtype, device=v.device)
+    # In the inputs' memory order, as the forward's output (the gradients' way back to the qkv
+    # projection is then a cheaper copy); dk and dv alike, as the kernel writes both with dk's strides.
+    dq, dk, dv = attention_output_like(q), attention_output_like(k), attention_output_like(k)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     common = dict(GROUP=group, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype, q.device.type))
     t_bucket = _t_bucket(T)

@@ -143,14 +143,13 @@ def _attention_cases(dtype, head_dim):
 
     B, H, T, D = 4, 16, 4096, head_dim
     qkv = dict(b=T * 3 * H * D, h=D, t=3 * H * D)      # q, k, v: views of the (B, T, 3, H, D) projection
-    out = dict(b=H * T * D, h=T * D, t=D)                # o, dq, dk, dv: (B, H, T, D) contiguous
-    grad = dict(b=T * H * D, h=D, t=H * D)               # do: (B, T, H, D) seen as (B, H, T, D)
+    out = dict(b=T * H * D, h=D, t=H * D)                # o, dq, dk, dv, do: (B, T, H, D) seen as (B, H, T, D)
     args = dict(H=H, H_KV=H, T=T, T_BUCKET=T, scale=D ** -0.5, qk_scale=D ** -0.5 * attention.LOG2E,
                 LSE=torch.float32, DELTA=torch.float32)
     for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
         args[name] = dtype
     for prefix, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", out), ("dq", out), ("dk", out),
-                            ("do", grad)):
+                            ("do", out)):
         for dim, stride in strides.items():
             args[f"stride_{prefix}{dim}"] = stride
     for name, (fn, configs) in attention.cuda_kernels(head_dim).items():
