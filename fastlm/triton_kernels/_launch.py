@@ -1,5 +1,6 @@
 """Launch helpers shared by the Triton kernels of fastlm/triton_kernels/."""
 import contextlib
+import functools
 
 import torch
 
@@ -25,6 +26,12 @@ def cdiv(a, b):
 def next_power_of_2(n):
     """The smallest power of 2 >= n (0 for 0), as triton.next_power_of_2."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device (a torch.device), read once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def attention_output_like(q):

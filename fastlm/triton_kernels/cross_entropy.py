@@ -25,14 +25,13 @@ scale_rows_ is the backward's multiply of that gradient by the incoming scalar g
 on the device: when it is exactly 1 (a plain loss.backward()) the programs return without
 touching the N x V buffer, which saves a full read and write of it without a host sync.
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2, sm_count
 
 
 @triton.jit
@@ -189,12 +188,7 @@ BACKWARD_GRAD_WALK = True
 def _grid(n_blocks, device):
     if device.type != "cuda" or PROGRAMS_PER_SM == 0:
         return (n_blocks,)
-    return (min(n_blocks, PROGRAMS_PER_SM * _sm_count(device)),)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return (min(n_blocks, PROGRAMS_PER_SM * sm_count(device)),)
 
 
 def _tile_sizes(n_cols, interpreted):

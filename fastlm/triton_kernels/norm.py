@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2
+from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, next_power_of_2, sm_count
 
 # Widest row the kernels hold in registers (the backward's 8192-wide tile takes 16 warps without
 # spilling on sm_90; a 16384-wide one spilled at 32); wider rows go to the torch backend.
@@ -138,7 +138,7 @@ def bwd_programs(n_rows, block_rows, num_warps, device):
     if device.type != "cuda":
         return min(n_blocks, INTERPRETED_BWD_PROGRAMS)
     per_sm = max(1, BWD_WARPS_PER_SM // num_warps)
-    return min(n_blocks, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_blocks, per_sm * sm_count(device))
 
 
 def _or(t, placeholder):
