@@ -2,8 +2,9 @@
 
 Both paths build the same GPT (same config, seed, weights and batch) and run the same lean step:
 forward under autocast, backward, clip the gradients to norm 1, AdamW, zero the gradients.
-  pytorch  attention by F.scaled_dot_product_attention (flash on CUDA), lm_head + F.cross_entropy,
-           torch.optim.AdamW(fused=True) (foreach on CPU) after clip_grad_norm_
+  pytorch  attention by F.scaled_dot_product_attention (flash on CUDA), PyTorch's LayerNorm,
+           lm_head + F.cross_entropy, torch.optim.AdamW(fused=True) (foreach on CPU) after
+           clip_grad_norm_
   fastlm   every backend "auto" and the fused linear cross-entropy, fastlm AdamW with the clip
            fused (what `python -m fastlm.train` runs); extra backends says what auto resolved to
 Each is measured eager and, on CUDA, under torch.compile (the model; the optimizer step stays
