@@ -212,7 +212,7 @@ def test_triton_grid_and_gradient_walk_settings_give_the_same_bits(programs, bac
     (want_grad,) = torch.autograd.grad(want.sum(), leaf)
     monkeypatch.setattr(kernel, "BACKWARD_GRAD_WALK", backward)
     if programs is not None:
-        monkeypatch.setattr(kernel, "_grid", lambda n_blocks, device: (min(n_blocks, programs),))
+        monkeypatch.setattr(kernel, "_grid", lambda n_blocks, device, aligned_rows: (min(n_blocks, programs),))
     got = cross_entropy(leaf * 1, targets, reduction="none", label_smoothing=0.1, backend="triton")
     (got_grad,) = torch.autograd.grad(got.sum(), leaf)
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)

@@ -36,7 +36,8 @@ COMPILED_REFERENCE_SHAPES = [(16384, 50257), (16384, 128256)]
 # Where the triton row also times the kernel's grid and gradient-walk settings (see
 # fastlm/triton_kernels/cross_entropy.py, PROGRAMS_PER_SM and BACKWARD_GRAD_WALK): the target sizes
 # and the padded GPT-2 vocabulary. (programs per SM, backward walk); (0, False) is the kernel as the
-# first GPU run timed it.
+# first GPU run timed it. The programs setting applies to aligned rows only (V=50304, 128256): at
+# V=50257 those variants time the walk alone.
 VARIANT_SHAPES = COMPILED_REFERENCE_SHAPES + [(16384, 50304)]
 KERNEL_VARIANTS = [(0, False), (0, True), (1, True), (2, False), (2, True), (4, True)]
 LINEAR_SHAPES = {"cpu": [(8192, 768, 50257)], "cuda": [(16384, 768, 50257), (8192, 4096, 128256)]}

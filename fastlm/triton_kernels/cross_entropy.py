@@ -178,15 +178,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # benchmark times each setting at the target sizes, extra["variants_ms"]):
 # PROGRAMS_PER_SM: on CUDA, a grid of this many programs per SM, each looping over blocks of rows
 # (0: one program per block, as many resident as fit). 2 programs of 16 warps bound the rows in
-# flight to 264 of 100 KB at V=50257 bf16 on an H100, 26 MB, half its 50 MB L2; unbounded, about
-# twice as many.
+# flight to 264 of 100 KB at V=50304 bf16 on an H100, 26 MB, half its 50 MB L2; unbounded, about
+# twice as many. Aligned rows only (ALIGNED_ROWS: a vocabulary padded to 16 bytes, as the GPT pads
+# it): with the unaligned head and foot tiles the looping kernel needs more registers than two
+# 512-thread programs per SM allow (Triton 3.6's ptxas spills it on sm_90), so unaligned rows keep
+# one program per block.
 PROGRAMS_PER_SM = 2
 # BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first.
 BACKWARD_GRAD_WALK = True
 
 
-def _grid(n_blocks, device):
-    if device.type != "cuda" or PROGRAMS_PER_SM == 0:
+def _grid(n_blocks, device, aligned_rows):
+    if device.type != "cuda" or PROGRAMS_PER_SM == 0 or not aligned_rows:
         return (n_blocks,)
     return (min(n_blocks, PROGRAMS_PER_SM * sm_count(device)),)
 
@@ -217,17 +220,18 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
     targets = targets.contiguous()
     scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=logits.device).reshape(1)
     block_n, block_v, num_warps = _tile_sizes(n_cols, INTERPRETED)
-    n_blocks = cdiv(n_rows, block_n)
-    grid = _grid(n_blocks, logits.device)
     stride = logits.stride(0)
     grad_stride = stride if grad is None else grad.stride(0)
     vec = 16 // logits.element_size()
+    n_blocks = cdiv(n_rows, block_n)
+    aligned_rows = stride % vec == 0 and n_cols % vec == 0
+    grid = _grid(n_blocks, logits.device, aligned_rows)
     with device_guard(logits):
         _cross_entropy_kernel[grid](
             logits, stride, targets, logits if grad is None else grad, grad_stride, loss, lse, scale, n_rows,
             n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD=grad is not None,
             HAS_SMOOTHING=label_smoothing != 0.0, GRAD_SAME_STRIDE=grad_stride == stride,
-            ALIGNED_ROWS=stride % vec == 0 and n_cols % vec == 0, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
+            ALIGNED_ROWS=aligned_rows, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
             PERSISTENT=grid[0] < n_blocks, BACKWARD_GRAD_WALK=BACKWARD_GRAD_WALK, num_warps=num_warps,
             **LAUNCH_OPTIONS)
     return loss, lse
