@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlm.ops.backends import backend_reasons
@@ -87,3 +88,18 @@ class LogOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def rel_err(out, ref):
+    """max |out - ref| / max |ref|, the denominator floored at 0.1 (unit-normal inputs, some
+    gradients exactly zero), in float64."""
+    ref = ref.double()
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(0.1)).item()
+
+
+def compiled_and_eager_grads(loss_fn, *inputs):
+    """(compiled, eager) pairs of the gradients of loss_fn(*inputs) w.r.t. inputs, compiled with
+    torch.compile(fullgraph=True, backend="aot_eager"): a graph break raises, and the custom ops'
+    fake implementations and autograd formulas are what the compiled graph runs."""
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    return zip(torch.autograd.grad(compiled(*inputs), inputs), torch.autograd.grad(loss_fn(*inputs), inputs))

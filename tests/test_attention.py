@@ -15,15 +15,10 @@ import torch
 import fastlm.ops.attention as attention_module
 from fastlm.ops import BackendUnavailable, available_backends, causal_attention, resolve_backend
 from fastlm.ops.attention import attention_reference
-from tests.helpers import LogOps, count_calls, skip_unless_usable
+from tests.helpers import LogOps, compiled_and_eager_grads, count_calls, rel_err, skip_unless_usable
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 GQA = [(4, 4), (4, 2), (4, 1)]
-
-
-def rel_err(out, ref):
-    ref = ref.double()
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(0.1)).item()
 
 
 def make_inputs(B, H, H_kv, T, D, dtype, device="cpu", transposed=False):
@@ -119,9 +114,7 @@ def test_triton_output_and_gradients_keep_the_gpt_layout():
         out = causal_attention(q, k, v, backend="triton")
         return (out.transpose(1, 2).reshape(2, 19, 64) ** 2).sum()
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    for got, want in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)),
-                         torch.autograd.grad(loss_fn(q, k, v), (q, k, v))):
+    for got, want in compiled_and_eager_grads(loss_fn, q, k, v):
         assert rel_err(got, want) <= 1e-5
 
 
@@ -147,10 +140,7 @@ def test_triton_under_torch_compile():
     def loss_fn(q, k, v):
         return (causal_attention(q, k, v, backend="triton") ** 2).sum()
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
-    ref_grads = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
-    for got, want in zip(grads, ref_grads):
+    for got, want in compiled_and_eager_grads(loss_fn, q, k, v):
         assert rel_err(got, want) <= 1e-5
 
 

@@ -19,17 +19,12 @@ from fastlm.config import GPTConfig, KernelConfig
 from fastlm.model import GPT, LayerNorm, RMSNorm
 from fastlm.ops import BackendUnavailable, available_backends, layer_norm, resolve_backend, rms_norm
 from fastlm.ops.norm import norm_reference
-from tests.helpers import LogOps, count_calls, skip_unless_usable
+from tests.helpers import LogOps, compiled_and_eager_grads, count_calls, rel_err, skip_unless_usable
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 OPS = {"layer_norm": layer_norm, "rms_norm": rms_norm}
 # (leading shape, D): size 1, primes, a tail past a power of two, 3-D input, GPT-2's width.
 SHAPES = [((1,), 1), ((3,), 17), ((2, 5), 40), ((7,), 1000), ((257,), 64), ((4,), 768)]
-
-
-def rel_err(out, ref):
-    ref = ref.double()
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(0.1)).item()
 
 
 def make_inputs(op, lead, dim, dtype, param_dtype=None, affine=True, device="cpu"):
@@ -183,10 +178,7 @@ def test_triton_under_torch_compile():
         return (layer_norm(x, weight, bias, out_dtype=torch.float32, backend="triton") ** 2).sum() + \
             (rms_norm(x, weight, backend="triton") ** 3).sum()
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    grads = torch.autograd.grad(compiled(x, weight, bias), (x, weight, bias))
-    ref_grads = torch.autograd.grad(loss_fn(x, weight, bias), (x, weight, bias))
-    for got, want in zip(grads, ref_grads):
+    for got, want in compiled_and_eager_grads(loss_fn, x, weight, bias):
         assert rel_err(got, want) <= 1e-5
 
 
