@@ -46,30 +46,33 @@ def _autocast_dtype(x):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-class LayerNorm(nn.LayerNorm):
+class _FusedNormBackend:
+    """What LayerNorm and RMSNorm below share. backend: what runs in eager mode; compiled_backend:
+    what runs under torch.compile, where an "auto" choice is PyTorch's norm, which inductor fuses
+    with the residual add and the casts around it (an opaque fused kernel would split that
+    fusion). Both set by GPT.resolve_backends."""
+
+    backend = compiled_backend = "auto"
+
+    def _current_backend(self):
+        return self.compiled_backend if torch.compiler.is_compiling() else self.backend
+
+
+class LayerNorm(_FusedNormBackend, nn.LayerNorm):
     """nn.LayerNorm (same parameters, state dict and init) computed by fastlm.ops.layer_norm. Under
     autocast its output is already in the autocast dtype, which every consumer here (a matmul)
-    would cast it to: the same values without the cast's extra pass (see fastlm/ops/norm.py).
-
-    backend: what runs in eager mode; compiled_backend: what runs under torch.compile, where an
-    "auto" choice is PyTorch's norm, which inductor fuses with the residual add and the casts
-    around it (an opaque fused kernel would split that fusion). Both set by GPT.resolve_backends."""
-
-    backend = compiled_backend = "auto"
+    would cast it to: the same values without the cast's extra pass (see fastlm/ops/norm.py)."""
 
     def forward(self, x):
-        backend = self.compiled_backend if torch.compiler.is_compiling() else self.backend
-        return layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=_autocast_dtype(x), backend=backend)
+        return layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=_autocast_dtype(x),
+                          backend=self._current_backend())
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(_FusedNormBackend, nn.RMSNorm):
     """nn.RMSNorm computed by fastlm.ops.rms_norm, as LayerNorm above."""
 
-    backend = compiled_backend = "auto"
-
     def forward(self, x):
-        backend = self.compiled_backend if torch.compiler.is_compiling() else self.backend
-        return rms_norm(x, self.weight, eps=self.eps, out_dtype=_autocast_dtype(x), backend=backend)
+        return rms_norm(x, self.weight, eps=self.eps, out_dtype=_autocast_dtype(x), backend=self._current_backend())
 
 
 NORM_OPS = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
@@ -209,7 +212,7 @@ class GPT(nn.Module):
             block.attn.backend = self.backends["causal_attention"]
         compiled_norm = "torch" if self.kernels.norm_backend == "auto" else self.backends[norm_op]
         for module in self.modules():
-            if isinstance(module, (LayerNorm, RMSNorm)):
+            if isinstance(module, _FusedNormBackend):
                 module.backend, module.compiled_backend = self.backends[norm_op], compiled_norm
         return self.backends
 
