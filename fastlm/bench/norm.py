@@ -102,7 +102,7 @@ def run(quick, device, dtype):
                                                                 repeats=repeats)
             row.fused_peak_mb = peak_memory_mb(setup_fwd_bwd, device=device, op=op, backend=backend, n=n, dim=dim,
                                                x_dtype=x_dtype, out_dtype=dtype, on=str(device))
-            x_bytes, y_bytes = torch.empty((), dtype=getattr(torch, x_dtype)).element_size(), out_dtype.itemsize
+            x_bytes, y_bytes = getattr(torch, x_dtype).itemsize, out_dtype.itemsize
             gbs = n * dim * (3 * x_bytes + 2 * y_bytes) / (row.fused_ms * 1e-3) / 1e9
             row.extra.update(fwd_ms=fwd_ms, bwd_ms=bwd_ms, gbs=gbs)
             if device.type == "cuda":

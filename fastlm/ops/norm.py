@@ -166,8 +166,6 @@ class _FusedNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         rows, weight, mean, rstd = ctx.saved_tensors
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
         if torch.is_grad_enabled():
             # create_graph=True: the custom op, so that differentiating the gradients again raises
             # there (it has no autograd formula) instead of treating them as constants.
@@ -238,7 +236,7 @@ def _norm_setup_context(ctx, inputs, output):
 
 def _norm_grad(ctx, dy, grad_mean, grad_rstd):
     rows, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _norm_backward(dy.contiguous(), rows, weight, ctx.bias_dtype is not None, mean, rstd, ctx.is_rms)
+    dx, dw, db = _norm_backward(dy, rows, weight, ctx.bias_dtype is not None, mean, rstd, ctx.is_rms)
     return dx, _cast(dw, weight), _cast(db, ctx.bias_dtype), None, None, None
 
 

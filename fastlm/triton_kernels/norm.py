@@ -166,8 +166,10 @@ def norm_forward(x, weight, bias, eps, is_rms, out_dtype):
 
 
 def norm_backward(dy, x, weight, has_bias, mean, rstd, is_rms):
-    """dy, x (N, D) with unit column stride. Returns dx (N, D) in x's dtype and the fp32 sums
-    over rows dw = sum(dy * xhat) and db = sum(dy) (None without weight / bias)."""
+    """dy (N, D), any strides; x (N, D) with unit column stride. Returns dx (N, D) in x's dtype
+    and the fp32 sums over rows dw = sum(dy * xhat) and db = sum(dy) (None without weight / bias)."""
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
     n_rows, n_cols = x.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_rows, block_d, num_warps = tile_sizes(n_cols, "bwd")
