@@ -519,6 +519,32 @@ def test_linear_half_weight_gradient_lives_in_the_accumulator(reduction, monkeyp
     assert_close(grads[3], ref_grad, 2e-2, "grad weight")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_linear_incoming_gradient_scales_the_saved_gradients_in_place_on_fused_backends(backend):
+    """An incoming gradient other than 1 (a scaled loss; on CUDA any, since checking it for 1 would
+    sync) multiplies the saved gradients in place on the fused backends: the bf16 weight gradient
+    stays in the accumulator's storage, no second V x D buffer, and a second backward raises. The
+    torch backend multiplies out of place and may run again."""
+    skip_unless(backend)
+    hidden = torch.randn(40, 32).bfloat16().requires_grad_()
+    weight = (torch.randn(300, 32) / 32**0.5).bfloat16().requires_grad_()
+    targets = make_targets(40, 300, "some")
+    out = linear_cross_entropy(hidden, weight, targets, chunk_size=16, backend=backend)
+    grad_h, grad_w = torch.autograd.grad(out * 3.0, (hidden, weight), retain_graph=True)
+    ref_h, ref_w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = linear_cross_entropy_reference(ref_h, ref_w, targets)
+    want_h, want_w = torch.autograd.grad(ref * 3.0, (ref_h, ref_w))
+    assert_close(grad_h, want_h, 2e-2, "grad hidden")
+    assert_close(grad_w, want_w, 2e-2, "grad weight")
+    if backend == "torch":
+        again = torch.autograd.grad(out * 3.0, (hidden, weight))
+        assert all(torch.equal(a, b) for a, b in zip(again, (grad_h, grad_w)))
+        return
+    assert grad_w.untyped_storage().nbytes() == 300 * 32 * 4, "the weight gradient left its accumulator"
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        torch.autograd.grad(out, (weight,))
+
+
 def test_half_products_accumulate_in_the_matmul_where_torch_can_else_in_slices(monkeypatch):
     """Where torch's addmm accumulates 16-bit operands into fp32 (CUDA, newer torch) the product
     goes straight into the accumulator; where it refuses (it checks before doing anything) the

@@ -23,10 +23,11 @@ buffer itself when the logits are an autograd intermediate (the usual `lm_head(x
 no second N x V buffer exists; their values are gone after the forward. Leaf tensors (ones the
 caller created) are never overwritten: a separate gradient buffer is used. The version counter
 of overwritten logits is bumped so that any other op that saved them fails loudly in backward.
-The fused cross_entropy backward scales that buffer in place, so it can run only once (no
-retain_graph); linear_cross_entropy's backward is repeatable. Rows that share memory (an expanded
-tensor) are copied first. Neither op has a double backward on these paths: the gradients come
-from the forward, so create_graph=True raises (F.cross_entropy, the torch cross_entropy, has one).
+The fused backwards scale their saved gradients in place (no second buffer), so each runs only
+once (no retain_graph: a second run raises); the torch backends' are repeatable. Rows that share
+memory (an expanded tensor) are copied first. Neither op has a double backward on these paths:
+the gradients come from the forward, so create_graph=True raises (F.cross_entropy, the torch
+cross_entropy, has one).
 
 linear_cross_entropy's memory: one chunk of logits (default_chunk_rows), the hidden gradient, and
 the weight gradient's accumulator (fp32 for 16-bit weights: a bf16 sum over chunks would round
@@ -344,11 +345,10 @@ def _register_cpp_fake():
 _ROW_KERNELS = {"torch": _ce_rows_torch, "cpp": _ce_rows_cpp, "triton": _ce_rows_triton}
 
 
-def _refuse_double_backward(op, kernel):
+def _refuse_double_backward(op, backend):
     """The fused backwards hand back gradients formed in the forward, outside autograd: a graph
     of the backward (create_graph=True) would silently lack their second derivative."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        backend = next(name for name, fn in _ROW_KERNELS.items() if fn is kernel)
         raise RuntimeError(f"{op}: backend {backend!r} has no double backward (create_graph=True); "
                            "use F.cross_entropy on the logits (cross_entropy's backend 'torch') for it")
 
@@ -366,7 +366,7 @@ def _scale_in_place(t, grad_out, backend):
     of all N x V entries. Under torch.compile the multiply is left to the compiler."""
     if _is_one(grad_out):
         return t
-    if backend == "triton" and not torch.compiler.is_compiling():
+    if backend == "triton" and not torch.compiler.is_compiling() and t.dim() == 2 and t.stride(-1) == 1:
         scale = grad_out.to(torch.float32)
         if launches_directly(t, scale):
             from fastlm.triton_kernels.cross_entropy import scale_rows_
@@ -398,13 +398,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
             if overwrite:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(grad)
-        ctx.reduction, ctx.grad_scale, ctx.kernel, ctx.backend = reduction, grad_scale, kernel, backend
+        ctx.reduction, ctx.grad_scale, ctx.backend = reduction, grad_scale, backend
         ctx.used = False
         return _reduce(loss_rows, count, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        _refuse_double_backward(OP, ctx.kernel)
+        _refuse_double_backward(OP, ctx.backend)
         if ctx.used:
             raise RuntimeError(f"{OP}: the fused backward scales its saved gradient in place and "
                                "cannot run twice; use backend='torch' with retain_graph=True")
@@ -512,14 +512,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
-                chunk_rows, kernel, needs_grad, grad_scale):
+                chunk_rows, backend, needs_grad, grad_scale):
+        kernel = _ROW_KERNELS[backend]
         grads_now = needs_grad and reduction != "none"
         count = _count(targets, ignore_index, reduction)
         row_weight = _row_weight(count, reduction, hidden.dtype, grad_scale, hidden.device)
         loss_rows, grads = _chunked_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss,
                                          chunk_rows, kernel, row_weight, with_grads=grads_now)
-        ctx.reduction, ctx.grad_scale, ctx.kernel = reduction, grad_scale, kernel
+        ctx.reduction, ctx.grad_scale, ctx.backend = reduction, grad_scale, backend
         ctx.has_bias = bias is not None
+        ctx.used = False
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if grads_now:
             grads = (grads[0], _round_accumulator(grads[1], weight.dtype), grads[2])
@@ -531,16 +533,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        _refuse_double_backward(LINEAR_OP, ctx.kernel)
+        _refuse_double_backward(LINEAR_OP, ctx.backend)
         grad_loss = _unscale(grad_loss, ctx.grad_scale)
         if ctx.reduction != "none":
+            fused = ctx.backend != "torch"
+            if fused:
+                # Checked before the saved tensors are read: after the first run they fail autograd's
+                # version check, with a message that does not say why.
+                if ctx.used:
+                    raise RuntimeError(f"{LINEAR_OP}: the fused backward scales its saved gradients in place and "
+                                       "cannot run twice; use backend='torch' with retain_graph=True")
+                ctx.used = True
             saved = list(ctx.saved_tensors)
-            grad_hidden, grad_weight = saved[0], saved[1]
-            grad_bias = saved[2] if ctx.has_bias else None
-            # Out of place (these are D-sized, not V-sized per row) so backward may run twice.
-            if not _is_one(grad_loss):
-                grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
-                grad_bias = None if grad_bias is None else grad_bias * grad_loss
+            grads = (saved[0], saved[1], saved[2] if ctx.has_bias else None)
+            if fused:
+                # In place: a copy would be a second V x D weight gradient beside the saved one
+                # (1 GB in bf16 at Llama 3's lm_head). On CUDA whether grad_loss is 1 is not known
+                # on the host without a sync, so the multiply is issued (for triton, a kernel that
+                # skips its pass when it is 1). The saved gradients are then spent: the fused
+                # backward runs once, as cross_entropy's does.
+                grads = tuple(None if g is None else _scale_in_place(g, grad_loss, ctx.backend) for g in grads)
+            elif not _is_one(grad_loss):
+                # Out of place, so that the backward may run again (retain_graph), as F.linear's.
+                grads = tuple(None if g is None else g * grad_loss for g in grads)
+            grad_hidden, grad_weight, grad_bias = grads
         else:
             hidden, weight, bias, targets, row_weight = ctx.saved_tensors
             ignore_index, label_smoothing, z_loss, chunk_rows, kernel = ctx.options
@@ -693,5 +709,5 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     with torch.autocast(device.type, enabled=False):
         loss = _ChunkedLinearCrossEntropy.apply(rows, weight, bias, targets.reshape(-1), ignore_index,
                                                 reduction, float(label_smoothing), float(z_loss),
-                                                chunk_rows, _ROW_KERNELS[name], needs_grad, grad_scale)
+                                                chunk_rows, name, needs_grad, grad_scale)
     return loss.reshape(lead_shape) if reduction == "none" else loss
