@@ -28,7 +28,10 @@ and over --steps profiled steps (torch.profiler), per step:
   launches    kernel launches (cudaLaunchKernel and the driver's cuLaunchKernel, Triton's);
   syncs       the host's waits for the device (cudaStreamSynchronize, cudaEventSynchronize), e.g.
               from a .item() or a host copy;
-then the kernels by own device time: share, ms and calls per step, name.
+then the kernels by own device time: share, ms and calls per step, name; and the host's side of
+the step, from cProfile over 20 steps (3 on CPU): the Python and C functions by own time, in
+microseconds per step, with their cumulative time and calls per step (cProfile's own overhead
+inflates every number, evenly: it is for where the host time goes, not how much there is).
 
 Reading a gap. device ms ~ wall ms (busy near 100%): kernel-bound; the table says which kernel,
 and a faster step needs faster or fewer kernels. wall ms >> device ms: the device idles inside
@@ -44,7 +47,9 @@ Each op's tables go to profile_ops_<op>.txt in --out-dir, rewritten after every 
 a run stopped by its time limit keeps what finished.
 """
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -62,6 +67,8 @@ OPS = ("cross_entropy", "adamw", "attention", "norm")
 # (warm-up calls, timed calls) per device type; warm-up compiles and tunes on CUDA.
 TIMING = {"cuda": (3, 20), "cpu": (1, 3)}
 TOP_KERNELS = 15
+TOP_HOST_FUNCTIONS = 20
+HOST_HEADER = f"{'own us':>9} {'cum us':>9} {'calls':>7}  function"
 # Host-side events of the profile (CUDA runtime and driver calls) counted per step.
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaEventSynchronize")  # not cudaDeviceSynchronize: the profile's own
@@ -155,6 +162,42 @@ def _unless(reason, build):
     return reason if reason else build()
 
 
+def host_table(make_call, device, top=TOP_HOST_FUNCTIONS):
+    """The host's functions by own time over TIMING's repeats of the step, per step: HOST_HEADER,
+    then one line per function (own us, cumulative us, calls), largest own time first."""
+    _, repeats = TIMING[device.type]
+    calls = [make_call() for _ in range(repeats)]
+    profiler = cProfile.Profile()
+    for call in calls:
+        synchronize(device)
+        profiler.enable()
+        call()
+        profiler.disable()
+    synchronize(device)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (primitive calls, calls, own s, cum s, callers)}
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    lines = [HOST_HEADER]
+    for (path, line, name), (_, count, own, cumulative, _) in rows:
+        where = name if path == "~" else f"{short_path(path)}:{line}({name})"
+        lines.append(f"{own / repeats * 1e6:9.1f} {cumulative / repeats * 1e6:9.1f} {count / repeats:7.1f}  {where}")
+    return lines
+
+
+# The repository root, so that its files are named relative to it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def short_path(path):
+    """A source path without the machine's part: from the package on for installed packages and
+    this repository, else the file name (the standard library)."""
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    if path.startswith(_ROOT + os.sep):
+        return os.path.relpath(path, _ROOT)
+    return os.path.basename(path)
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring one step
 # --------------------------------------------------------------------------------------------
@@ -227,6 +270,8 @@ def profile_op(op, device, steps, write):
                 summary.append(summary_line(case, variant, measured))
                 details += ["", f"--- {case}, {variant}: kernels by own "
                             f"{'device' if device.type == 'cuda' else 'CPU'} time"] + table
+                details += ["", f"--- {case}, {variant}: host functions by own time (cProfile)"]
+                details += host_table(make_call, device)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             write("\n".join(summary + details))
