@@ -574,6 +574,16 @@ def test_targets_are_judged_from_the_rows_and_missing_rows_are_not_measured(tmp_
     assert "## Targets" in summary_md and table.strip() in summary_md
 
 
+def test_a_value_rounded_onto_its_bar_shows_two_more_digits():
+    from fastlm.bench.targets import _judge
+
+    near = _judge("e2e", "GPT-2", 89.96 / 69.41, 1.3)  # the H200 run's eager step: 1.296x
+    assert near.met is False and near.measured == "1.2961x (>= 1.30x)"
+    assert _judge("attn", "T=8192", 329.8, 330, fmt="{:.0f}").measured == "329.80 (>= 330)"
+    assert _judge("mem", "D=4096", 0.2549, 0.25, higher=False, fmt="{:.2f}").measured == "0.2549 (<= 0.25)"
+    assert _judge("ce", "V=50257", 1.53, 2.0).measured == "1.53x (>= 2.00x)"  # clear of the bar: as it was
+
+
 def test_targets_of_a_folder_without_a_summary_is_a_one_line_error(tmp_path, capsys):
     from fastlm.bench import targets
 

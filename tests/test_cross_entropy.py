@@ -519,13 +519,15 @@ def test_linear_half_weight_gradient_lives_in_the_accumulator(reduction, monkeyp
     assert_close(grads[3], ref_grad, 2e-2, "grad weight")
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["host-checked", "device-scaled"])
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-def test_linear_incoming_gradient_scales_the_saved_gradients_in_place_on_fused_backends(backend):
-    """An incoming gradient other than 1 (a scaled loss; on CUDA any, since checking it for 1 would
-    sync) multiplies the saved gradients in place on the fused backends: the bf16 weight gradient
-    stays in the accumulator's storage, no second V x D buffer, and a second backward raises. The
-    torch backend multiplies out of place and may run again."""
+def test_linear_incoming_gradient_other_than_one(backend, in_place, monkeypatch):
+    """An incoming gradient other than 1 (a scaled loss) scales the saved gradients. Where the host
+    cannot read it without a sync (CUDA; here forced), the fused backends scale them in place: the
+    bf16 weight gradient stays in its fp32 accumulator's storage, no second V x D buffer, and a
+    second backward raises. Elsewhere, and on the torch backend, out of place and repeatable."""
     skip_unless(backend)
+    monkeypatch.setattr(ce_module, "_scales_in_place", lambda grad_out: in_place)
     hidden = torch.randn(40, 32).bfloat16().requires_grad_()
     weight = (torch.randn(300, 32) / 32**0.5).bfloat16().requires_grad_()
     targets = make_targets(40, 300, "some")
@@ -536,7 +538,7 @@ def test_linear_incoming_gradient_scales_the_saved_gradients_in_place_on_fused_b
     want_h, want_w = torch.autograd.grad(ref * 3.0, (ref_h, ref_w))
     assert_close(grad_h, want_h, 2e-2, "grad hidden")
     assert_close(grad_w, want_w, 2e-2, "grad weight")
-    if backend == "torch":
+    if backend == "torch" or not in_place:
         again = torch.autograd.grad(out * 3.0, (hidden, weight))
         assert all(torch.equal(a, b) for a, b in zip(again, (grad_h, grad_w)))
         return

@@ -533,14 +533,19 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 # --------------------------------------------------------------------------- on a CUDA device
 # What the tests above show of the loop (no host sync between reads, bit-exact resume), shown with
-# the GPU kernels that `auto` picks there: Triton attention and loss, CUDA AdamW.
+# the GPU kernels: those `auto` picks there (Triton loss and norms, CUDA AdamW) and, for 16-bit
+# runs, the Triton attention by name (`auto` picks SDPA's).
 
 # Head dim 64 (the kernels' main case), block 64, on the GPU; dropout stays on (CUDA RNG state).
 CUDA = ["--device", "cuda", "--block_size", "64", "--d_model", "128", "--n_head", "2", "--batch_size", "8"]
 
 
+def cuda_args(dtype):
+    return [*CUDA, "--dtype", dtype] + ([] if dtype == "float32" else ["--attn_backend", "triton"])
+
+
 def expected_backends(dtype):
-    return {"causal_attention": "sdpa" if dtype == "float32" else "triton",  # auto: SDPA for fp32 on CUDA
+    return {"causal_attention": "sdpa" if dtype == "float32" else "triton",
             "layer_norm": "triton", "linear_cross_entropy": "triton", "adamw": "cuda"}
 
 
@@ -555,7 +560,7 @@ def test_cuda_steps_between_reads_never_wait_for_the_device(tmp_path, dtype, ext
     """Every step between two reads (log, eval, checkpoint) is launched without one host sync:
     torch's sync debug mode "error" raises at the first (a .item(), a blocking copy, a
     synchronize), in the data feed, forward, loss, backward, scaler or optimizer."""
-    trainer = train_mod.Trainer(parse_args(tiny_args(tmp_path / "run", *CUDA, "--dtype", dtype, *extra, steps=20)))
+    trainer = train_mod.Trainer(parse_args(tiny_args(tmp_path / "run", *cuda_args(dtype), *extra, steps=20)))
     try:
         assert trainer.backends == expected_backends(dtype)
         for _ in range(2):  # first launches: kernel compiles, lazy CUDA and scaler state
@@ -581,7 +586,7 @@ def test_cuda_resume_is_bit_exact(tmp_path, monkeypatch, dtype):
     """Stopped by SIGTERM at step 6 and resumed, a CUDA run ends as the uninterrupted one, bit for bit:
     losses and weights (dropout's CUDA RNG, the data order, AdamW and GradScaler state restored).
     Two uninterrupted runs are compared first, so that a nondeterministic kernel is named as such."""
-    args = [*CUDA, "--dtype", dtype, "--ckpt_interval", "4", "--eval_interval", "5"]
+    args = [*cuda_args(dtype), "--ckpt_interval", "4", "--eval_interval", "5"]
     full, again, split = tmp_path / "full", tmp_path / "again", tmp_path / "split"
     for out in (full, again):
         assert train_mod.main(tiny_args(out, *args, steps=12)) == 0

@@ -2,7 +2,10 @@
 
 Causal FLOPs: 4*B*H*T*T*D/2 forward, 2.5x that backward. sdpa (on CUDA pinned to its flash
 kernel) is the reference: its own row holds ref_ms, its fwd+bwd time, and every other backend's
-row compares its fwd+bwd time with it. extra: fwd_ms, bwd_ms and fwd/bwd/fwdbwd TFLOP/s.
+row compares its fwd+bwd time with it. extra: fwd_ms, bwd_ms and fwd/bwd/fwdbwd TFLOP/s; on CUDA
+also sdpa's fwd+bwd unpinned (unpinned_ms: the kernel PyTorch picks itself, cuDNN's on sm_90, as
+the GPT's `auto` attention runs it) and each other backend's speed-up against that
+(speedup_vs_unpinned).
 max_err is the forward output's max relative error against a float64 reference on the first
 (batch, head), so it costs no T x T memory at scale. Peak memory: one fwd+bwd step.
 On CPU only the torch paths are timed (torch vs sdpa): Triton runs there under its interpreter,
@@ -74,6 +77,14 @@ def setup_fwd_bwd(backend, shape, dtype, on):
     return step
 
 
+def unpinned_sdpa_ms(shape, dtype, device, warmup, repeats):
+    """fwd+bwd ms of sdpa with the kernel PyTorch picks for it."""
+    q, k, v = make_inputs(*shape, getattr(torch, dtype), device)
+    grad_out = torch.randn_like(q)
+    return time_ms(lambda: torch.autograd.grad(causal_attention(q, k, v, backend="sdpa"), (q, k, v), grad_out),
+                   device=device, warmup=warmup, repeats=repeats)
+
+
 def measure(backend, shape, dtype, device, warmup, repeats):
     """fwd, bwd and fwd+bwd ms and the forward's error of one backend on one shape."""
     q, k, v = make_inputs(*shape, getattr(torch, dtype), device)
@@ -101,7 +112,7 @@ def run(quick, device, dtype):
     rows = []
     for B, H, T, D in cases(device, quick):
         fwd_flops, bwd_flops = flops(B, H, T, D)
-        reference = None
+        reference = unpinned = None
         for backend, reason in available.items():
             if reason is None and backend == "torch" and B * H * T * T * 4 > REFERENCE_SCORE_LIMIT[device.type]:
                 reason = f"(B, H, T, T) fp32 scores of {B * H * T * T * 4 / 2**30:.1f} GiB, several live: too large"
@@ -120,8 +131,13 @@ def run(quick, device, dtype):
                              bwd_tflops=bwd_flops / bwd_ms / 1e9, fwdbwd_tflops=(fwd_flops + bwd_flops) / ms / 1e9)
             if backend == REFERENCE:
                 reference = (ms, peak)
+                if device.type == "cuda":
+                    unpinned = row.extra["unpinned_ms"] = unpinned_sdpa_ms((B, H, T, D), dtype, device, warmup,
+                                                                           repeats)
             else:
                 row.fused_ms, row.fused_peak_mb = ms, peak
+                if unpinned is not None:
+                    row.extra["speedup_vs_unpinned"] = unpinned / ms
             row.ref_ms, row.ref_peak_mb = reference or (None, None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

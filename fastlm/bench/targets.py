@@ -48,7 +48,11 @@ def _judge(target, size, value, bar, higher=True, fmt="{:.2f}x"):
     if value is None:
         return Verdict(target, size, "-", None)
     met = value >= bar if higher else value <= bar
-    return Verdict(target, size, fmt.format(value) + f" ({'>=' if higher else '<='} {fmt.format(bar)})", met)
+    shown = fmt.format(value)
+    if shown == fmt.format(bar) and value != bar:
+        # Rounded onto the bar (1.296x against 1.30x): two more digits show the side it is on.
+        shown = re.sub(r"\.(\d+)", lambda m: f".{int(m.group(1)) + 2}", fmt, count=1).format(value)
+    return Verdict(target, size, shown + f" ({'>=' if higher else '<='} {fmt.format(bar)})", met)
 
 
 def judge(summary):

@@ -46,8 +46,10 @@ def backend_reasons(device, dtype=None, head_dim=None):
 
 
 def auto_preference(device, dtype=None):
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return ("triton", "sdpa")
+    # SDPA everywhere, the Triton kernel by name. On an H200 (2026-11-27) in the GPT-2 small
+    # training step (B32 H12 T1024 D64, bf16) SDPA's own pick, cuDNN's flash kernels, took 7.2 ms of
+    # device time a step and the Triton kernels 9.7 ms; against SDPA pinned to its flash-attention
+    # kernel the Triton kernel leads only from about 256K tokens a call (1.08-1.21x).
     return ("sdpa",)
 
 

@@ -24,10 +24,11 @@ no second N x V buffer exists; their values are gone after the forward. Leaf ten
 caller created) are never overwritten: a separate gradient buffer is used. The version counter
 of overwritten logits is bumped so that any other op that saved them fails loudly in backward.
 The fused backwards scale their saved gradients in place (no second buffer), so each runs only
-once (no retain_graph: a second run raises); the torch backends' are repeatable. Rows that share
-memory (an expanded tensor) are copied first. Neither op has a double backward on these paths:
-the gradients come from the forward, so create_graph=True raises (F.cross_entropy, the torch
-cross_entropy, has one).
+once (no retain_graph: a second run raises); linear_cross_entropy's does so only on CUDA, where
+reading the incoming gradient would sync, and is repeatable on the CPU, as the torch backends'
+are. Rows that share memory (an expanded tensor) are copied first. Neither op has a double
+backward on these paths: the gradients come from the forward, so create_graph=True raises
+(F.cross_entropy, the torch cross_entropy, has one).
 
 linear_cross_entropy's memory: one chunk of logits (default_chunk_rows), the hidden gradient, and
 the weight gradient's accumulator (fp32 for 16-bit weights: a bf16 sum over chunks would round
@@ -358,6 +359,13 @@ def _is_one(grad_out):
     return grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
 
 
+def _scales_in_place(grad_out):
+    """Whether the fused linear_cross_entropy backward scales its saved gradients in place: where
+    the host cannot read the incoming gradient without a device sync (CUDA), outside
+    torch.compile. On the CPU it reads it and needs no pass at all when it is 1, the usual case."""
+    return grad_out.device.type != "cpu" and not torch.compiler.is_compiling()
+
+
 def _scale_in_place(t, grad_out, backend):
     """t *= grad_out (a scalar tensor), with no pass over t when grad_out is exactly 1: the host
     checks a CPU scalar; for the triton backend the kernel checks it on the device (reading it
@@ -536,25 +544,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         _refuse_double_backward(LINEAR_OP, ctx.backend)
         grad_loss = _unscale(grad_loss, ctx.grad_scale)
         if ctx.reduction != "none":
-            fused = ctx.backend != "torch"
-            if fused:
+            in_place = ctx.backend != "torch" and _scales_in_place(grad_loss)
+            if in_place:
                 # Checked before the saved tensors are read: after the first run they fail autograd's
                 # version check, with a message that does not say why.
                 if ctx.used:
-                    raise RuntimeError(f"{LINEAR_OP}: the fused backward scales its saved gradients in place and "
-                                       "cannot run twice; use backend='torch' with retain_graph=True")
+                    raise RuntimeError(f"{LINEAR_OP}: on {grad_loss.device.type} the fused backward scales its "
+                                       "saved gradients in place and cannot run twice; use backend='torch' "
+                                       "with retain_graph=True")
                 ctx.used = True
             saved = list(ctx.saved_tensors)
             grads = (saved[0], saved[1], saved[2] if ctx.has_bias else None)
-            if fused:
-                # In place: a copy would be a second V x D weight gradient beside the saved one
-                # (1 GB in bf16 at Llama 3's lm_head). On CUDA whether grad_loss is 1 is not known
-                # on the host without a sync, so the multiply is issued (for triton, a kernel that
-                # skips its pass when it is 1). The saved gradients are then spent: the fused
-                # backward runs once, as cross_entropy's does.
+            if in_place:
+                # A copy would be a second V x D weight gradient beside the saved one (1 GB in bf16
+                # at Llama 3's lm_head), and whether grad_loss is 1 is not known on the host without
+                # a sync: the multiply is issued (for triton, a kernel that skips its pass when it
+                # is 1). The saved gradients are then spent: the backward runs once, as
+                # cross_entropy's does.
                 grads = tuple(None if g is None else _scale_in_place(g, grad_loss, ctx.backend) for g in grads)
             elif not _is_one(grad_loss):
-                # Out of place, so that the backward may run again (retain_graph), as F.linear's.
+                # Out of place, so that the backward may run again (retain_graph, gradcheck).
                 grads = tuple(None if g is None else g * grad_loss for g in grads)
             grad_hidden, grad_weight, grad_bias = grads
         else:

@@ -174,17 +174,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The gradient walk re-reads each row right after the log-sum-exp walk read it. The last GPU run
 # measured the kernel moving about 3 x V bytes a row at DRAM speed: the re-read missed the L2 cache.
-# Two ways to make it hit, both left as switches until a GPU run has timed them (the cross-entropy
-# benchmark times each setting at the target sizes, extra["variants_ms"]):
-# PROGRAMS_PER_SM: on CUDA, a grid of this many programs per SM, each looping over blocks of rows
-# (0: one program per block, as many resident as fit). 2 programs of 16 warps bound the rows in
-# flight to 264 of 100 KB at V=50304 bf16 on an H100, 26 MB, half its 50 MB L2; unbounded, about
-# twice as many. Aligned rows only (ALIGNED_ROWS: a vocabulary padded to 16 bytes, as the GPT pads
-# it): with the unaligned head and foot tiles the looping kernel needs more registers than two
-# 512-thread programs per SM allow (Triton 3.6's ptxas spills it on sm_90), so unaligned rows keep
-# one program per block.
-PROGRAMS_PER_SM = 2
-# BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first.
+# Two ways to make it hit were timed on an H200 (2026-11-27, the benchmark's variants_ms at
+# N=16384, bf16; ms of the fwd+bwd step, one program per block / 2 programs per SM):
+#   V=128256: forward walk 3.92 / 4.32, backward walk 3.71 / 4.43;
+#   V=50304:  forward walk 1.79 / 1.99, backward walk 1.82 / 2.04;
+#   V=50257 (unaligned rows, always one program per block): forward 2.18, backward 2.16.
+# PROGRAMS_PER_SM: on CUDA, a grid of this many programs per SM, each looping over blocks of rows;
+# 0 (the default, the fastest above): one program per block, as many resident as fit. Applies to
+# aligned rows only (ALIGNED_ROWS): with the unaligned head and foot tiles the looping kernel
+# needs more registers than two 512-thread programs per SM allow (Triton 3.6's ptxas spills it on
+# sm_90).
+PROGRAMS_PER_SM = 0
+# BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first (5% faster at
+# V=128256, even at the others).
 BACKWARD_GRAD_WALK = True
 
 
