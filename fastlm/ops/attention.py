@@ -9,8 +9,10 @@ Backends
   sdpa    torch.nn.functional.scaled_dot_product_attention(is_causal=True).
   triton  FlashAttention-2 style kernels (fastlm/triton_kernels/attention.py): O(T) memory, the
           T x T matrix is never stored; forward and backward.
-  auto    triton on CUDA for bf16/fp16 when D is one it supports, sdpa otherwise. fp32 goes to
-          sdpa on CUDA too: the Triton kernel would run its fp32 dots without tensor cores.
+  auto    sdpa, which picks PyTorch's fastest kernel itself (cuDNN's or flash's on CUDA): on an
+          H200 at GPT-2's training shapes it beat the Triton kernel (see auto_preference). The
+          Triton kernel is for backend="triton" (bf16/fp16; fp32 runs its dots without tensor
+          cores).
 There is no compiled C++/CUDA attention: "cpp" and "cuda" report why.
 """
 import math
