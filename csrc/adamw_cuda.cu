@@ -1,11 +1,15 @@
 // AdamW on CUDA: the CUDA kernels of torch.ops.fastlm.adamw_step_ and adamw_grad_norm (their
 // schemas are defined in adamw_cpu.cpp).
 //
-// Multi-tensor apply: every tensor is cut into chunks of kChunk elements, and one launch covers
-// up to kMaxBlocks chunks of up to kMaxTensors tensors (the addresses travel in the kernel's
-// argument struct), so a GPT-2 step takes a handful of launches, not one per tensor. Each
-// thread moves kIlp elements per access: 16-byte loads and stores for fp32 arrays when the
-// tensor's pointers are aligned. Math is fp32 whatever the parameter dtype.
+// Multi-tensor apply: every tensor is cut into chunks of kChunk elements, one block each, and one
+// launch covers every chunk of up to kMaxTensors tensors (the addresses travel in the kernel's
+// argument struct, with the first block of each tensor), so a GPT-2 step takes a handful of
+// launches, not one per tensor. A launch is as large as its tensors' chunks. A cap of 320 blocks
+// (as in torch 2.11's fused AdamW, and in this file before 2026-11-27) cut GPT-2 small's step into 10
+// launches, each a wave of the 264 blocks an H100/H200 holds at once (2 per SM at this kernel's
+// 50-64 registers a thread) and a last wave of 56 that leaves most SMs idle. Each thread moves
+// kIlp elements per access: 16-byte loads and stores for fp32 arrays when the tensor's pointers
+// are aligned. Math is fp32 whatever the parameter dtype.
 //
 // The host never waits for the device: found_inf (skip the step), grad_scale (unscale) and the
 // global norm (clip) are read by the kernels. Step counts live on the device and are bumped by
@@ -24,6 +28,7 @@
 #include "adamw.h"
 
 #include <algorithm>
+#include <climits>
 #include <vector>
 
 namespace fastlm {
@@ -42,7 +47,8 @@ constexpr int kThreads = 512;
 constexpr int64_t kChunk = 65536;
 constexpr int kIlp = 4;
 constexpr int kMaxTensors = 32;
-constexpr int kMaxBlocks = 320;
+// Blocks (chunks) of one launch at most: a tensor with more is carried into the next launch.
+constexpr int64_t kMaxBlocks = int64_t{1} << 24;
 constexpr int kMaxSteps = 128;
 
 template <typename T>
@@ -57,42 +63,51 @@ __device__ __forceinline__ bool is_aligned(const void* ptr) {
 
 // ---- multi-tensor launch bookkeeping ----------------------------------------------------------
 
+// Where each block of a launch works: the launch's blocks are its slots' chunks in order, slot s
+// taking blocks [first_block[s], first_block[s + 1]) (unused slots start at INT_MAX), from chunk
+// first_chunk[s] of its tensor on (0 unless the tensor was carried over from the last launch).
 struct ChunkMap {
-  unsigned char block_tensor[kMaxBlocks];
-  int block_chunk[kMaxBlocks];
+  int first_block[kMaxTensors];
+  int64_t first_chunk[kMaxTensors];
 };
 
+// The slot of this block and the offset of its chunk in that slot's tensor. A scan of at most
+// kMaxTensors entries of the kernel's arguments: nothing next to a chunk's 64K elements.
+__device__ __forceinline__ int64_t locate_chunk(const ChunkMap& map, int& slot) {
+  const int block = static_cast<int>(blockIdx.x);
+  int s = 0;
+  while (s + 1 < kMaxTensors && block >= map.first_block[s + 1]) ++s;
+  slot = s;
+  return (map.first_chunk[s] + (block - map.first_block[s])) * kChunk;
+}
+
 // Calls fill(slot, tensor) to place a tensor's pointers in the launch struct and
-// launch(num_blocks, blocks_before) whenever the struct is full; a tensor whose chunks do not
-// all fit is carried into slot 0 of the next launch.
+// launch(num_blocks, blocks_before) whenever its kMaxTensors slots (or kMaxBlocks blocks) are
+// taken; a tensor whose chunks do not all fit is carried into slot 0 of the next launch.
 template <typename Fill, typename Launch>
 void for_each_launch(const std::vector<int64_t>& numels, ChunkMap& map, Fill fill, Launch launch) {
-  int slot = 0, blocks = 0;
-  int64_t blocks_before = 0;
+  int slot = 0;
+  int64_t blocks = 0, blocks_before = 0;
+  auto flush = [&]() {
+    for (int s = slot; s < kMaxTensors; ++s) map.first_block[s] = INT_MAX;
+    launch(static_cast<int>(blocks), blocks_before);
+    blocks_before += blocks;
+    blocks = 0;
+    slot = 0;
+  };
   for (size_t t = 0; t < numels.size(); ++t) {
-    if (numels[t] == 0) continue;
-    fill(slot, t);
     const int64_t chunks = (numels[t] + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      map.block_tensor[blocks] = static_cast<unsigned char>(slot);
-      map.block_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocks || (last_chunk && slot == kMaxTensors - 1)) {
-        launch(blocks, blocks_before);
-        blocks_before += blocks;
-        blocks = 0;
-        if (last_chunk) {
-          slot = -1;
-        } else {
-          fill(0, t);
-          slot = 0;
-        }
-      }
+    for (int64_t chunk = 0; chunk < chunks;) {
+      const int64_t take = std::min(chunks - chunk, kMaxBlocks - blocks);
+      fill(slot, t);
+      map.first_block[slot] = static_cast<int>(blocks);
+      map.first_chunk[slot] = chunk;
+      blocks += take;
+      chunk += take;
+      if (++slot == kMaxTensors || blocks == kMaxBlocks) flush();
     }
-    ++slot;
   }
-  if (blocks > 0) launch(blocks, blocks_before);
+  if (blocks > 0) flush();
 }
 
 int64_t total_chunks(const std::vector<int64_t>& numels) {
@@ -152,8 +167,8 @@ template <typename scalar_t, bool amsgrad, bool has_master>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamwTensors tl, AdamwHyper h, const float* grad_scale,
                                                          const float* found_inf, const float* grad_norm) {
   if (found_inf != nullptr && *found_inf != 0.f) return;
-  const int t = tl.map.block_tensor[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(tl.map.block_chunk[blockIdx.x]) * kChunk;
+  int t;
+  const int64_t begin = locate_chunk(tl.map, t);
   const int64_t len = min(kChunk, tl.numel[t] - begin);
 
   ElementConsts k;
@@ -261,8 +276,8 @@ __device__ __forceinline__ T block_sum(T value, T* shared) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sum_squares_kernel(NormTensors tl, float* partials) {
   __shared__ float shared[kThreads / 32];
-  const int t = tl.map.block_tensor[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(tl.map.block_chunk[blockIdx.x]) * kChunk;
+  int t;
+  const int64_t begin = locate_chunk(tl.map, t);
   const int64_t len = min(kChunk, tl.numel[t] - begin);
   const scalar_t* grad = static_cast<const scalar_t*>(tl.grad[t]) + begin;
   const int64_t vec_len = is_aligned<scalar_t>(grad) ? (len / kIlp) * kIlp : 0;
