@@ -316,7 +316,10 @@ def test_profile_ops_writes_each_op_s_steps_and_kernels(tmp_path, capsys):
     out = capsys.readouterr().out
     variants = {"cross_entropy": ["F.cross_entropy", "cpp"] * 2, "adamw": ["torch fused", "fastlm cpp",
                 "torch fused + clip_grad_norm_", "fastlm cpp, max_grad_norm"], "attention": ["sdpa", "torch"],
-                "norm": ["PyTorch + cast", "torch"]}
+                "norm": ["PyTorch + cast", "torch"],
+                "launch": ["torch op (add_, 1 value)", "triton empty kernel", "autograd.grad, torch op",
+                           "autograd.grad, Python Function", "tiny triton cross_entropy", "tiny triton layer_norm",
+                           "tiny triton causal_attention"]}
     for op in profile_ops.OPS:
         text = (tmp_path / f"profile_ops_{op}.txt").read_text()
         assert text.strip() in out
@@ -326,6 +329,9 @@ def test_profile_ops_writes_each_op_s_steps_and_kernels(tmp_path, capsys):
                                     "busy", "launches", "syncs"]
         rows = lines[2:lines.index("")]
         assert [row[41:72].strip() for row in rows] == variants[op]
+        # Triton is timed on CUDA only: on CPU its variants are listed with the reason.
+        assert all("triton" in row[41:72] for row in rows if "not run: " in row)
+        rows = [row for row in rows if "not run: " not in row]
         for row in rows:  # host, wall and device ms measured; CUDA's event ms, launches and syncs not on CPU
             host, wall, event, device, busy, launches, syncs = row[72:].split()
             assert float(host) > 0 and float(wall) >= float(host) and float(device) > 0 and busy.endswith("%")

@@ -13,7 +13,14 @@ steps the kernel benchmarks time, built by their own modules, at the issue's tar
   attention      causal fwd+bwd (attention.setup_fwd_bwd): sdpa (flash) and triton at B1 H32 T2048
                  D64 (the slowest case against sdpa) and B4 H16 T8192 D128, bf16;
   norm           LayerNorm fwd+bwd as the GPT runs it under autocast (norm.setup_fwd_bwd): PyTorch's
-                 norm + the cast to bf16, and triton, at N=32768 D=768 (x fp32, y bf16).
+                 norm + the cast to bf16, and triton, at N=32768 D=768 (x fp32, y bf16);
+  launch         what one call costs the host, on inputs so small that the device has nothing to
+                 do: a torch op; an empty Triton kernel; torch.autograd.grad through a torch op
+                 and through a Python autograd.Function that launches nothing; and each fused
+                 op's fwd+bwd ("tiny triton <op>": cross_entropy, layer_norm, causal_attention)
+                 at a few rows.
+                 It splits the fused ops' host time (0.85 ms a fwd+bwd on the H200 run) into
+                 launches, autograd and the rest.
 On CPU (for tests): quick sizes, fp32, the CPU backends (cpp for cross_entropy and adamw, the
 explicit torch path for attention), and no torch.compile.
 
@@ -63,7 +70,7 @@ from fastlm.bench.common import (device_name, kernel_table, own_times_us, profil
 from fastlm.config import ConfigError
 
 PROG = "python -m fastlm.bench.profile_ops"
-OPS = ("cross_entropy", "adamw", "attention", "norm")
+OPS = ("cross_entropy", "adamw", "attention", "norm", "launch")
 # (warm-up calls, timed calls) per device type; warm-up compiles and tunes on CUDA.
 TIMING = {"cuda": (3, 20), "cpu": (1, 3)}
 TOP_KERNELS = 15
@@ -148,8 +155,67 @@ def norm_cases(device):
            {"PyTorch + cast": step_of("reference"), fused: _unless(reason, lambda: step_of(fused))})
 
 
+def launch_cases(device):
+    x = torch.zeros(1, device=device)
+    leaf = torch.zeros(1, device=device, requires_grad=True)
+    grad = torch.ones(1, device=device)
+    variants = {
+        "torch op (add_, 1 value)": _same_call(lambda: x.add_(1.0)),
+        # Whether Triton is timed here: as for any Triton op (layer_norm stands in).
+        "triton empty kernel": _unless(timed_backends("layer_norm", device, ("triton",))["triton"],
+                                       lambda: _same_call(_empty_triton_launch(x))),
+        "autograd.grad, torch op": _same_call(lambda: torch.autograd.grad(leaf * 2.0, leaf, grad)),
+        "autograd.grad, Python Function": _same_call(lambda: torch.autograd.grad(_NoKernels.apply(leaf), leaf, grad)),
+    }
+    tiny = {"cross_entropy": lambda: prepared_tiny_cross_entropy(device),
+            "layer_norm": lambda: _same_call(norm.setup_fwd_bwd("layer_norm", "triton", 4, 768, "bfloat16",
+                                                                 "bfloat16", str(device))),
+            "causal_attention": lambda: _same_call(attention.setup_fwd_bwd("triton", (1, 1, 16, 64), "bfloat16",
+                                                                           str(device)))}
+    for op, build in tiny.items():
+        variants[f"tiny triton {op}"] = _unless(timed_backends(op, device, ("triton",))["triton"], build)
+    yield "one call, nothing to compute", variants
+
+
+def prepared_tiny_cross_entropy(device):
+    leaves, targets = cross_entropy.make_inputs("cross_entropy", (4, 256), "bfloat16", device)
+
+    def make_call():
+        step = cross_entropy.LossStep("cross_entropy", leaves, targets, "triton")
+        step.prepare()
+        return step
+    return make_call
+
+
+class _NoKernels(torch.autograd.Function):
+    """An autograd.Function that launches nothing: the cost of the Python Function machinery (on
+    CUDA its backward runs on autograd's device thread)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _empty_triton_launch(x):
+    """A call that launches a Triton kernel which stores one value: Triton's own launch cost."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _one_store(X):
+        tl.store(X, 1.0)
+
+    def call():
+        _one_store[(1,)](x)
+    return call
+
+
 CASES = {"cross_entropy": cross_entropy_cases, "adamw": adamw_cases, "attention": attention_cases,
-         "norm": norm_cases}
+         "norm": norm_cases, "launch": launch_cases}
 
 
 def _same_call(step):
