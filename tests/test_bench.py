@@ -344,7 +344,8 @@ def test_profile_ops_writes_each_op_s_steps_and_kernels(tmp_path, capsys):
         # And each step's host functions (cProfile), largest own time first, with no machine paths.
         assert text.count(profile_ops.HOST_HEADER) == len(rows)
         host = lines.index(profile_ops.HOST_HEADER)
-        assert lines[host - 1] == f"--- {rows[0][:40].strip()}, {variants[op][0]}: host functions by own time (cProfile)"
+        title = f"--- {rows[0][:40].strip()}, {variants[op][0]}: host functions by own time (cProfile)"
+        assert lines[host - 1] == title
         functions = lines[host + 1:lines.index("", host)]
         own = [float(line.split()[0]) for line in functions]
         assert 0 < len(functions) <= profile_ops.TOP_HOST_FUNCTIONS and own == sorted(own, reverse=True) and own[0] > 0

@@ -82,7 +82,8 @@ def describe_backends(backends):
 
 def make_step(case, path, device, dtype, mode, seed=1337):
     """(step, model, backends): one lean training step of `path` ("pytorch" or "fastlm") on `case`,
-    and what each op runs on, e.g. 'causal_attention sdpa, layer_norm triton, linear_cross_entropy triton, adamw cuda'."""
+    and what each op runs on, e.g.
+    'causal_attention sdpa, layer_norm triton, linear_cross_entropy triton, adamw cuda'."""
     from fastlm.config import GPTConfig, KernelConfig
     from fastlm.model import GPT
     from fastlm.optim import AdamW
