@@ -533,19 +533,24 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 # --------------------------------------------------------------------------- on a CUDA device
 # What the tests above show of the loop (no host sync between reads, bit-exact resume), shown with
-# the GPU kernels: those `auto` picks there (Triton loss and norms, CUDA AdamW) and, for 16-bit
-# runs, the Triton attention by name (`auto` picks SDPA's).
+# the GPU kernels: those `auto` picks there (Triton loss and norms, CUDA AdamW), and attention by
+# name (`auto` picks SDPA's): Triton for 16-bit runs, SDPA for fp32 (the Triton kernel's fp32 dots
+# would not use tensor cores).
 
 # Head dim 64 (the kernels' main case), block 64, on the GPU; dropout stays on (CUDA RNG state).
 CUDA = ["--device", "cuda", "--block_size", "64", "--d_model", "128", "--n_head", "2", "--batch_size", "8"]
 
 
+def attention_backend(dtype):
+    return "sdpa" if dtype == "float32" else "triton"
+
+
 def cuda_args(dtype):
-    return [*CUDA, "--dtype", dtype] + ([] if dtype == "float32" else ["--attn_backend", "triton"])
+    return [*CUDA, "--dtype", dtype, "--attn_backend", attention_backend(dtype)]
 
 
 def expected_backends(dtype):
-    return {"causal_attention": "sdpa" if dtype == "float32" else "triton",
+    return {"causal_attention": attention_backend(dtype),
             "layer_norm": "triton", "linear_cross_entropy": "triton", "adamw": "cuda"}
 
 

@@ -65,24 +65,17 @@ def kernel_context(backend, device):
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
-def setup_fwd_bwd(backend, shape, dtype, on):
-    """Module-level (picklable) setup for peak_memory_mb: returns one fwd+bwd step."""
+def setup_fwd_bwd(backend, shape, dtype, on, pinned=True):
+    """Module-level (picklable) setup for peak_memory_mb: returns one fwd+bwd step. pinned=False:
+    sdpa runs the kernel PyTorch picks for it, not the flash kernel (kernel_context)."""
     device = torch.device(on)
     q, k, v = make_inputs(*shape, getattr(torch, dtype), device)
     grad_out = torch.randn_like(q)
 
     def step():
-        with kernel_context(backend, device):
+        with kernel_context(backend, device) if pinned else contextlib.nullcontext():
             torch.autograd.grad(causal_attention(q, k, v, backend=backend), (q, k, v), grad_out)
     return step
-
-
-def unpinned_sdpa_ms(shape, dtype, device, warmup, repeats):
-    """fwd+bwd ms of sdpa with the kernel PyTorch picks for it."""
-    q, k, v = make_inputs(*shape, getattr(torch, dtype), device)
-    grad_out = torch.randn_like(q)
-    return time_ms(lambda: torch.autograd.grad(causal_attention(q, k, v, backend="sdpa"), (q, k, v), grad_out),
-                   device=device, warmup=warmup, repeats=repeats)
 
 
 def measure(backend, shape, dtype, device, warmup, repeats):
@@ -132,8 +125,9 @@ def run(quick, device, dtype):
             if backend == REFERENCE:
                 reference = (ms, peak)
                 if device.type == "cuda":
-                    unpinned = row.extra["unpinned_ms"] = unpinned_sdpa_ms((B, H, T, D), dtype, device, warmup,
-                                                                           repeats)
+                    unpinned = row.extra["unpinned_ms"] = time_ms(
+                        setup_fwd_bwd(REFERENCE, (B, H, T, D), dtype, str(device), pinned=False), device=device,
+                        warmup=warmup, repeats=repeats)
             else:
                 row.fused_ms, row.fused_peak_mb = ms, peak
                 if unpinned is not None:

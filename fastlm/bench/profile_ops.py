@@ -93,20 +93,22 @@ def cross_entropy_cases(device):
     fused = "triton" if cuda else "cpp"
     shapes = cross_entropy.COMPILED_REFERENCE_SHAPES if cuda else cross_entropy.CE_SHAPES_QUICK
     for n, vocab in shapes:
-        leaves, targets = cross_entropy.make_inputs("cross_entropy", (n, vocab), dtype, device)
-
-        def prepared(backend, loss_fn=None, leaves=leaves, targets=targets):
-            def make_call():
-                step = cross_entropy.LossStep("cross_entropy", leaves, targets, backend, loss_fn)
-                step.prepare()  # the logits, a clone of the leaf: an input, as in the benchmark
-                return step
-            return make_call
-
-        variants = {"F.cross_entropy": prepared("reference")}
+        inputs = cross_entropy.make_inputs("cross_entropy", (n, vocab), dtype, device)
+        variants = {"F.cross_entropy": _loss_step(inputs, "reference")}
         if cuda:  # as the benchmark times it at these sizes (on CPU, compiling costs more than the run)
-            variants["torch.compile(F.cross_entropy)"] = prepared("reference", torch.compile(F.cross_entropy))
-        variants[fused] = _unless(timed_backends("cross_entropy", device, (fused,))[fused], lambda: prepared(fused))
+            variants["torch.compile(F.cross_entropy)"] = _loss_step(inputs, "reference", torch.compile(F.cross_entropy))
+        variants[fused] = _unless(timed_backends("cross_entropy", device, (fused,))[fused],
+                                  lambda: _loss_step(inputs, fused))
         yield f"N={n} V={vocab} {dtype}", variants
+
+
+def _loss_step(inputs, backend, loss_fn=None):
+    """make_call of a cross_entropy fwd+bwd on inputs = (leaves, targets) of cross_entropy.make_inputs."""
+    def make_call():
+        step = cross_entropy.LossStep("cross_entropy", *inputs, backend, loss_fn)
+        step.prepare()  # the logits, a clone of the leaf: an input, as in the benchmark
+        return step
+    return make_call
 
 
 def adamw_cases(device):
@@ -167,7 +169,8 @@ def launch_cases(device):
         "autograd.grad, torch op": _same_call(lambda: torch.autograd.grad(leaf * 2.0, leaf, grad)),
         "autograd.grad, Python Function": _same_call(lambda: torch.autograd.grad(_NoKernels.apply(leaf), leaf, grad)),
     }
-    tiny = {"cross_entropy": lambda: prepared_tiny_cross_entropy(device),
+    tiny = {"cross_entropy": lambda: _loss_step(cross_entropy.make_inputs("cross_entropy", (4, 256), "bfloat16",
+                                                                         device), "triton"),
             "layer_norm": lambda: _same_call(norm.setup_fwd_bwd("layer_norm", "triton", 4, 768, "bfloat16",
                                                                  "bfloat16", str(device))),
             "causal_attention": lambda: _same_call(attention.setup_fwd_bwd("triton", (1, 1, 16, 64), "bfloat16",
@@ -175,16 +178,6 @@ def launch_cases(device):
     for op, build in tiny.items():
         variants[f"tiny triton {op}"] = _unless(timed_backends(op, device, ("triton",))["triton"], build)
     yield "one call, nothing to compute", variants
-
-
-def prepared_tiny_cross_entropy(device):
-    leaves, targets = cross_entropy.make_inputs("cross_entropy", (4, 256), "bfloat16", device)
-
-    def make_call():
-        step = cross_entropy.LossStep("cross_entropy", leaves, targets, "triton")
-        step.prepare()
-        return step
-    return make_call
 
 
 class _NoKernels(torch.autograd.Function):
