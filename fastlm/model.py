@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlm.config import ConfigError, GPTConfig, KernelConfig
-from fastlm.ops import causal_attention, cross_entropy, layer_norm, linear_cross_entropy, resolve_backend, rms_norm
+from fastlm.ops import (BackendUnavailable, causal_attention, cross_entropy, layer_norm, linear_cross_entropy,
+                        resolve_backend, rms_norm)
 from fastlm.ops.checks import dtype_name
 
 IGNORE_INDEX = -100
@@ -191,20 +192,33 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        self.resolve_backends()
+        self.resolve_backends(strict=False)
 
-    def resolve_backends(self):
+    def resolve_backends(self, strict=True):
         """Pick the concrete backend of attention, the norms and the loss for the current device and
-        compute dtype (one choice per model, not per call); an unusable explicit choice raises here."""
+        compute dtype (one choice per model, not per call); an unusable explicit choice raises here.
+
+        strict=False (construction, .to()) keeps an explicit choice that cannot run on the current
+        device as it is: a model built on the CPU for a GPU backend is usable once moved, and until
+        then its op raises BackendUnavailable at the first call, before any kernel runs."""
         device, dtype = self.wte.weight.device, self.compute_dtype or self.wte.weight.dtype
         loss_op = "linear_cross_entropy" if self.kernels.fused_linear_ce else "cross_entropy"
         norm_op = NORM_OPS[self.config.norm]
+
+        def resolve(op, backend, **kwargs):
+            try:
+                return resolve_backend(op, device, backend, **kwargs)
+            except BackendUnavailable:
+                if strict:
+                    raise
+                return backend
+
         self.backends = {
-            "causal_attention": resolve_backend("causal_attention", device, self.kernels.attn_backend,
-                                                dtype=dtype, head_dim=self.config.head_dim),
+            "causal_attention": resolve("causal_attention", self.kernels.attn_backend,
+                                        dtype=dtype, head_dim=self.config.head_dim),
             # The norms read the residual stream, which is in the parameters' dtype (fp32 under autocast).
-            norm_op: resolve_backend(norm_op, device, self.kernels.norm_backend, dtype=self.wte.weight.dtype),
-            loss_op: resolve_backend(loss_op, device, self.kernels.ce_backend, dtype=dtype),
+            norm_op: resolve(norm_op, self.kernels.norm_backend, dtype=self.wte.weight.dtype),
+            loss_op: resolve(loss_op, self.kernels.ce_backend, dtype=dtype),
         }
         # The unfused loss (forward with return_logits) runs on the same backend as the fused one.
         self.loss_backend = self.backends[loss_op]
@@ -220,7 +234,7 @@ class GPT(nn.Module):
         # .to(), .cuda(), .half(), ...: the backends follow the parameters' new device and dtype.
         module = super()._apply(fn, *args, **kwargs)
         if hasattr(self, "backends"):
-            self.resolve_backends()
+            self.resolve_backends(strict=False)
         return module
 
     def _init_weights(self, module):

@@ -128,6 +128,7 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_cfg, dropout=train_cfg.dropout, kernels=run.kernels,
                          compute_dtype=compute_dtype).to(self.device)
+        self.model.resolve_backends()  # built on the CPU: an explicit backend is checked on the run's device
         if init_state is not None:
             self.model.load_state_dict(init_state)
         self.fsdp = train_cfg.parallel == "fsdp"

@@ -5,6 +5,7 @@ import torch
 
 from fastlm.config import ConfigError, GPTConfig, KernelConfig
 from fastlm.model import GPT, decay_groups, filter_logits
+from fastlm.ops import BackendUnavailable
 
 
 def tiny(**overrides):
@@ -48,6 +49,22 @@ def test_fused_and_unfused_loss_agree():
     logits, plain = model(idx, idx, return_logits=True)
     assert logits.shape == (3, 17, 256)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_gpu_backends_wait_for_the_move(monkeypatch):
+    """Built on the CPU for GPU kernels (as the trainer builds every model), a GPT keeps the explicit
+    choice; its ops refuse to run on the CPU, and a strict resolve names the problem."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels = KernelConfig(attn_backend="triton", ce_backend="triton")
+    model = GPT(tiny(), kernels=kernels).float()  # construction and .to() do not raise
+    assert model.backends["causal_attention"] == model.backends["linear_cross_entropy"] == "triton"
+    with pytest.raises(BackendUnavailable, match="causal_attention: backend 'triton' cannot run on cpu"):
+        model.resolve_backends()
+    idx = torch.randint(0, 256, (2, 9))
+    with pytest.raises(BackendUnavailable, match="backend 'triton' cannot run on cpu"):
+        model(idx, idx)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where triton can run, the strict resolve keeps it
+    assert model.resolve_backends()["causal_attention"] == "triton"
 
 
 def test_forward_without_targets_returns_logits():
