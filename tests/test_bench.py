@@ -607,3 +607,31 @@ def test_e2e_resolves_backends_for_the_autocast_dtype():
 
     _, model, _ = e2e.make_step(e2e.CASES["quick"][0], "fastlm", "cpu", "bfloat16", "eager")
     assert model.compute_dtype == torch.bfloat16
+
+
+def test_kernel_variants_time_each_setting_and_restore_the_module():
+    """variants_ms: one timing per KERNEL_VARIANTS entry, each run with that grid, walk and L2-hint
+    setting of the cross-entropy kernel, labelled by it; the module's own settings come back."""
+    pytest.importorskip("triton")
+    from fastlm.bench import cross_entropy as bench
+    from fastlm.triton_kernels import cross_entropy as kernel
+
+    def settings():
+        return kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK, kernel.L2_HINTS
+
+    class Step:
+        def __init__(self):
+            self.seen = []
+
+        def prepare(self):
+            pass
+
+        def __call__(self):
+            self.seen.append(settings())
+
+    before, step = settings(), Step()
+    times = bench.time_kernel_variants(step, torch.device("cpu"), dict(warmup=0, repeats=1))
+    assert settings() == before
+    assert step.seen == bench.KERNEL_VARIANTS
+    assert list(times) == ["all/backward", "all/backward/l2", "2/backward/l2"]
+    assert all(ms >= 0 for ms in times.values())

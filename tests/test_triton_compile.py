@@ -10,7 +10,11 @@ shared-memory limit fails to launch, so both are errors here. The same compiles 
 that the address-arithmetic and vector-access checks below read. Skipped where Triton or its
 bundled ptxas cannot compile for CUDA.
 """
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,3 +93,28 @@ def test_norm_kernels_use_vector_access(report):
         if row.kernel.startswith("norm_"):
             assert re.search(r"ld\.global(\.\w+)*\.v4", row.asm["ptx"]), f"{row.kernel} {row.shape}: no vector loads"
             assert re.search(r"st\.global(\.\w+)*\.v4", row.asm["ptx"]), f"{row.kernel} {row.shape}: no vector stores"
+
+
+def test_cross_entropy_l2_hints_reach_the_ptx():
+    """With L2_HINTS the log-sum-exp walk's loads carry an L2 evict_last policy, and the gradient
+    walk's loads and stores evict_first; the body stays vector access and nothing spills."""
+    reason = cr.unavailable_reason(ARCH)
+    if reason is not None:
+        pytest.skip(reason)
+    code = (
+        "import json, re, torch\n"
+        "from fastlm.triton_kernels import compile_report as cr, cross_entropy as ce\n"
+        "ce.L2_HINTS = True\n"
+        f"(row,) = [r for r in cr.compile_report(dtypes=(torch.bfloat16,), head_dims=(), vocabs=(50257,), "
+        f"norm_dims=(), arch={ARCH}, asm=('ptx',)) if r.kernel == 'cross_entropy']\n"
+        "print(json.dumps(dict(spill=row.spill, ptx=row.asm['ptx'])))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ptx = result["ptx"]
+    assert result["spill"] == 0
+    assert "createpolicy.fractional.L2::evict_last" in ptx and "createpolicy.fractional.L2::evict_first" in ptx
+    assert re.search(r"ld\.global\.L1::evict_last\.L2::cache_hint\.v4", ptx), "first walk: no evict_last vector loads"
+    assert re.search(r"ld\.global\.L1::evict_first\.L2::cache_hint\.v4", ptx), "gradient walk: no evict_first loads"
+    assert re.search(r"st\.global\.L1::evict_first\.L2::cache_hint\.v4", ptx), "gradient: no evict_first stores"

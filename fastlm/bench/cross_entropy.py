@@ -11,7 +11,7 @@ N=16384, V=50257 and 128256, the target sizes);
 gbs, the fused step's bandwidth counting the logits read once and the gradient written once
 (2 x N x V x element size bytes); copy_fraction, gbs over the device's copy bandwidth measured in
 the same run (common.copy_bandwidth_gbs); variants_ms (the target sizes and V=50304), the triton
-step under each grid and gradient-walk setting of the kernel (time_kernel_variants).
+step under each grid, gradient-walk and L2-hint setting of the kernel (time_kernel_variants).
 max_err: max relative error of the loss and of the gradients against the reference in the same
 dtype (cross_entropy: the gradient's first 1024 rows). Peak memory is what one step adds over its
 inputs (a fresh subprocess per case on CPU). extra logits_mb: the logits the reference holds.
@@ -33,13 +33,13 @@ CE_SHAPES_QUICK = [(512, 256), (512, 32000)]
 CE_SHAPES_CUDA_EXTRA = [(16384, 50304)]
 # The target sizes, where the compiled reference is timed too (each compile costs seconds of a GPU window).
 COMPILED_REFERENCE_SHAPES = [(16384, 50257), (16384, 128256)]
-# Where the triton row also times the kernel's grid and gradient-walk settings (see
-# fastlm/triton_kernels/cross_entropy.py, PROGRAMS_PER_SM and BACKWARD_GRAD_WALK): the target sizes
-# and the padded GPT-2 vocabulary. (programs per SM, backward walk); (0, False) is the kernel as the
-# first GPU run timed it. The programs setting applies to aligned rows only (V=50304, 128256): at
-# V=50257 those variants time the walk alone.
+# Where the triton row also times the kernel's grid, gradient-walk and L2-hint settings (see
+# fastlm/triton_kernels/cross_entropy.py, PROGRAMS_PER_SM, BACKWARD_GRAD_WALK and L2_HINTS): the
+# target sizes and the padded GPT-2 vocabulary. (programs per SM, backward walk, L2 hints); (0, True,
+# False) is the kernel's default. The programs setting applies to aligned rows only (V=50304,
+# 128256): at V=50257 those variants time the walk and hints alone.
 VARIANT_SHAPES = COMPILED_REFERENCE_SHAPES + [(16384, 50304)]
-KERNEL_VARIANTS = [(0, False), (0, True), (2, True)]
+KERNEL_VARIANTS = [(0, True, False), (0, True, True), (2, True, True)]
 LINEAR_SHAPES = {"cpu": [(8192, 768, 50257)], "cuda": [(16384, 768, 50257), (8192, 4096, 128256)]}
 LINEAR_SHAPES_QUICK = [(512, 128, 8192)]
 CE_BACKENDS = ("cpp", "triton")
@@ -154,19 +154,20 @@ def measure(op, case, shape, backends, dtype, device, timing, extra):
 
 
 def time_kernel_variants(step, device, timing):
-    """{"<programs per SM>/<walk>": ms} of the triton cross-entropy step under each KERNEL_VARIANTS
-    setting (programs 0: one per block of rows), the module's settings restored after."""
+    """{"<programs per SM>/<walk>[/l2]": ms} of the triton cross-entropy step under each
+    KERNEL_VARIANTS setting (programs 0: one per block of rows; "/l2": with the L2 hints), the
+    module's settings restored after."""
     from fastlm.triton_kernels import cross_entropy as kernel
 
-    saved = kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK
+    saved = kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK, kernel.L2_HINTS
     times = {}
     try:
-        for programs, backward in KERNEL_VARIANTS:
-            kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK = programs, backward
-            times[f"{programs or 'all'}/{'backward' if backward else 'forward'}"] = time_ms(
-                step, device=device, setup=step.prepare, **timing)
+        for programs, backward, hints in KERNEL_VARIANTS:
+            kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK, kernel.L2_HINTS = programs, backward, hints
+            label = f"{programs or 'all'}/{'backward' if backward else 'forward'}{'/l2' if hints else ''}"
+            times[label] = time_ms(step, device=device, setup=step.prepare, **timing)
     finally:
-        kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK = saved
+        kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK, kernel.L2_HINTS = saved
     return times
 
 

@@ -35,9 +35,12 @@ from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, ne
 
 
 @triton.jit
-def _lse_tile(ptrs, mask, running_max, running_sum, sum_x, HAS_SMOOTHING: tl.constexpr):
+def _lse_tile(ptrs, mask, running_max, running_sum, sum_x, HAS_SMOOTHING: tl.constexpr, L2_HINTS: tl.constexpr):
     """Fold one tile of logits (masked entries read as -inf) into the online softmax."""
-    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    if L2_HINTS:  # the gradient walk reads this tile again: keep it in the L2
+        x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+    else:
+        x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
     new_max = tl.maximum(running_max, tl.max(x, axis=1))
     # A row whose tiles so far are all -inf (vocabulary masking, or rows past n_rows) has
     # new_max = -inf, and exp(-inf - -inf) is NaN: shift such rows by 0, which adds exp(-inf) = 0.
@@ -49,12 +52,18 @@ def _lse_tile(ptrs, mask, running_max, running_sum, sum_x, HAS_SMOOTHING: tl.con
 
 
 @triton.jit
-def _grad_tile(ptrs, grad_ptrs, cols, mask, lse, prob_coef, shift, target_coef, targets):
+def _grad_tile(ptrs, grad_ptrs, cols, mask, lse, prob_coef, shift, target_coef, targets, L2_HINTS: tl.constexpr):
     """Write the gradient of one tile of logits (columns `cols`)."""
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if L2_HINTS:  # the tile's last read, and a gradient no one reads soon: first out of the L2
+        x = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     grad = tl.exp(x - lse[:, None]) * prob_coef[:, None] - shift[:, None]
     grad -= tl.where(cols == targets[:, None], target_coef[:, None], 0.0)
-    tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=mask)
+    if L2_HINTS:
+        tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -63,19 +72,19 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
                           HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                           GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                          PERSISTENT: tl.constexpr, BACKWARD_GRAD_WALK: tl.constexpr):
+                          PERSISTENT: tl.constexpr, BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr):
     if PERSISTENT:
         # A bounded grid (PROGRAMS_PER_SM): each program takes every num_programs-th block of rows.
         for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
             _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride, loss_ptr,
                                 lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD,
                                 HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
-                                BACKWARD_GRAD_WALK)
+                                BACKWARD_GRAD_WALK, L2_HINTS)
     else:
         _cross_entropy_rows(tl.program_id(0), logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride,
                             loss_ptr, lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
                             HAS_GRAD, HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
-                            BACKWARD_GRAD_WALK)
+                            BACKWARD_GRAD_WALK, L2_HINTS)
 
 
 @triton.jit
@@ -84,7 +93,7 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
                         HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                         GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                        BACKWARD_GRAD_WALK: tl.constexpr):
+                        BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr):
     """Loss, log-sum-exp and (HAS_GRAD) gradient of the BLOCK_N rows of block `block`."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -117,15 +126,15 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
             foot_col = foot_start[:, None] + i
             running_max, running_sum, sum_x = _lse_tile(
                 logits_ptr + row_starts[:, None] + head_col, row_mask[:, None] & (head_col < head[:, None]),
-                running_max, running_sum, sum_x, HAS_SMOOTHING)
+                running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
             running_max, running_sum, sum_x = _lse_tile(
                 logits_ptr + row_starts[:, None] + foot_col, row_mask[:, None] & (foot_col < n_cols),
-                running_max, running_sum, sum_x, HAS_SMOOTHING)
+                running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
     for start in range(0, n_cols, BLOCK_V):
         running_max, running_sum, sum_x = _lse_tile(
             logits_ptr + body_starts[:, None] + start + body_cols,
             row_mask[:, None] & (start + body_cols < n_body[:, None]), running_max, running_sum, sum_x,
-            HAS_SMOOTHING)
+            HAS_SMOOTHING, L2_HINTS)
     # Rows past n_rows get lse 0 (never stored) so that the gradient walk stays finite.
     lse = tl.where(row_mask, running_max + tl.log(tl.where(row_mask, running_sum, 1.0)), 0.0)
 
@@ -146,7 +155,7 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
         prob_coef = tl.where(valid, scale * (1.0 + 2.0 * z_loss * lse), 0.0)
         shift = tl.where(valid, scale * label_smoothing / n_cols, 0.0)
         target_coef = tl.where(valid, scale * (1.0 - label_smoothing), 0.0)
-        coefs = (lse, prob_coef, shift, target_coef, safe_targets)
+        coefs = (lse, prob_coef, shift, target_coef, safe_targets, L2_HINTS)
         if not ALIGNED_ROWS:
             for i in range(0, VEC):
                 head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
@@ -188,6 +197,11 @@ PROGRAMS_PER_SM = 0
 # BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first (5% faster at
 # V=128256, even at the others).
 BACKWARD_GRAD_WALK = True
+# L2_HINTS: eviction hints that favour the re-read. The log-sum-exp walk loads with evict_last; the
+# gradient walk, a tile's last use, loads with evict_first and stores the gradient with evict_first
+# (1.6-4 GB of it at the target sizes, more than the L2 holds whatever the hint), so that it does not
+# push the rows still to be re-read out of the L2. Off until a GPU run's variants_ms shows it faster.
+L2_HINTS = False
 
 
 def _grid(n_blocks, device, aligned_rows):
@@ -234,7 +248,8 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
             n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD=grad is not None,
             HAS_SMOOTHING=label_smoothing != 0.0, GRAD_SAME_STRIDE=grad_stride == stride,
             ALIGNED_ROWS=aligned_rows, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
-            PERSISTENT=grid[0] < n_blocks, BACKWARD_GRAD_WALK=BACKWARD_GRAD_WALK, num_warps=num_warps,
+            PERSISTENT=grid[0] < n_blocks, BACKWARD_GRAD_WALK=BACKWARD_GRAD_WALK, L2_HINTS=L2_HINTS,
+            num_warps=num_warps,
             **LAUNCH_OPTIONS)
     return loss, lse
 
