@@ -4,7 +4,9 @@ token embedding (+ learned positions, or RoPE inside attention) -> n_layer x [no
 self-attention (grouped-query heads) -> residual, norm -> MLP -> residual] -> final norm ->
 lm_head tied to the token embedding. Attention, the norms and the loss go through fastlm.ops;
 their backends (KernelConfig) are resolved once, when the model is built and whenever it is moved
-(`model.to(...)`), and are listed in `model.backends`.
+(`model.to(...)`), and are listed in `model.backends`. An explicit backend that cannot run on the
+device the model is built on (triton, for a model built on the CPU to be moved to a GPU) is kept
+until the move; `model.resolve_backends()` checks the choices where the model is.
 """
 import math
 
