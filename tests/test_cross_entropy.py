@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastlm.bench import cross_entropy as bench_ce
 from fastlm.ops import BackendUnavailable
 from fastlm.ops import loss as ce_module
 from fastlm.ops.loss import (backend_reasons, cross_entropy, cross_entropy_reference, linear_cross_entropy,
@@ -230,6 +231,22 @@ def test_triton_gpu(dtype, reduction, n, vocab):
     logits = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
     targets = make_targets(n, vocab, "some", device="cuda")
     check_against_reference("triton", logits, targets, reduction=reduction, label_smoothing=0.1, z_loss=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [label for label, _ in bench_ce.KERNEL_VARIANTS])
+@pytest.mark.parametrize("n,vocab", [(257, 50257), (130, 50304), (64, 128256)])
+def test_triton_gpu_benchmark_variants(variant, n, vocab, monkeypatch):
+    """Every kernel setting the benchmark times (a candidate default) is right on the GPU: bf16,
+    unaligned and aligned rows, label smoothing, z-loss and ignored rows, against float64."""
+    skip_unless("triton", "cuda")
+    from fastlm.triton_kernels import cross_entropy as kernel
+
+    for name, value in dict(bench_ce.KERNEL_VARIANTS)[variant].items():
+        monkeypatch.setattr(kernel, name, value)
+    logits = (torch.randn(n, vocab, device="cuda") * 3).bfloat16()
+    targets = make_targets(n, vocab, "some", device="cuda")
+    check_against_reference("triton", logits, targets, reduction="mean", label_smoothing=0.1, z_loss=1e-4)
 
 
 @pytest.mark.gpu

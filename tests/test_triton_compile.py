@@ -95,26 +95,45 @@ def test_norm_kernels_use_vector_access(report):
             assert re.search(r"st\.global(\.\w+)*\.v4", row.asm["ptx"]), f"{row.kernel} {row.shape}: no vector stores"
 
 
-def test_cross_entropy_l2_hints_reach_the_ptx():
-    """With L2_HINTS the log-sum-exp walk's loads carry an L2 evict_last policy, and the gradient
-    walk's loads and stores evict_first; the body stays vector access and nothing spills."""
+def test_cross_entropy_benchmark_variants_compile_and_l2_hints_reach_the_ptx():
+    """Every kernel variant the benchmark times (fastlm.bench.cross_entropy.KERNEL_VARIANTS) compiles
+    for sm_90 at the benchmark's vocabularies without spills. With L2_HINTS the log-sum-exp walk's
+    loads carry an L2 evict_last policy, and the gradient walk's loads and stores evict_first; the
+    body stays vector access."""
     reason = cr.unavailable_reason(ARCH)
     if reason is not None:
         pytest.skip(reason)
     code = (
-        "import json, re, torch\n"
+        "import json, torch\n"
+        "from fastlm.bench.cross_entropy import KERNEL_VARIANTS, VARIANT_SHAPES\n"
         "from fastlm.triton_kernels import compile_report as cr, cross_entropy as ce\n"
-        "ce.L2_HINTS = True\n"
-        f"(row,) = [r for r in cr.compile_report(dtypes=(torch.bfloat16,), head_dims=(), vocabs=(50257,), "
-        f"norm_dims=(), arch={ARCH}, asm=('ptx',)) if r.kernel == 'cross_entropy']\n"
-        "print(json.dumps(dict(spill=row.spill, ptx=row.asm['ptx'])))\n")
+        "vocabs = tuple(v for _, v in VARIANT_SHAPES)\n"
+        "defaults = {name: getattr(ce, name) for _, changes in KERNEL_VARIANTS for name in changes}\n"
+        "out = []\n"
+        "for label, changes in KERNEL_VARIANTS:\n"
+        "    for name, value in {**defaults, **changes}.items():\n"
+        "        setattr(ce, name, value)\n"
+        f"    rows = cr.compile_report(dtypes=(torch.bfloat16,), head_dims=(), vocabs=vocabs, norm_dims=(), "
+        f"arch={ARCH}, asm=('ptx',))\n"
+        "    out += [dict(label=label, shape=r.shape, spill=r.spill, smem=r.smem, ptx=r.asm['ptx'])\n"
+        "            for r in rows if r.kernel == 'cross_entropy']\n"
+        "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    ptx = result["ptx"]
-    assert result["spill"] == 0
-    assert "createpolicy.fractional.L2::evict_last" in ptx and "createpolicy.fractional.L2::evict_first" in ptx
-    assert re.search(r"ld\.global\.L1::evict_last\.L2::cache_hint\.v4", ptx), "first walk: no evict_last vector loads"
-    assert re.search(r"ld\.global\.L1::evict_first\.L2::cache_hint\.v4", ptx), "gradient walk: no evict_first loads"
-    assert re.search(r"st\.global\.L1::evict_first\.L2::cache_hint\.v4", ptx), "gradient: no evict_first stores"
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    from fastlm.bench.cross_entropy import KERNEL_VARIANTS, VARIANT_SHAPES
+
+    assert len(rows) == len(KERNEL_VARIANTS) * len(VARIANT_SHAPES)
+    bad = [(r["label"], r["shape"], r["spill"], r["smem"]) for r in rows
+           if r["spill"] > 0 or r["smem"] > cr.SMEM_LIMIT[ARCH]]
+    assert not bad, f"variants that spill or pass the shared-memory limit: {bad}"
+    for r in rows:
+        ptx, hints = r["ptx"], dict(KERNEL_VARIANTS)[r["label"]].get("L2_HINTS", False)
+        assert re.search(r"ld\.global(\.[\w:]+)*\.v4", ptx), (r["label"], r["shape"], "no vector loads")
+        policies = ("createpolicy.fractional.L2::evict_last" in ptx, "createpolicy.fractional.L2::evict_first" in ptx)
+        assert policies == (hints, hints), (r["label"], r["shape"], policies)
+        if hints:
+            assert re.search(r"ld\.global\.L1::evict_last\.L2::cache_hint\.v4", ptx), (r["label"], "first walk")
+            assert re.search(r"ld\.global\.L1::evict_first\.L2::cache_hint\.v4", ptx), (r["label"], "gradient walk")
+            assert re.search(r"st\.global\.L1::evict_first\.L2::cache_hint\.v4", ptx), (r["label"], "gradient store")

@@ -11,7 +11,7 @@ N=16384, V=50257 and 128256, the target sizes);
 gbs, the fused step's bandwidth counting the logits read once and the gradient written once
 (2 x N x V x element size bytes); copy_fraction, gbs over the device's copy bandwidth measured in
 the same run (common.copy_bandwidth_gbs); variants_ms (the target sizes and V=50304), the triton
-step under each grid, gradient-walk and L2-hint setting of the kernel (time_kernel_variants).
+step under each setting of the kernel in KERNEL_VARIANTS (time_kernel_variants).
 max_err: max relative error of the loss and of the gradients against the reference in the same
 dtype (cross_entropy: the gradient's first 1024 rows). Peak memory is what one step adds over its
 inputs (a fresh subprocess per case on CPU). extra logits_mb: the logits the reference holds.
@@ -33,13 +33,18 @@ CE_SHAPES_QUICK = [(512, 256), (512, 32000)]
 CE_SHAPES_CUDA_EXTRA = [(16384, 50304)]
 # The target sizes, where the compiled reference is timed too (each compile costs seconds of a GPU window).
 COMPILED_REFERENCE_SHAPES = [(16384, 50257), (16384, 128256)]
-# Where the triton row also times the kernel's grid, gradient-walk and L2-hint settings (see
-# fastlm/triton_kernels/cross_entropy.py, PROGRAMS_PER_SM, BACKWARD_GRAD_WALK and L2_HINTS): the
-# target sizes and the padded GPT-2 vocabulary. (programs per SM, backward walk, L2 hints); (0, True,
-# False) is the kernel's default. The programs setting applies to aligned rows only (V=50304,
-# 128256): at V=50257 those variants time the walk and hints alone.
+# Where the triton row also times settings of the kernel module (fastlm/triton_kernels/cross_entropy.py:
+# PROGRAMS_PER_SM, BACKWARD_GRAD_WALK, MAX_BLOCK_V, L2_HINTS): the target sizes and the padded GPT-2
+# vocabulary. Each variant is a label and the settings it changes from the module's defaults;
+# PROGRAMS_PER_SM applies to aligned rows only (V=50304, 128256).
 VARIANT_SHAPES = COMPILED_REFERENCE_SHAPES + [(16384, 50304)]
-KERNEL_VARIANTS = [(0, True, False), (0, True, True), (2, True, True)]
+KERNEL_VARIANTS = [
+    ("default", {}),
+    ("l2", {"L2_HINTS": True}),
+    ("wide", {"MAX_BLOCK_V": 16384}),
+    ("wide+l2", {"MAX_BLOCK_V": 16384, "L2_HINTS": True}),
+    ("2/sm+l2", {"PROGRAMS_PER_SM": 2, "L2_HINTS": True}),
+]
 LINEAR_SHAPES = {"cpu": [(8192, 768, 50257)], "cuda": [(16384, 768, 50257), (8192, 4096, 128256)]}
 LINEAR_SHAPES_QUICK = [(512, 128, 8192)]
 CE_BACKENDS = ("cpp", "triton")
@@ -154,20 +159,21 @@ def measure(op, case, shape, backends, dtype, device, timing, extra):
 
 
 def time_kernel_variants(step, device, timing):
-    """{"<programs per SM>/<walk>[/l2]": ms} of the triton cross-entropy step under each
-    KERNEL_VARIANTS setting (programs 0: one per block of rows; "/l2": with the L2 hints), the
+    """{label: ms} of the triton cross-entropy step under each KERNEL_VARIANTS entry, the
     module's settings restored after."""
     from fastlm.triton_kernels import cross_entropy as kernel
 
-    saved = kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK, kernel.L2_HINTS
+    names = sorted({name for _, settings in KERNEL_VARIANTS for name in settings})
+    saved = {name: getattr(kernel, name) for name in names}
     times = {}
     try:
-        for programs, backward, hints in KERNEL_VARIANTS:
-            kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK, kernel.L2_HINTS = programs, backward, hints
-            label = f"{programs or 'all'}/{'backward' if backward else 'forward'}{'/l2' if hints else ''}"
+        for label, settings in KERNEL_VARIANTS:
+            for name in names:
+                setattr(kernel, name, settings.get(name, saved[name]))
             times[label] = time_ms(step, device=device, setup=step.prepare, **timing)
     finally:
-        kernel.PROGRAMS_PER_SM, kernel.BACKWARD_GRAD_WALK, kernel.L2_HINTS = saved
+        for name, value in saved.items():
+            setattr(kernel, name, value)
     return times
 
 

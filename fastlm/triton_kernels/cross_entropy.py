@@ -197,6 +197,11 @@ PROGRAMS_PER_SM = 0
 # BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first (5% faster at
 # V=128256, even at the others).
 BACKWARD_GRAD_WALK = True
+# MAX_BLOCK_V: the widest tile. At 8192 (16 warps a program, 4 programs an SM) an H200 has 528
+# rows in flight, 53 MB at V=50257 in bf16, more than its L2; at 16384 (32 warps, 2 programs an SM,
+# the same 16 elements a thread per tile) half as many, which the L2 can hold until they are re-read.
+# 8192 until a GPU run's variants_ms shows 16384 faster.
+MAX_BLOCK_V = 8192
 # L2_HINTS: eviction hints that favour the re-read. The log-sum-exp walk loads with evict_last; the
 # gradient walk, a tile's last use, loads with evict_first and stores the gradient with evict_first
 # (1.6-4 GB of it at the target sizes, more than the L2 holds whatever the hint), so that it does not
@@ -215,8 +220,9 @@ def _tile_sizes(n_cols, interpreted):
     if interpreted:
         # The interpreter's cost is per tile operation: few, wide tiles of several rows.
         return 8, min(block_v, 2048), 1
-    block_v = min(block_v, 8192)
-    num_warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+    block_v = min(block_v, MAX_BLOCK_V)
+    # 16 elements a thread per tile from 8192 columns on: one row per 512 threads at 8192, per 1024 at 16384.
+    num_warps = 32 if block_v >= 16384 else 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
     return 1, block_v, num_warps
 
 
