@@ -874,13 +874,18 @@ def check_rows_kernel(vocab, row_stride, col_offset, dtype, grad_mode, device):
         assert_close(grad, ref_grad, tol, "grad", floor=0.5)
 
 
+@pytest.mark.parametrize("edge_tile", [False, True], ids=["edge-loop", "edge-tile"])
 @pytest.mark.parametrize("grad_mode", ["in place", "other stride", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=lambda c: "V{}-stride{}-at{}".format(*c))
-def test_triton_rows_at_any_alignment(layout, dtype, grad_mode):
+def test_triton_rows_at_any_alignment(layout, dtype, grad_mode, edge_tile, monkeypatch):
     # The kernel walks each row as head | aligned body | foot (fastlm/triton_kernels/cross_entropy.py);
-    # every column must be counted once, whatever the row's alignment and the gradient's stride.
+    # every column must be counted once, whatever the row's alignment and the gradient's stride, with
+    # the head and foot read column by column or as one gather tile (EDGE_TILE).
     skip_unless("triton")
+    from fastlm.triton_kernels import cross_entropy as kernel
+
+    monkeypatch.setattr(kernel, "EDGE_TILE", edge_tile)
     check_rows_kernel(*layout, dtype, grad_mode, "cpu")
 
 

@@ -67,24 +67,34 @@ def _grad_tile(ptrs, grad_ptrs, cols, mask, lse, prob_coef, shift, target_coef, 
 
 
 @triton.jit
+def _edge_tile(head, foot_start, n_cols, row_mask, VEC: tl.constexpr):
+    """A row's head and foot as one [BLOCK_N, 2 * VEC] gather tile: (columns, mask). Lanes [0, VEC)
+    are the head's columns, lanes [VEC, 2 * VEC) the foot's."""
+    lane = tl.arange(0, 2 * VEC)[None, :]
+    cols = tl.where(lane < VEC, lane, foot_start[:, None] + (lane - VEC))
+    return cols, row_mask[:, None] & tl.where(lane < VEC, lane < head[:, None], cols < n_cols)
+
+
+@triton.jit
 def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride, loss_ptr,
                           lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
                           HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                           GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                          PERSISTENT: tl.constexpr, BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr):
+                          PERSISTENT: tl.constexpr, BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr,
+                          EDGE_TILE: tl.constexpr):
     if PERSISTENT:
         # A bounded grid (PROGRAMS_PER_SM): each program takes every num_programs-th block of rows.
         for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
             _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride, loss_ptr,
                                 lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD,
                                 HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
-                                BACKWARD_GRAD_WALK, L2_HINTS)
+                                BACKWARD_GRAD_WALK, L2_HINTS, EDGE_TILE)
     else:
         _cross_entropy_rows(tl.program_id(0), logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride,
                             loss_ptr, lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
                             HAS_GRAD, HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
-                            BACKWARD_GRAD_WALK, L2_HINTS)
+                            BACKWARD_GRAD_WALK, L2_HINTS, EDGE_TILE)
 
 
 @triton.jit
@@ -93,7 +103,7 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
                         HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                         GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                        BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr):
+                        BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr, EDGE_TILE: tl.constexpr):
     """Loss, log-sum-exp and (HAS_GRAD) gradient of the BLOCK_N rows of block `block`."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -106,7 +116,8 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
     # A row is walked as head | body | foot (module doc). The body's offsets are multiples of VEC
     # by construction and its mask `col < n_body` is uniform over each VEC-group; telling Triton
     # so (multiple_of) lets it use vector accesses. Head and foot columns are taken one at a time
-    # as [BLOCK_N, 1] tiles, which keeps them off the body's layout and registers.
+    # as [BLOCK_N, 1] tiles, which keeps them off the body's layout and registers, or (EDGE_TILE) as
+    # one small gather tile.
     if ALIGNED_ROWS:
         head = tl.zeros([BLOCK_N], tl.int32)
         body_starts = tl.multiple_of(row_starts, VEC)
@@ -121,15 +132,21 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
     running_sum = tl.zeros([BLOCK_N], tl.float32)
     sum_x = tl.zeros([BLOCK_N], tl.float32)
     if not ALIGNED_ROWS:
-        for i in range(0, VEC):
-            head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
-            foot_col = foot_start[:, None] + i
+        if EDGE_TILE:
+            edge_cols, edge_mask = _edge_tile(head, foot_start, n_cols, row_mask, VEC)
             running_max, running_sum, sum_x = _lse_tile(
-                logits_ptr + row_starts[:, None] + head_col, row_mask[:, None] & (head_col < head[:, None]),
-                running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
-            running_max, running_sum, sum_x = _lse_tile(
-                logits_ptr + row_starts[:, None] + foot_col, row_mask[:, None] & (foot_col < n_cols),
-                running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
+                logits_ptr + row_starts[:, None] + edge_cols, edge_mask, running_max, running_sum, sum_x,
+                HAS_SMOOTHING, L2_HINTS)
+        else:
+            for i in range(0, VEC):
+                head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
+                foot_col = foot_start[:, None] + i
+                running_max, running_sum, sum_x = _lse_tile(
+                    logits_ptr + row_starts[:, None] + head_col, row_mask[:, None] & (head_col < head[:, None]),
+                    running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
+                running_max, running_sum, sum_x = _lse_tile(
+                    logits_ptr + row_starts[:, None] + foot_col, row_mask[:, None] & (foot_col < n_cols),
+                    running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
     for start in range(0, n_cols, BLOCK_V):
         running_max, running_sum, sum_x = _lse_tile(
             logits_ptr + body_starts[:, None] + start + body_cols,
@@ -157,13 +174,20 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
         target_coef = tl.where(valid, scale * (1.0 - label_smoothing), 0.0)
         coefs = (lse, prob_coef, shift, target_coef, safe_targets, L2_HINTS)
         if not ALIGNED_ROWS:
-            for i in range(0, VEC):
-                head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
-                foot_col = foot_start[:, None] + i
-                _grad_tile(logits_ptr + row_starts[:, None] + head_col, grad_ptr + grad_starts[:, None] + head_col,
-                           head_col, row_mask[:, None] & (head_col < head[:, None]), *coefs)
-                _grad_tile(logits_ptr + row_starts[:, None] + foot_col, grad_ptr + grad_starts[:, None] + foot_col,
-                           foot_col, row_mask[:, None] & (foot_col < n_cols), *coefs)
+            if EDGE_TILE:
+                edge_cols, edge_mask = _edge_tile(head, foot_start, n_cols, row_mask, VEC)
+                _grad_tile(logits_ptr + row_starts[:, None] + edge_cols, grad_ptr + grad_starts[:, None] + edge_cols,
+                           edge_cols, edge_mask, *coefs)
+            else:
+                for i in range(0, VEC):
+                    head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
+                    foot_col = foot_start[:, None] + i
+                    _grad_tile(logits_ptr + row_starts[:, None] + head_col,
+                               grad_ptr + grad_starts[:, None] + head_col, head_col,
+                               row_mask[:, None] & (head_col < head[:, None]), *coefs)
+                    _grad_tile(logits_ptr + row_starts[:, None] + foot_col,
+                               grad_ptr + grad_starts[:, None] + foot_col, foot_col,
+                               row_mask[:, None] & (foot_col < n_cols), *coefs)
         # With the logits' row stride the gradient shares their aligned body offsets.
         grad_body_starts = body_starts if GRAD_SAME_STRIDE else grad_starts + head
         # Backward (BACKWARD_GRAD_WALK), the gradient walk meets first the tiles the first walk read
@@ -202,6 +226,12 @@ BACKWARD_GRAD_WALK = True
 # the same 16 elements a thread per tile) half as many, which the L2 can hold until they are re-read.
 # 8192 until a GPU run's variants_ms shows 16384 faster.
 MAX_BLOCK_V = 8192
+# EDGE_TILE: a row's unaligned head and foot (V=50257) read as one gather of 2 x VEC columns per walk,
+# not 2 x VEC one-column loads in a loop, each waiting on memory in turn. The padded V=50304, which
+# has neither, ran 0.22 ms faster than V=50257 in the 2026-11-27 run. For sm_90 Triton 3.9 gives the
+# kernel 40 registers a thread either way, but Triton 3.6 (the GPU image's) 91 with the gather
+# against 58 without: fewer programs an SM. Off until a GPU run's variants_ms shows it faster.
+EDGE_TILE = False
 # L2_HINTS: eviction hints that favour the re-read. The log-sum-exp walk loads with evict_last; the
 # gradient walk, a tile's last use, loads with evict_first and stores the gradient with evict_first
 # (1.6-4 GB of it at the target sizes, more than the L2 holds whatever the hint), so that it does not
@@ -255,7 +285,7 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
             HAS_SMOOTHING=label_smoothing != 0.0, GRAD_SAME_STRIDE=grad_stride == stride,
             ALIGNED_ROWS=aligned_rows, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
             PERSISTENT=grid[0] < n_blocks, BACKWARD_GRAD_WALK=BACKWARD_GRAD_WALK, L2_HINTS=L2_HINTS,
-            num_warps=num_warps,
+            EDGE_TILE=EDGE_TILE, num_warps=num_warps,
             **LAUNCH_OPTIONS)
     return loss, lse
 
