@@ -221,10 +221,11 @@ PROGRAMS_PER_SM = 0
 # BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first (5% faster at
 # V=128256, even at the others).
 BACKWARD_GRAD_WALK = True
-# MAX_BLOCK_V: the widest tile. At 8192 (16 warps a program, 4 programs an SM) an H200 has 528
-# rows in flight, 53 MB at V=50257 in bf16, more than its L2; at 16384 (32 warps, 2 programs an SM,
-# the same 16 elements a thread per tile) half as many, which the L2 can hold until they are re-read.
-# 8192 until a GPU run's variants_ms shows 16384 faster.
+# MAX_BLOCK_V: the widest tile. At 8192 (16 warps a program, 40 registers a thread: 3 programs an SM)
+# an H200 has 396 rows in flight, 40 MB at V=50257 in bf16, against a 50 MB L2 that the gradient's
+# stores pass through too. At 16384 (32 warps, the same 16 elements a thread per tile, 41-46
+# registers: 1 program an SM) it has 132 rows in flight, 13 MB, with 2/3 of the threads. 8192 until a
+# GPU run's variants_ms shows 16384 faster.
 MAX_BLOCK_V = 8192
 # EDGE_TILE: a row's unaligned head and foot (V=50257) read as one gather of 2 x VEC columns per walk,
 # not 2 x VEC one-column loads in a loop, each waiting on memory in turn. The padded V=50304, which
