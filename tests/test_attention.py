@@ -398,9 +398,23 @@ def test_triton_cuda(case, dtype, transposed):
     check_against_reference("triton", *case, dtype, device="cuda", transposed=transposed)
 
 
+# test_triton_cuda_every_config runs config `index` of each kernel for each index below this.
+CONFIG_SLOTS = 10
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_every_config_has_a_slot_in_the_gpu_test(head_dim):
+    # A longer table would leave configs that tuning may pick untested on the GPU.
+    pytest.importorskip("triton")
+    from fastlm.triton_kernels import attention as kernels
+
+    for name, (_, configs) in kernels.cuda_kernels(head_dim).items():
+        assert 0 < len(configs) <= CONFIG_SLOTS, (name, head_dim, len(configs))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(CONFIG_SLOTS))
 def test_triton_cuda_every_config(head_dim, index):
     # The suite runs one fixed config (FASTLM_AUTOTUNE=0); tuning may pick any other, so each
     # kept config of each kernel runs once here: a tail (T = 1000) and four query heads per kv head.
@@ -583,3 +597,27 @@ def test_triton_cuda_row_offsets_past_2_to_the_31():
     ref_grads = torch.autograd.grad(ref, dense, grad_out.double())
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         assert rel_err(got, want) <= TOL[torch.bfloat16], name
+
+
+def test_tuned_picks_name_the_config_each_tuned_kernel_ran(monkeypatch):
+    # What the attention benchmark records per shape (extra "configs"): the autotuner's last pick
+    # of each kernel, labelled as the compile report labels configs; None once forgotten.
+    pytest.importorskip("triton")
+    from fastlm.bench import attention as bench
+    from fastlm.triton_kernels import attention as kernels
+
+    for tuned in kernels._TUNED.values():
+        monkeypatch.setattr(tuned, "best_config", None, raising=False)
+    picks = {"fwd": kernels._FWD_CONFIGS[4][0], "dq": kernels._DQ_CONFIGS[-1][0]}
+    for name, config in picks.items():
+        kernels._TUNED[name].best_config = config
+    assert kernels.tuned_picks() == {"fwd": "128x64 w8 s3", "dkdv": None, "dq": "64x64 w8 s3"}
+    kernels.forget_tuned_picks()
+    assert kernels.tuned_picks() == {"fwd": None, "dkdv": None, "dq": None}
+    # Only tuned CUDA launches report picks.
+    assert bench.tuned_kernels("triton", torch.device("cpu")) is None
+    assert bench.tuned_kernels("sdpa", torch.device("cuda")) is None
+    monkeypatch.setenv("FASTLM_AUTOTUNE", "1")
+    assert bench.tuned_kernels("triton", torch.device("cuda")) is kernels
+    monkeypatch.setenv("FASTLM_AUTOTUNE", "0")
+    assert bench.tuned_kernels("triton", torch.device("cuda")) is None

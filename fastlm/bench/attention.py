@@ -5,7 +5,8 @@ kernel) is the reference: its own row holds ref_ms, its fwd+bwd time, and every 
 row compares its fwd+bwd time with it. extra: fwd_ms, bwd_ms and fwd/bwd/fwdbwd TFLOP/s; on CUDA
 also sdpa's fwd+bwd unpinned (unpinned_ms: the kernel PyTorch picks itself, cuDNN's on sm_90, as
 the GPT's `auto` attention runs it) and each other backend's speed-up against that
-(speedup_vs_unpinned).
+(speedup_vs_unpinned); the triton row, when tuned, also the config each of its kernels ran with for
+that shape (configs: fwd, dkdv, dq).
 max_err is the forward output's max relative error against a float64 reference on the first
 (batch, head), so it costs no T x T memory at scale. Peak memory: one fwd+bwd step.
 On CPU only the torch paths are timed (torch vs sdpa): Triton runs there under its interpreter,
@@ -78,6 +79,16 @@ def setup_fwd_bwd(backend, shape, dtype, on, pinned=True):
     return step
 
 
+def tuned_kernels(backend, device):
+    """fastlm.triton_kernels.attention when `backend`'s launches on `device` go through the
+    autotuner (triton on CUDA, FASTLM_AUTOTUNE not 0), else None."""
+    if backend != "triton" or device.type != "cuda":
+        return None
+    from fastlm.triton_kernels import attention
+
+    return attention if attention.autotune_enabled() else None
+
+
 def measure(backend, shape, dtype, device, warmup, repeats):
     """fwd, bwd and fwd+bwd ms and the forward's error of one backend on one shape."""
     q, k, v = make_inputs(*shape, getattr(torch, dtype), device)
@@ -113,6 +124,9 @@ def run(quick, device, dtype):
             rows.append(row)
             if reason is not None:
                 continue
+            tuner = tuned_kernels(backend, device)
+            if tuner is not None:
+                tuner.forget_tuned_picks()
             try:
                 peak = peak_memory_mb(setup_fwd_bwd, device=device, backend=backend, shape=(B, H, T, D), dtype=dtype,
                                       on=str(device))
@@ -122,6 +136,8 @@ def run(quick, device, dtype):
                 continue
             row.extra = dict(fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9,
                              bwd_tflops=bwd_flops / bwd_ms / 1e9, fwdbwd_tflops=(fwd_flops + bwd_flops) / ms / 1e9)
+            if tuner is not None:
+                row.extra["configs"] = tuner.tuned_picks()
             if backend == REFERENCE:
                 reference = (ms, peak)
                 if device.type == "cuda":

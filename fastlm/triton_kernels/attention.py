@@ -363,12 +363,19 @@ _DKDV_CONFIGS = _configs([
     (64, 64, 4, 3, 64),     # D=128: spills 100-130 B
     (32, 128, 8, 3, 128), (16, 128, 8, 3, 128), (32, 64, 8, 3, 128), (32, 64, 4, 3, 128),
     (16, 64, 4, 4, 128),
-    # Dropped: (32, 128, 4, 2) spills at D=128 (830-960 B) and, with ptxas 13, at D=64 (40 B).
+    # Added after the 2026-11-27 runs, where the D=128 backward was the part short of its bar
+    # (286 TFLOP/s at T=8192): 215-236 registers at D=128, no spills with either ptxas.
+    (32, 128, 8, 4, 128), (64, 64, 8, 3, 128), (32, 128, 8, 2, 128),
+    # Dropped: (32, 128, 4, 2) spills at D=128 (830-960 B) and, with ptxas 13, at D=64 (40 B);
+    # (32, 128, 4, 3) at D=128 (820-970 B); (64, 128, 8, 2) at D=128 with ptxas 13 (40-56 B).
 ])
 _DQ_CONFIGS = _configs([
     (128, 32, 4, 2, 64),    # D=128: spills 200-260 B
     (128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128),
     (64, 16, 4, 4, 128),
+    # Added after the 2026-11-27 runs (see dK/dV): 149-228 registers at D=128, no spills.
+    (128, 64, 8, 2, 128), (128, 32, 8, 2, 128), (64, 64, 8, 3, 128),
+    # Dropped: (128, 32, 4, 3) spills at D=128 (180-260 B).
 ])
 # The delta kernel is not tuned: one config, used by the launcher and by compile_report.
 _DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)
@@ -447,6 +454,28 @@ def _launch_cuda(name, tuned, kernel, grid_of, args, common):
     else:
         kernel[grid_of(config.kwargs)](*args, **common, **config.kwargs, num_warps=config.num_warps,
                                        num_stages=config.num_stages, **LAUNCH_OPTIONS)
+
+
+def config_label(config):
+    """"BLOCK_MxBLOCK_N wWARPS sSTAGES" of an attention triton.Config, as the compile report names it."""
+    kw = config.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+
+
+_TUNED = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned}
+
+
+def forget_tuned_picks():
+    """Clear what tuned_picks reports, e.g. before timing a new shape."""
+    for tuned in _TUNED.values():
+        tuned.best_config = None
+
+
+def tuned_picks():
+    """{kernel: config label} of the config each autotuned kernel launched last (None if it has not
+    launched through the tuner since forget_tuned_picks): the tuner's pick for the latest shape."""
+    return {name: None if getattr(tuned, "best_config", None) is None else config_label(tuned.best_config)
+            for name, tuned in _TUNED.items()}
 
 
 def cuda_kernels(head_dim):
