@@ -457,9 +457,10 @@ def _launch_cuda(name, tuned, kernel, grid_of, args, common):
 
 
 def config_label(config):
-    """"BLOCK_MxBLOCK_N wWARPS sSTAGES" of an attention triton.Config, as the compile report names it."""
-    kw = config.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    """"BLOCK_MxBLOCK_N wWARPS sSTAGES" of an attention triton.Config ("BLOCK_M w.. s.." for the
+    delta kernel's), the name the compile report and the benchmark give it."""
+    blocks = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in config.kwargs)
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
 
 _TUNED = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned}

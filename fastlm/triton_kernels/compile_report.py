@@ -160,9 +160,8 @@ def _attention_cases(dtype, head_dim):
             shape = f"D={D}" if group == 1 else f"D={D} G={group}"
             for config in configs:
                 constexprs = {k: v for k, v in {**common, **config.kwargs}.items() if k in fn.arg_names}
-                blocks = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in config.kwargs)
-                label = f"{blocks} w{config.num_warps} s{config.num_stages}"
-                yield f"attention_{name}", label, shape, fn, args, constexprs, config.num_warps, config.num_stages
+                yield (f"attention_{name}", attention.config_label(config), shape, fn, args, constexprs,
+                       config.num_warps, config.num_stages)
 
 
 def _cross_entropy_cases(dtype, vocabs):
