@@ -611,7 +611,7 @@ def test_tuned_picks_name_the_config_each_tuned_kernel_ran(monkeypatch):
     picks = {"fwd": kernels._FWD_CONFIGS[4][0], "dq": kernels._DQ_CONFIGS[-1][0]}
     for name, config in picks.items():
         kernels._TUNED[name].best_config = config
-    assert kernels.tuned_picks() == {"fwd": "128x64 w8 s3", "dkdv": None, "dq": "64x64 w8 s3"}
+    assert kernels.tuned_picks() == {"fwd": "128x64 w8 s3", "dkdv": None, "dq": "64x16 w4 s4"}
     kernels.forget_tuned_picks()
     assert kernels.tuned_picks() == {"fwd": None, "dkdv": None, "dq": None}
     # Only tuned CUDA launches report picks.

@@ -616,7 +616,7 @@ def test_kernel_variants_time_each_setting_and_restore_the_module():
     from fastlm.bench import cross_entropy as bench
     from fastlm.triton_kernels import cross_entropy as kernel
 
-    names = ("PROGRAMS_PER_SM", "BACKWARD_GRAD_WALK", "MAX_BLOCK_V", "L2_HINTS", "EDGE_TILE")
+    names = ("PROGRAMS_PER_SM", "BACKWARD_GRAD_WALK", "MAX_BLOCK_V", "EDGE_TILE")
 
     def settings():
         return {name: getattr(kernel, name) for name in names}

@@ -34,18 +34,15 @@ CE_SHAPES_CUDA_EXTRA = [(16384, 50304)]
 # The target sizes, where the compiled reference is timed too (each compile costs seconds of a GPU window).
 COMPILED_REFERENCE_SHAPES = [(16384, 50257), (16384, 128256)]
 # Where the triton row also times settings of the kernel module (fastlm/triton_kernels/cross_entropy.py:
-# MAX_BLOCK_V, L2_HINTS, EDGE_TILE): the target sizes and the padded GPT-2 vocabulary. Each variant is
-# a label and the settings it changes from the module's defaults; EDGE_TILE applies to unaligned rows
-# only (V=50257). A bounded grid (PROGRAMS_PER_SM = 2) is not timed again: at V=50304 and 128256 it
-# was 0.2-0.8 ms slower than one program per block in both 2026-11-27 runs.
+# MAX_BLOCK_V, EDGE_TILE): the target sizes and the padded GPT-2 vocabulary. Each variant is a label
+# and the settings it changes from the module's defaults; EDGE_TILE applies to unaligned rows only
+# (V=50257). Not timed again: a bounded grid (PROGRAMS_PER_SM = 2), 0.2-0.8 ms slower than one
+# program per block in two runs, and L2 eviction hints, removed (the kernel module says why).
 VARIANT_SHAPES = COMPILED_REFERENCE_SHAPES + [(16384, 50304)]
 KERNEL_VARIANTS = [
     ("default", {}),
-    ("l2", {"L2_HINTS": True}),
     ("wide", {"MAX_BLOCK_V": 16384}),
-    ("wide+l2", {"MAX_BLOCK_V": 16384, "L2_HINTS": True}),
     ("edge", {"EDGE_TILE": True}),
-    ("edge+l2", {"EDGE_TILE": True, "L2_HINTS": True}),
 ]
 LINEAR_SHAPES = {"cpu": [(8192, 768, 50257)], "cuda": [(16384, 768, 50257), (8192, 4096, 128256)]}
 LINEAR_SHAPES_QUICK = [(512, 128, 8192)]

@@ -363,19 +363,18 @@ _DKDV_CONFIGS = _configs([
     (64, 64, 4, 3, 64),     # D=128: spills 100-130 B
     (32, 128, 8, 3, 128), (16, 128, 8, 3, 128), (32, 64, 8, 3, 128), (32, 64, 4, 3, 128),
     (16, 64, 4, 4, 128),
-    # Added after the 2026-11-27 runs, where the D=128 backward was the part short of its bar
-    # (286 TFLOP/s at T=8192): 215-236 registers at D=128, no spills with either ptxas.
-    (32, 128, 8, 4, 128), (64, 64, 8, 3, 128), (32, 128, 8, 2, 128),
-    # Dropped: (32, 128, 4, 2) spills at D=128 (830-960 B) and, with ptxas 13, at D=64 (40 B);
+    # Dropped: (32, 128, 8, 4), (64, 64, 8, 3) and (32, 128, 8, 2), clean at D=128, tried for the
+    # D=128 backward that keeps hd128 short of its bar: on an H200 the tuner picked none of them at
+    # any of the attention benchmark's 16 shapes (2026-11-27 09:18 run, "configs" in attention.json).
+    # (32, 128, 4, 2) spills at D=128 (830-960 B) and, with ptxas 13, at D=64 (40 B);
     # (32, 128, 4, 3) at D=128 (820-970 B); (64, 128, 8, 2) at D=128 with ptxas 13 (40-56 B).
 ])
 _DQ_CONFIGS = _configs([
     (128, 32, 4, 2, 64),    # D=128: spills 200-260 B
     (128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128),
     (64, 16, 4, 4, 128),
-    # Added after the 2026-11-27 runs (see dK/dV): 149-228 registers at D=128, no spills.
-    (128, 64, 8, 2, 128), (128, 32, 8, 2, 128), (64, 64, 8, 3, 128),
-    # Dropped: (128, 32, 4, 3) spills at D=128 (180-260 B).
+    # Dropped: (128, 64, 8, 2), (128, 32, 8, 2) and (64, 64, 8, 3), never picked (as for dK/dV);
+    # (128, 32, 4, 3) spills at D=128 (180-260 B).
 ])
 # The delta kernel is not tuned: one config, used by the launcher and by compile_report.
 _DELTA_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)

@@ -176,8 +176,7 @@ def _cross_entropy_cases(dtype, vocabs):
         vec = 16 // torch.empty((), dtype=dtype).element_size()
         constexprs = dict(HAS_GRAD=True, HAS_SMOOTHING=True, GRAD_SAME_STRIDE=True, ALIGNED_ROWS=vocab % vec == 0,
                           BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec, PERSISTENT=cross_entropy.PROGRAMS_PER_SM > 0 and vocab % vec == 0,
-                          BACKWARD_GRAD_WALK=cross_entropy.BACKWARD_GRAD_WALK, L2_HINTS=cross_entropy.L2_HINTS,
-                          EDGE_TILE=cross_entropy.EDGE_TILE)
+                          BACKWARD_GRAD_WALK=cross_entropy.BACKWARD_GRAD_WALK, EDGE_TILE=cross_entropy.EDGE_TILE)
         yield ("cross_entropy", f"{block_n}x{block_v} w{num_warps}", f"V={vocab}", cross_entropy._cross_entropy_kernel,
                args, constexprs, num_warps, 1)
     if vocabs:

@@ -35,12 +35,9 @@ from fastlm.triton_kernels._launch import LAUNCH_OPTIONS, cdiv, device_guard, ne
 
 
 @triton.jit
-def _lse_tile(ptrs, mask, running_max, running_sum, sum_x, HAS_SMOOTHING: tl.constexpr, L2_HINTS: tl.constexpr):
+def _lse_tile(ptrs, mask, running_max, running_sum, sum_x, HAS_SMOOTHING: tl.constexpr):
     """Fold one tile of logits (masked entries read as -inf) into the online softmax."""
-    if L2_HINTS:  # the gradient walk reads this tile again: keep it in the L2
-        x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-    else:
-        x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
     new_max = tl.maximum(running_max, tl.max(x, axis=1))
     # A row whose tiles so far are all -inf (vocabulary masking, or rows past n_rows) has
     # new_max = -inf, and exp(-inf - -inf) is NaN: shift such rows by 0, which adds exp(-inf) = 0.
@@ -52,18 +49,12 @@ def _lse_tile(ptrs, mask, running_max, running_sum, sum_x, HAS_SMOOTHING: tl.con
 
 
 @triton.jit
-def _grad_tile(ptrs, grad_ptrs, cols, mask, lse, prob_coef, shift, target_coef, targets, L2_HINTS: tl.constexpr):
+def _grad_tile(ptrs, grad_ptrs, cols, mask, lse, prob_coef, shift, target_coef, targets):
     """Write the gradient of one tile of logits (columns `cols`)."""
-    if L2_HINTS:  # the tile's last read, and a gradient no one reads soon: first out of the L2
-        x = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    else:
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     grad = tl.exp(x - lse[:, None]) * prob_coef[:, None] - shift[:, None]
     grad -= tl.where(cols == targets[:, None], target_coef[:, None], 0.0)
-    if L2_HINTS:
-        tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
-    else:
-        tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=mask)
+    tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -81,20 +72,19 @@ def _cross_entropy_kernel(logits_ptr, logits_stride, targets_ptr, grad_ptr, grad
                           HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                           GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                          PERSISTENT: tl.constexpr, BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr,
-                          EDGE_TILE: tl.constexpr):
+                          PERSISTENT: tl.constexpr, BACKWARD_GRAD_WALK: tl.constexpr, EDGE_TILE: tl.constexpr):
     if PERSISTENT:
         # A bounded grid (PROGRAMS_PER_SM): each program takes every num_programs-th block of rows.
         for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
             _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride, loss_ptr,
                                 lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD,
                                 HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
-                                BACKWARD_GRAD_WALK, L2_HINTS, EDGE_TILE)
+                                BACKWARD_GRAD_WALK, EDGE_TILE)
     else:
         _cross_entropy_rows(tl.program_id(0), logits_ptr, logits_stride, targets_ptr, grad_ptr, grad_stride,
                             loss_ptr, lse_ptr, scale_ptr, n_rows, n_cols, ignore_index, label_smoothing, z_loss,
                             HAS_GRAD, HAS_SMOOTHING, GRAD_SAME_STRIDE, ALIGNED_ROWS, BLOCK_N, BLOCK_V, VEC,
-                            BACKWARD_GRAD_WALK, L2_HINTS, EDGE_TILE)
+                            BACKWARD_GRAD_WALK, EDGE_TILE)
 
 
 @triton.jit
@@ -103,7 +93,7 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
                         HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                         GRAD_SAME_STRIDE: tl.constexpr, ALIGNED_ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                        BACKWARD_GRAD_WALK: tl.constexpr, L2_HINTS: tl.constexpr, EDGE_TILE: tl.constexpr):
+                        BACKWARD_GRAD_WALK: tl.constexpr, EDGE_TILE: tl.constexpr):
     """Loss, log-sum-exp and (HAS_GRAD) gradient of the BLOCK_N rows of block `block`."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -136,22 +126,22 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
             edge_cols, edge_mask = _edge_tile(head, foot_start, n_cols, row_mask, VEC)
             running_max, running_sum, sum_x = _lse_tile(
                 logits_ptr + row_starts[:, None] + edge_cols, edge_mask, running_max, running_sum, sum_x,
-                HAS_SMOOTHING, L2_HINTS)
+                HAS_SMOOTHING)
         else:
             for i in range(0, VEC):
                 head_col = tl.zeros([BLOCK_N, 1], tl.int32) + i
                 foot_col = foot_start[:, None] + i
                 running_max, running_sum, sum_x = _lse_tile(
                     logits_ptr + row_starts[:, None] + head_col, row_mask[:, None] & (head_col < head[:, None]),
-                    running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
+                    running_max, running_sum, sum_x, HAS_SMOOTHING)
                 running_max, running_sum, sum_x = _lse_tile(
                     logits_ptr + row_starts[:, None] + foot_col, row_mask[:, None] & (foot_col < n_cols),
-                    running_max, running_sum, sum_x, HAS_SMOOTHING, L2_HINTS)
+                    running_max, running_sum, sum_x, HAS_SMOOTHING)
     for start in range(0, n_cols, BLOCK_V):
         running_max, running_sum, sum_x = _lse_tile(
             logits_ptr + body_starts[:, None] + start + body_cols,
             row_mask[:, None] & (start + body_cols < n_body[:, None]), running_max, running_sum, sum_x,
-            HAS_SMOOTHING, L2_HINTS)
+            HAS_SMOOTHING)
     # Rows past n_rows get lse 0 (never stored) so that the gradient walk stays finite.
     lse = tl.where(row_mask, running_max + tl.log(tl.where(row_mask, running_sum, 1.0)), 0.0)
 
@@ -172,7 +162,7 @@ def _cross_entropy_rows(block, logits_ptr, logits_stride, targets_ptr, grad_ptr,
         prob_coef = tl.where(valid, scale * (1.0 + 2.0 * z_loss * lse), 0.0)
         shift = tl.where(valid, scale * label_smoothing / n_cols, 0.0)
         target_coef = tl.where(valid, scale * (1.0 - label_smoothing), 0.0)
-        coefs = (lse, prob_coef, shift, target_coef, safe_targets, L2_HINTS)
+        coefs = (lse, prob_coef, shift, target_coef, safe_targets)
         if not ALIGNED_ROWS:
             if EDGE_TILE:
                 edge_cols, edge_mask = _edge_tile(head, foot_start, n_cols, row_mask, VEC)
@@ -221,23 +211,29 @@ PROGRAMS_PER_SM = 0
 # BACKWARD_GRAD_WALK: the gradient walk goes from a row's last tile to its first (5% faster at
 # V=128256, even at the others).
 BACKWARD_GRAD_WALK = True
+# The 2026-11-27 09:18 H200 run timed three more settings the same way (variants_ms, ms; equal kernels
+# differ by under 1% there: EDGE_TILE changes nothing at V=50304 and 128256, aligned rows):
+#                         V=50257   V=50304   V=128256
+#   these defaults          2.12      1.76       3.52
+#   MAX_BLOCK_V = 16384     2.47      1.94       3.43
+#   EDGE_TILE = True        1.97      1.76       3.55
+#   L2 eviction hints       2.19      1.74       3.46   (with EDGE_TILE: 2.69 at V=50257)
+# The hints (the log-sum-exp walk's loads evict_last, the gradient walk's loads and stores
+# evict_first, so that the re-read hits the L2) gained 2% at most and lost up to 36%: removed.
+#
 # MAX_BLOCK_V: the widest tile. At 8192 (16 warps a program, 40 registers a thread: 3 programs an SM)
 # an H200 has 396 rows in flight, 40 MB at V=50257 in bf16, against a 50 MB L2 that the gradient's
-# stores pass through too. At 16384 (32 warps, the same 16 elements a thread per tile, 41-46
-# registers: 1 program an SM) it has 132 rows in flight, 13 MB, with 2/3 of the threads. 8192 until a
-# GPU run's variants_ms shows 16384 faster.
+# stores pass through too. 16384 (32 warps, 1 program an SM, 132 rows in flight) is 2.5% faster at
+# V=128256 but 10-17% slower at the GPT-2 vocabularies.
 MAX_BLOCK_V = 8192
 # EDGE_TILE: a row's unaligned head and foot (V=50257) read as one gather of 2 x VEC columns per walk,
-# not 2 x VEC one-column loads in a loop, each waiting on memory in turn. The padded V=50304, which
-# has neither, ran 0.22 ms faster than V=50257 in the 2026-11-27 run. For sm_90 Triton 3.9 gives the
-# kernel 40 registers a thread either way, but Triton 3.6 (the GPU image's) 91 with the gather
-# against 58 without: fewer programs an SM. Off until a GPU run's variants_ms shows it faster.
+# not 2 x VEC one-column loads in a loop, each waiting on memory in turn: 7% faster at V=50257 above,
+# in one run, though Triton 3.6 (the GPU image's) gives the kernel 91 registers a thread with the
+# gather against 58 without (Triton 3.9: 40 either way). Off by default: on a GPU it has passed only
+# the benchmark-variant test (bf16 against float64 at the three vocabularies), not the rest of the
+# cross-entropy GPU suite that the default passed (fp16, fp32, smoothing, z-loss, ignored rows,
+# N * V > 2**31). The interpreter tests run both ways at every row alignment.
 EDGE_TILE = False
-# L2_HINTS: eviction hints that favour the re-read. The log-sum-exp walk loads with evict_last; the
-# gradient walk, a tile's last use, loads with evict_first and stores the gradient with evict_first
-# (1.6-4 GB of it at the target sizes, more than the L2 holds whatever the hint), so that it does not
-# push the rows still to be re-read out of the L2. Off until a GPU run's variants_ms shows it faster.
-L2_HINTS = False
 
 
 def _grid(n_blocks, device, aligned_rows):
@@ -285,8 +281,8 @@ def cross_entropy_rows(logits, targets, grad, ignore_index, label_smoothing, z_l
             n_cols, ignore_index, label_smoothing, z_loss, HAS_GRAD=grad is not None,
             HAS_SMOOTHING=label_smoothing != 0.0, GRAD_SAME_STRIDE=grad_stride == stride,
             ALIGNED_ROWS=aligned_rows, BLOCK_N=block_n, BLOCK_V=block_v, VEC=vec,
-            PERSISTENT=grid[0] < n_blocks, BACKWARD_GRAD_WALK=BACKWARD_GRAD_WALK, L2_HINTS=L2_HINTS,
-            EDGE_TILE=EDGE_TILE, num_warps=num_warps,
+            PERSISTENT=grid[0] < n_blocks, BACKWARD_GRAD_WALK=BACKWARD_GRAD_WALK, EDGE_TILE=EDGE_TILE,
+            num_warps=num_warps,
             **LAUNCH_OPTIONS)
     return loss, lse
 
