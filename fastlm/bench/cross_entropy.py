@@ -16,6 +16,7 @@ max_err: max relative error of the loss and of the gradients against the referen
 dtype (cross_entropy: the gradient's first 1024 rows). Peak memory is what one step adds over its
 inputs (a fresh subprocess per case on CPU). extra logits_mb: the logits the reference holds.
 """
+import contextlib
 import os
 
 import torch
@@ -157,22 +158,28 @@ def measure(op, case, shape, backends, dtype, device, timing, extra):
     return rows
 
 
-def time_kernel_variants(step, device, timing):
-    """{label: ms} of the triton cross-entropy step under each KERNEL_VARIANTS entry, the
-    module's settings restored after."""
+@contextlib.contextmanager
+def kernel_settings(settings):
+    """The triton cross-entropy kernel module with `settings` ({name: value}, e.g. a KERNEL_VARIANTS
+    entry's) in place of its own, which come back on exit."""
     from fastlm.triton_kernels import cross_entropy as kernel
 
-    names = sorted({name for _, settings in KERNEL_VARIANTS for name in settings})
-    saved = {name: getattr(kernel, name) for name in names}
-    times = {}
+    saved = {name: getattr(kernel, name) for name in settings}
     try:
-        for label, settings in KERNEL_VARIANTS:
-            for name in names:
-                setattr(kernel, name, settings.get(name, saved[name]))
-            times[label] = time_ms(step, device=device, setup=step.prepare, **timing)
+        for name, value in settings.items():
+            setattr(kernel, name, value)
+        yield
     finally:
         for name, value in saved.items():
             setattr(kernel, name, value)
+
+
+def time_kernel_variants(step, device, timing):
+    """{label: ms} of the triton cross-entropy step under each KERNEL_VARIANTS entry."""
+    times = {}
+    for label, settings in KERNEL_VARIANTS:
+        with kernel_settings(settings):
+            times[label] = time_ms(step, device=device, setup=step.prepare, **timing)
     return times
 
 
